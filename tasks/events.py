@@ -1,0 +1,68 @@
+"""The event protocol between a worker and the API: what a job says while it runs.
+
+Each job has an append-only log of events (a Redis list) and a pub/sub channel. An event's
+sequence number is its index in the log, assigned inside Redis when it is appended, and the
+same `"<seq> <json>"` line is published live. A reader subscribes first, then reads the log from
+where it left off, so a late or lagging reader catches up with no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, TypeAdapter
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+class _Event(BaseModel):
+    seq: int = Field(-1, exclude=True)  # the log index; set when read back, never stored
+
+
+class Started(_Event):
+    type: Literal["started"] = "started"
+    prompt_tokens: int
+    worker: str
+
+
+class Delta(_Event):
+    type: Literal["delta"] = "delta"
+    text: str
+
+
+class Finished(_Event):
+    type: Literal["finished"] = "finished"
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Failed(_Event):
+    type: Literal["failed"] = "failed"
+    code: str
+    message: str
+
+
+Event = Annotated[Started | Delta | Finished | Failed, Field(discriminator="type")]
+TerminalEvent = Finished | Failed
+_adapter: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def encode(event: Started | Delta | Finished | Failed) -> str:
+    return event.model_dump_json()
+
+
+def decode(seq: int, payload: str | bytes) -> Started | Delta | Finished | Failed:
+    event = _adapter.validate_json(payload)
+    event.seq = seq
+    return event
+
+
+def decode_published(message: str | bytes) -> Started | Delta | Finished | Failed:
+    text = message.decode() if isinstance(message, bytes) else message
+    seq, _, payload = text.partition(" ")
+    return decode(int(seq), payload)
+
+
+def is_terminal(event: Started | Delta | Finished | Failed) -> bool:
+    return isinstance(event, Finished | Failed)

@@ -1,0 +1,43 @@
+"""The service's configuration: one pydantic-settings class, read from the environment and `.env`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Kept equal to model.loading.EMBEDDED_MODEL_ID; duplicated because the API process must be able
+# to read settings without importing the model package (and with it torch).
+EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
+
+    # The seed's three.
+    model_id: str = Field(EMBEDDED_MODEL_ID, description="Hub id, local HF directory, .gguf file")
+    use_4bit: bool = Field(True, description="4-bit NF4 via bitsandbytes; CUDA only")
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    served_model_name: str | None = Field(None, description="Name clients use; default MODEL_ID")
+    model_cache_dir: Path = Path.home() / ".cache" / "llama3-chat" / "models"
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    job_ttl_seconds: int = Field(86_400, ge=60, description="How long job records and logs live")
+    request_timeout_seconds: float = Field(600.0, gt=0, description="Longest an API call waits")
+    log_level: str = "INFO"
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_id
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,121 @@
+"""A worker process's life: load the model before the first task, announce readiness, heartbeat.
+
+Runs in the Celery pool child (worker_process_init), so each child owns exactly one model and
+CUDA is initialised after the fork.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import signals
+
+from model.engine import Engine
+from model.loading import load_model
+from tasks import keys
+from tasks.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 5.0
+HEARTBEAT_TTL_SECONDS = 15
+
+
+@dataclass
+class WorkerRuntime:
+    name: str
+    engine: Engine
+    redis: redis.Redis
+    settings: Settings
+    current_job: str | None = None
+
+
+_runtime: WorkerRuntime | None = None
+
+
+def runtime() -> WorkerRuntime:
+    if _runtime is None:
+        raise RuntimeError("the model is not loaded in this process")
+    return _runtime
+
+
+def describe(rt: WorkerRuntime) -> dict[str, Any]:
+    loaded = rt.engine.loaded
+    return {
+        "name": rt.name,
+        "model": rt.settings.model_name,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "quantization": loaded.quantization,
+        "context_length": loaded.context_length,
+        "load_seconds": round(loaded.load_seconds, 2),
+        "pid": os.getpid(),
+        "job": rt.current_job,
+    }
+
+
+def _heartbeat(rt: WorkerRuntime, stop: threading.Event) -> None:
+    """Keep this worker's readiness key alive; it expires on its own if the process dies."""
+    while not stop.is_set():
+        try:
+            pipe = rt.redis.pipeline()
+            pipe.set(keys.worker(rt.name), json.dumps(describe(rt)), ex=HEARTBEAT_TTL_SECONDS)
+            pipe.sadd(keys.WORKERS, rt.name)
+            pipe.execute()
+        except redis.RedisError as exc:  # Redis away: keep trying; readers see us expire
+            log.warning("heartbeat failed: %s", exc)
+        stop.wait(HEARTBEAT_SECONDS)
+
+
+_stop_heartbeat = threading.Event()
+
+
+@signals.worker_process_init.connect
+def load_on_start(**_: Any) -> None:
+    global _runtime
+    settings = get_settings()
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    log.info("worker %s loading model %s", name, settings.model_id)
+    try:
+        loaded = load_model(
+            settings.model_id,
+            device=settings.device,
+            dtype=settings.dtype,
+            use_4bit=settings.use_4bit,
+            cache_dir=settings.model_cache_dir,
+        )
+        engine = Engine(loaded)
+        engine.warm_up()
+    except Exception:
+        # A worker without its model must not sit in the pool taking jobs: stop the whole worker.
+        log.exception("could not load model %s; stopping the worker", settings.model_id)
+        os.kill(os.getppid(), signal.SIGTERM)
+        os._exit(1)
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, decode_responses=True)
+    _runtime = WorkerRuntime(name=name, engine=engine, redis=client, settings=settings)
+    threading.Thread(target=_heartbeat, args=(_runtime, _stop_heartbeat), daemon=True).start()
+    log.info(
+        "worker %s ready: model=%s device=%s dtype=%s quantization=%s loaded in %.1fs",
+        name, settings.model_name, loaded.device, loaded.dtype, loaded.quantization or "none",
+        loaded.load_seconds,
+    )
+
+
+@signals.worker_process_shutdown.connect
+def unregister(**_: Any) -> None:
+    _stop_heartbeat.set()
+    if _runtime is not None:
+        try:
+            _runtime.redis.delete(keys.worker(_runtime.name))
+            _runtime.redis.srem(keys.WORKERS, _runtime.name)
+        except redis.RedisError:
+            pass  # the key expires by itself
