@@ -102,6 +102,10 @@ def from_failure(code: str, message: str) -> APIError:
     return _FAILURE_TYPES.get(code, GenerationFailed)(message, code=code)
 
 
+# Location parts pydantic adds for union members and validators ("str", "list[TextPart]", ...).
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
 def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
     parts = [p for p in loc if p != "body"]
     # Pydantic appends the union member or validator name to the location; drop those tails.
@@ -109,7 +113,7 @@ def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
     for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part.startswith(("function-", "list[", "str", "int", "float", "bool", "literal")) or "[" in part:
+        elif part in _UNION_TAGS or "[" in part:
             break
         else:
             out += f".{part}" if out else part

@@ -1,0 +1,111 @@
+"""Real service processes for black-box tests: start on a free port, wait until ready, always stop.
+
+Modelled on llama.cpp's server test utilities: a process that dies while we wait fails the test
+at once with the tail of its log, instead of a timeout much later.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Service:
+    """One child process with its log in a file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so stop() reaches the pool children
+        )
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if ready():
+                    return
+            except Exception:  # not up yet: connection refused and the like
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(5)
+        self._log.close()
+
+
+def start_redis(log_dir: Path) -> tuple[Service, str]:
+    port = free_port()
+    svc = Service(
+        "redis",
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        {},
+        log_dir,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    svc.wait_until(lambda: bool(redis.Redis.from_url(url).ping()), timeout=20)
+    return svc, url
+
+
+def start_worker(env: dict[str, str], log_dir: Path, name: str = "worker") -> Service:
+    svc = Service(
+        name,
+        [str(BIN / "celery"), "-A", "tasks", "worker", "--loglevel=INFO", "-n", f"{name}@%h"],
+        env,
+        log_dir,
+    )
+    return svc
+
+
+def start_api(env: dict[str, str], log_dir: Path, name: str = "api") -> tuple[Service, str]:
+    port = free_port()
+    svc = Service(
+        name,
+        [str(BIN / "uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        env,
+        log_dir,
+    )
+    url = f"http://127.0.0.1:{port}"
+    svc.wait_until(lambda: httpx.get(f"{url}/v1/models", timeout=1).status_code == 200, timeout=30)
+    return svc, url
+
+
+def wait_healthy(api: Service, url: str, timeout: float) -> None:
+    api.wait_until(lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, timeout=timeout)
