@@ -30,7 +30,7 @@ from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 
-AnyEvent = events.Started | events.Delta | events.Finished | events.Failed
+AnyEvent = events.AnyEvent
 
 
 class ChatRun:

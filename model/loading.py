@@ -120,7 +120,7 @@ def load_model(
         log.info("USE_4BIT applies to CUDA only; loading unquantized on %s", target.type)
 
     tokenizer = AutoTokenizer.from_pretrained(source.location)
-    model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     if quantization is None:
         model.to(target)
     model.eval()
@@ -155,7 +155,7 @@ def _dequantized_copy(source: ModelSource, cache_dir: Path) -> ModelSource:
     log.info("converting %s once; later starts load the cached copy at %s", gguf.name, target)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file)
+    model: Any = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file)
     # The weights are plain tensors once dequantized, but the GGUF quantizer stays attached and
     # refuses to serialize; detach it so the copy saves (and later loads) as an ordinary model.
     model.hf_quantizer = None

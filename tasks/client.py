@@ -60,7 +60,7 @@ class JobClient:
             raise EnqueueFailed("the queue did not accept the job") from exc
 
     async def record(self, job_id: str) -> jobs.JobRecord:
-        fields = await self._redis.hgetall(keys.job(job_id))  # type: ignore[misc]
+        fields: dict[str, str] = await self._redis.hgetall(keys.job(job_id))  # type: ignore[misc,assignment]
         if not fields:
             raise JobNotFound(job_id)
         return jobs.JobRecord.from_hash(fields)
@@ -78,7 +78,7 @@ class JobClient:
 
     async def workers(self) -> list[dict[str, Any]]:
         """Workers whose heartbeat is fresh, with the model each one holds."""
-        names = sorted(await self._redis.smembers(keys.WORKERS))  # type: ignore[misc]
+        names: list[str] = sorted(await self._redis.smembers(keys.WORKERS))  # type: ignore[misc,arg-type]
         if not names:
             return []
         values = await self._redis.mget([keys.worker(n) for n in names])
@@ -117,14 +117,16 @@ class EventFollower:
             finally:
                 await self._pubsub.aclose()
 
-    async def events(self, after: int = -1) -> AsyncIterator[events.Started | events.Delta | events.Finished | events.Failed]:
+    async def events(
+        self, after: int = -1
+    ) -> AsyncIterator[events.Started | events.Delta | events.Finished | events.Failed]:
         """Every event with seq > after, in order, ending with the terminal one."""
         assert self._pubsub is not None, "use inside 'async with'"
         next_seq = after + 1
         log_key = keys.job_log(self._job_id)
         while True:
             msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=LOG_POLL_SECONDS)
-            batch: list[events.Started | events.Delta | events.Finished | events.Failed] = []
+            batch: list[events.AnyEvent] = []
             live = events.decode_published(msg["data"]) if msg else None
             if live is None or live.seq > next_seq:
                 # A quiet channel or a gap: the log has everything up to now.

@@ -44,25 +44,25 @@ class Failed(_Event):
 
 
 Event = Annotated[Started | Delta | Finished | Failed, Field(discriminator="type")]
-TerminalEvent = Finished | Failed
+AnyEvent = Started | Delta | Finished | Failed
 _adapter: TypeAdapter[Event] = TypeAdapter(Event)
 
 
-def encode(event: Started | Delta | Finished | Failed) -> str:
+def encode(event: AnyEvent) -> str:
     return event.model_dump_json()
 
 
-def decode(seq: int, payload: str | bytes) -> Started | Delta | Finished | Failed:
+def decode(seq: int, payload: str | bytes) -> AnyEvent:
     event = _adapter.validate_json(payload)
     event.seq = seq
     return event
 
 
-def decode_published(message: str | bytes) -> Started | Delta | Finished | Failed:
+def decode_published(message: str | bytes) -> AnyEvent:
     text = message.decode() if isinstance(message, bytes) else message
     seq, _, payload = text.partition(" ")
     return decode(int(seq), payload)
 
 
-def is_terminal(event: Started | Delta | Finished | Failed) -> bool:
+def is_terminal(event: AnyEvent) -> bool:
     return isinstance(event, Finished | Failed)

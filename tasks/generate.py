@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -37,9 +38,7 @@ class JobWriter:
 
     def end(self, event: events.Finished | events.Failed) -> None:
         fields = [x for kv in jobs.terminal_fields(event).items() for x in kv]
-        self._append(
-            keys=jobs.event_keys(self._job_id), args=[events.encode(event), self._ttl, *fields]
-        )
+        self._append(keys=jobs.event_keys(self._job_id), args=[events.encode(event), self._ttl, *fields])
 
 
 class CancelWatch:
@@ -55,10 +54,9 @@ class CancelWatch:
         now = time.monotonic()
         if not self._cancelled and now >= self._next_check:
             self._next_check = now + CANCEL_POLL_SECONDS
-            try:
+            # If Redis is briefly away, keep generating; the flag is read again on the next poll.
+            with contextlib.suppress(redis.RedisError):
                 self._cancelled = bool(self._client.exists(self._key))
-            except redis.RedisError:
-                pass  # keep generating; the flag is read again on the next poll
         return self._cancelled
 
 

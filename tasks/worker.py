@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,7 +104,11 @@ def load_on_start(**_: Any) -> None:
     threading.Thread(target=_heartbeat, args=(_runtime, _stop_heartbeat), daemon=True).start()
     log.info(
         "worker %s ready: model=%s device=%s dtype=%s quantization=%s loaded in %.1fs",
-        name, settings.model_name, loaded.device, loaded.dtype, loaded.quantization or "none",
+        name,
+        settings.model_name,
+        loaded.device,
+        loaded.dtype,
+        loaded.quantization or "none",
         loaded.load_seconds,
     )
 

@@ -31,7 +31,9 @@ def greedy(client: openai.OpenAI, model: str, content: str, max_tokens: int = 24
     )
 
 
-def streamed_text(client: openai.OpenAI, model: str, content: str, max_tokens: int = 24, **kw: Any) -> tuple[str, str | None]:
+def streamed_text(
+    client: openai.OpenAI, model: str, content: str, max_tokens: int = 24, **kw: Any
+) -> tuple[str, str | None]:
     text, reason = "", None
     for chunk in client.chat.completions.create(
         model=model,
@@ -185,7 +187,10 @@ def test_content_parts_and_developer_role_mean_the_same(client: openai.OpenAI, m
         model=model_name,
         messages=[
             {"role": "developer", "content": [{"type": "text", "text": "You answer briefly."}]},
-            {"role": "user", "content": [{"type": "text", "text": "What is two "}, {"type": "text", "text": "plus two?"}]},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "What is two "}, {"type": "text", "text": "plus two?"}],
+            },
         ],
         temperature=0,
         max_tokens=12,
@@ -196,7 +201,9 @@ def test_content_parts_and_developer_role_mean_the_same(client: openai.OpenAI, m
 
 def test_concurrent_requests_all_complete(client: openai.OpenAI, model_name: str) -> None:
     prompts = [f"Write the number {i} in words." for i in range(4)]
-    sequential = {p: greedy(client, model_name, p, max_tokens=8).choices[0].message.content for p in prompts[:1]}
+    sequential = {
+        p: greedy(client, model_name, p, max_tokens=8).choices[0].message.content for p in prompts[:1]
+    }
     with ThreadPoolExecutor(len(prompts)) as pool:
         results = list(pool.map(lambda p: greedy(client, model_name, p, max_tokens=8), prompts))
     assert len({r.id for r in results}) == len(prompts)
@@ -229,12 +236,26 @@ INVALID: list[tuple[str, Any, int, str | None, str | None]] = [
     ("empty messages", {"messages": []}, 400, "messages", "invalid_value"),
     ("bad role", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", "invalid_value"),
     ("tool role", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", "invalid_value"),
-    ("no content", {"messages": [{"role": "user"}]}, 400, "messages[0].content", "missing_required_parameter"),
-    ("number content", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "invalid_value"),
+    (
+        "no content",
+        {"messages": [{"role": "user"}]},
+        400,
+        "messages[0].content",
+        "missing_required_parameter",
+    ),
+    (
+        "number content",
+        {"messages": [{"role": "user", "content": 5}]},
+        400,
+        "messages[0].content",
+        "invalid_value",
+    ),
     (
         "image part",
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-        400, "messages[0].content", "invalid_value",
+        400,
+        "messages[0].content",
+        "invalid_value",
     ),
     ("temperature high", {"messages": MSG, "temperature": 2.5}, 400, "temperature", "invalid_value"),
     ("temperature negative", {"messages": MSG, "temperature": -0.1}, 400, "temperature", "invalid_value"),
@@ -242,16 +263,46 @@ INVALID: list[tuple[str, Any, int, str | None, str | None]] = [
     ("top_p above one", {"messages": MSG, "top_p": 1.5}, 400, "top_p", "invalid_value"),
     ("max_tokens zero", {"messages": MSG, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
     ("max_tokens text", {"messages": MSG, "max_tokens": "many"}, 400, "max_tokens", "invalid_value"),
-    ("max_completion_tokens negative", {"messages": MSG, "max_completion_tokens": -1}, 400, "max_completion_tokens", "invalid_value"),
+    (
+        "max_completion_tokens negative",
+        {"messages": MSG, "max_completion_tokens": -1},
+        400,
+        "max_completion_tokens",
+        "invalid_value",
+    ),
     ("five stops", {"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
     ("empty stop", {"messages": MSG, "stop": [""]}, 400, "stop", "invalid_value"),
     ("stream not bool", {"messages": MSG, "stream": "yes please"}, 400, "stream", "invalid_value"),
     ("n two", {"messages": MSG, "n": 2}, 400, "n", "unsupported_parameter"),
-    ("tools", {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "unsupported_parameter"),
+    (
+        "tools",
+        {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]},
+        400,
+        "tools",
+        "unsupported_parameter",
+    ),
     ("logprobs", {"messages": MSG, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
-    ("json mode", {"messages": MSG, "response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
-    ("penalty", {"messages": MSG, "frequency_penalty": 1.0}, 400, "frequency_penalty", "unsupported_parameter"),
-    ("audio out", {"messages": MSG, "modalities": ["text", "audio"]}, 400, "modalities", "unsupported_parameter"),
+    (
+        "json mode",
+        {"messages": MSG, "response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+        "unsupported_parameter",
+    ),
+    (
+        "penalty",
+        {"messages": MSG, "frequency_penalty": 1.0},
+        400,
+        "frequency_penalty",
+        "unsupported_parameter",
+    ),
+    (
+        "audio out",
+        {"messages": MSG, "modalities": ["text", "audio"]},
+        400,
+        "modalities",
+        "unsupported_parameter",
+    ),
     ("unknown model", {"messages": MSG, "model": "gpt-5"}, 404, "model", "model_not_found"),
 ]
 

@@ -81,14 +81,22 @@ def test_the_tables_here_describe_the_session_model(engine: Engine, script: Scri
     [
         pytest.param(
             MESSAGES,
-            "<|begin_of_text|>" + H.format("system") + "You are terse.<|eot_id|>"
-            + H.format("user") + "Say hi.<|eot_id|>" + ASSISTANT,
+            "<|begin_of_text|>"
+            + H.format("system")
+            + "You are terse.<|eot_id|>"
+            + H.format("user")
+            + "Say hi.<|eot_id|>"
+            + ASSISTANT,
             id="system-user",
         ),
         pytest.param(
             (ChatMessage("developer", "You are terse."), ChatMessage("user", "Say hi.")),
-            "<|begin_of_text|>" + H.format("system") + "You are terse.<|eot_id|>"
-            + H.format("user") + "Say hi.<|eot_id|>" + ASSISTANT,
+            "<|begin_of_text|>"
+            + H.format("system")
+            + "You are terse.<|eot_id|>"
+            + H.format("user")
+            + "Say hi.<|eot_id|>"
+            + ASSISTANT,
             id="developer-renders-as-system",
         ),
         pytest.param(
@@ -103,8 +111,14 @@ def test_the_tables_here_describe_the_session_model(engine: Engine, script: Scri
         ),
         pytest.param(
             (ChatMessage("user", "a"), ChatMessage("assistant", "b"), ChatMessage("user", "c")),
-            "<|begin_of_text|>" + H.format("user") + "a<|eot_id|>" + H.format("assistant") + "b<|eot_id|>"
-            + H.format("user") + "c<|eot_id|>" + ASSISTANT,
+            "<|begin_of_text|>"
+            + H.format("user")
+            + "a<|eot_id|>"
+            + H.format("assistant")
+            + "b<|eot_id|>"
+            + H.format("user")
+            + "c<|eot_id|>"
+            + ASSISTANT,
             id="multi-turn",
         ),
     ],
