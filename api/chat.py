@@ -39,13 +39,14 @@ class ChatRun:
     def __init__(self, request: ChatCompletionRequest, client: JobClient, settings: Settings) -> None:
         self.request = request
         self.model = settings.model_name
-        self.job_id = jobs.new_job_id("chatcmpl")
+        self.job_id = jobs.new_job_id("chatcmpl-")
         self.created = int(time.time())
         self._client = client
         self._deadline = time.monotonic() + settings.request_timeout_seconds
         self._follower: EventFollower | None = None
-        self._events: AsyncIterator[AnyEvent] | None = None
+        self._ping_seconds = settings.stream_ping_seconds
         self._ended = False
+        self._started = False
 
     @classmethod
     def validate(cls, request: ChatCompletionRequest, settings: Settings) -> None:
@@ -59,11 +60,13 @@ class ChatRun:
                 param="model",
             )
 
-    async def start(self) -> events.Started:
-        """Subscribe, enqueue, and wait until a worker has accepted the prompt.
+    async def start(self) -> events.Started | None:
+        """Subscribe, enqueue, and wait a while for a worker to accept the prompt.
 
         Waiting for the worker before answering lets prompt errors (context length) be real HTTP
-        errors for streamed requests too, as OpenAI's are.
+        errors for streamed requests too, as OpenAI's are. A streamed request that is still queued
+        after `stream_ping_seconds` gets its response head anyway (None here) and keep-alive
+        pings, so proxies do not time out; errors then come in-band.
         """
         spec = self.request.to_job_spec(self.job_id, self.model)
         try:
@@ -73,26 +76,30 @@ class ChatRun:
         except (redis.exceptions.RedisError, EnqueueFailed, OSError) as exc:
             await self.close()
             raise errors.ServiceUnavailable("The queue is unavailable; try again shortly.") from exc
-        self._events = self._follower.events()
+        self._started = True
         try:
-            first = await self.next_event()
+            first = await self.next_event(self._ping_seconds if self.request.stream else None)
         except BaseException:
             await asyncio.shield(self.close())
             raise
-        if isinstance(first, events.Started):
+        if first is None or isinstance(first, events.Started):
             return first
         await self.close()
         raise self._error_for(first)
 
-    async def next_event(self) -> AnyEvent:
-        assert self._events is not None
+    async def next_event(self, wait: float | None = None) -> AnyEvent | None:
+        """The next event; None if `wait` seconds pass first (the read stays pending)."""
+        assert self._follower is not None
         remaining = self._deadline - time.monotonic()
+        limit = remaining if wait is None else min(wait, remaining)
         try:
-            event = await asyncio.wait_for(anext(self._events), timeout=max(remaining, 0.001))
-        except TimeoutError:
-            raise errors.Timeout("The generation did not finish within the request timeout.") from None
+            event = await self._follower.next(limit)
         except redis.exceptions.RedisError as exc:
             raise errors.ServiceUnavailable("Lost the connection to the queue.") from exc
+        if event is None:
+            if wait is not None and wait < remaining:
+                return None
+            raise errors.Timeout("The generation did not finish within the request timeout.")
         if events.is_terminal(event):
             self._ended = True
         return event
@@ -100,7 +107,7 @@ class ChatRun:
     async def close(self) -> None:
         """Release the subscription; a job that has not ended is cancelled (its client is gone)."""
         try:
-            if not self._ended and self._events is not None:
+            if not self._ended and self._started:
                 await self._client.cancel(self.job_id)
         except redis.exceptions.RedisError:
             log.warning("could not cancel abandoned job %s", self.job_id)
@@ -138,7 +145,7 @@ class ChatRun:
                         ],
                         usage=Usage.of(event.prompt_tokens, event.completion_tokens),
                     )
-                elif events.is_terminal(event):
+                elif event is not None and events.is_terminal(event):
                     raise self._error_for(event)
         finally:
             await self.close()
@@ -149,11 +156,13 @@ class ChatRun:
             yield sse.data(self._chunk(Delta(role="assistant", content="")))
             while True:
                 try:
-                    event = await self.next_event()
+                    event = await self.next_event(self._ping_seconds)
                 except errors.APIError as exc:
                     yield sse.data(errors.sse_error(exc))
                     break
-                if isinstance(event, events.Delta):
+                if event is None:
+                    yield sse.comment("ping")
+                elif isinstance(event, events.Delta):
                     yield sse.data(self._chunk(Delta(content=event.text)))
                 elif isinstance(event, events.Finished) and event.finish_reason != "cancelled":
                     yield sse.data(self._chunk(Delta(), finish_reason=event.finish_reason))

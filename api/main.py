@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from api import errors
-from api.routes import chat, health, models
+from api.routes import chat, health, models, responses
 from tasks.client import JobClient
 from tasks.settings import get_settings
 
@@ -37,6 +37,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="llmq: queue-backed chat for Llama-3 models", lifespan=lifespan)
     errors.install(app)
     app.include_router(chat.router)
+    app.include_router(responses.router)
     app.include_router(models.router)
     app.include_router(health.router)
     return app

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.asyncio.client import PubSub
 
 from tasks import events, jobs, keys
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 # How long a reader waits on the live channel before it re-reads the log anyway. The log is the
 # source of truth; pub/sub only wakes the reader early.
 LOG_POLL_SECONDS = 1.0
+SUBSCRIBE_ATTEMPTS = 5
 
 
 class JobNotFound(LookupError):
@@ -65,6 +67,11 @@ class JobClient:
             raise JobNotFound(job_id)
         return jobs.JobRecord.from_hash(fields)
 
+    async def log(self, job_id: str) -> list[events.AnyEvent]:
+        """Every event the job has published so far."""
+        stored = await self._redis.lrange(keys.job_log(job_id), 0, -1)  # type: ignore[misc]
+        return [events.decode(i, payload) for i, payload in enumerate(stored)]
+
     async def cancel(self, job_id: str) -> str | None:
         """Ask for the job to stop. Returns the status it had (None if unknown)."""
         status = await self._cancel(
@@ -99,45 +106,70 @@ class EventFollower:
         self._redis = client
         self._job_id = job_id
         self._pubsub: PubSub | None = None
+        self._stream: AsyncIterator[events.AnyEvent] | None = None
+        self._pending: asyncio.Future[events.AnyEvent] | None = None
 
     async def __aenter__(self) -> EventFollower:
         self._pubsub = self._redis.pubsub()
-        channel = keys.job_channel(self._job_id)
-        await self._pubsub.subscribe(channel)
+        await self._pubsub.subscribe(keys.job_channel(self._job_id))
         # Wait for Redis to confirm, so nothing published after this returns can be missed.
-        while True:
+        for _ in range(SUBSCRIBE_ATTEMPTS):
             msg = await self._pubsub.get_message(timeout=LOG_POLL_SECONDS)
             if msg and msg["type"] == "subscribe":
                 return self
+        await self.__aexit__(None, None, None)
+        raise redis.exceptions.TimeoutError("Redis did not confirm the subscription")
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
         if self._pubsub is not None:
             try:
                 await self._pubsub.unsubscribe()
             finally:
                 await self._pubsub.aclose()
 
-    async def events(
-        self, after: int = -1
-    ) -> AsyncIterator[events.Started | events.Delta | events.Finished | events.Failed]:
+    async def next(self, wait: float, after: int = -1) -> events.AnyEvent | None:
+        """The next event (the first with seq > after, on the first call), or None once `wait`
+        seconds pass; a read that timed out stays pending for the next call, so nothing is lost.
+        """
+        if self._stream is None:
+            self._stream = self.events(after)
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(anext(self._stream))
+        done, _ = await asyncio.wait({self._pending}, timeout=max(wait, 0.0))
+        if not done:
+            return None
+        pending, self._pending = self._pending, None
+        return pending.result()
+
+    async def events(self, after: int = -1) -> AsyncIterator[events.AnyEvent]:
         """Every event with seq > after, in order, ending with the terminal one."""
         assert self._pubsub is not None, "use inside 'async with'"
         next_seq = after + 1
-        log_key = keys.job_log(self._job_id)
+        read_log = True
         while True:
+            if read_log:
+                # The log holds everything appended so far: the catch-up path, and the repair
+                # path after a quiet spell or a gap in what pub/sub delivered.
+                stored = await self._redis.lrange(keys.job_log(self._job_id), next_seq, -1)  # type: ignore[misc]
+                for payload in stored:
+                    event = events.decode(next_seq, payload)
+                    next_seq += 1
+                    yield event
+                    if events.is_terminal(event):
+                        return
+                read_log = False
             msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=LOG_POLL_SECONDS)
-            batch: list[events.AnyEvent] = []
-            live = events.decode_published(msg["data"]) if msg else None
-            if live is None or live.seq > next_seq:
-                # A quiet channel or a gap: the log has everything up to now.
-                stored = await self._redis.lrange(log_key, next_seq, -1)  # type: ignore[misc]
-                batch = [events.decode(next_seq + i, p) for i, p in enumerate(stored)]
+            if msg is None:
+                read_log = True
+                continue
+            live = events.decode_published(msg["data"])
+            if live.seq > next_seq:
+                read_log = True
             elif live.seq == next_seq:
-                batch = [live]
-            for event in batch:
-                if event.seq != next_seq:
-                    continue
                 next_seq += 1
-                yield event
-                if events.is_terminal(event):
+                yield live
+                if events.is_terminal(live):
                     return

@@ -23,7 +23,7 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "incomplete", "faile
 
 def new_job_id(prefix: str) -> str:
     """An unguessable id: 128 random bits."""
-    return f"{prefix}-{secrets.token_hex(16)}"
+    return f"{prefix}{secrets.token_hex(16)}"
 
 
 class Message(BaseModel):
@@ -48,6 +48,15 @@ class Sampling(BaseModel):
         )
 
 
+class ResponseOptions(BaseModel):
+    """What a Responses API job echoes back on its Response object. Workers ignore it."""
+
+    instructions: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    background: bool = False
+    max_output_tokens: int | None = None
+
+
 class JobSpec(BaseModel):
     """Everything a worker needs to run the job; written once when the job is created."""
 
@@ -56,6 +65,7 @@ class JobSpec(BaseModel):
     messages: list[Message]
     sampling: Sampling
     created_at: float = Field(default_factory=time.time)
+    response: ResponseOptions | None = None  # set for jobs created through /v1/responses
 
     def to_messages(self) -> list[ChatMessage]:
         return [ChatMessage(m.role, m.content) for m in self.messages]

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     port: int = 8000
     job_ttl_seconds: int = Field(86_400, ge=60, description="How long job records and logs live")
     request_timeout_seconds: float = Field(600.0, gt=0, description="Longest an API call waits")
+    stream_ping_seconds: float = Field(15.0, gt=0, description="SSE keep-alive while waiting")
     log_level: str = "INFO"
 
     @property

@@ -62,6 +62,14 @@ class Service:
             time.sleep(0.2)
         raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.log_tail()}")
 
+    def start_or_stop(self, ready: Callable[[], bool], timeout: float) -> None:
+        """wait_until, but a process that never became ready is stopped before the error rises."""
+        try:
+            self.wait_until(ready, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
         if self.proc.poll() is None:
             try:
@@ -83,7 +91,7 @@ def start_redis(log_dir: Path) -> tuple[Service, str]:
         log_dir,
     )
     url = f"redis://127.0.0.1:{port}/0"
-    svc.wait_until(lambda: bool(redis.Redis.from_url(url).ping()), timeout=20)
+    svc.start_or_stop(lambda: bool(redis.Redis.from_url(url).ping()), timeout=20)
     return svc, url
 
 
@@ -106,7 +114,7 @@ def start_api(env: dict[str, str], log_dir: Path, name: str = "api") -> tuple[Se
         log_dir,
     )
     url = f"http://127.0.0.1:{port}"
-    svc.wait_until(lambda: httpx.get(f"{url}/v1/models", timeout=1).status_code == 200, timeout=30)
+    svc.start_or_stop(lambda: httpx.get(f"{url}/v1/models", timeout=1).status_code == 200, timeout=30)
     return svc, url
 
 

@@ -33,16 +33,25 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     log_dir = tmp_path_factory.mktemp("logs")
     redis_svc, redis_url = start_redis(log_dir)
     # The default model cache (~/.cache) is kept between runs, as it is between worker restarts.
-    env = {"REDIS_URL": redis_url, "LOG_LEVEL": "INFO", "REQUEST_TIMEOUT_SECONDS": "120"}
+    env = {
+        "REDIS_URL": redis_url,
+        "LOG_LEVEL": "INFO",
+        "REQUEST_TIMEOUT_SECONDS": "120",
+        "STREAM_PING_SECONDS": "1",
+    }
     services = [redis_svc]
+    stack: Stack | None = None
     try:
         worker = start_worker(env, log_dir)
         services.append(worker)
         api, api_url = start_api(env, log_dir)
-        services.append(api)
         wait_healthy(worker, api_url, timeout=300)
-        yield Stack(redis_url, api_url, env, log_dir, worker, api)
+        stack = Stack(redis_url, api_url, env, log_dir, worker, api)
+        yield stack
     finally:
+        # Tests may replace the API (the restart test), so stop whichever one the stack holds.
+        if stack is not None:
+            stack.api.stop()
         for svc in reversed(services):
             svc.stop()
 

@@ -1,0 +1,278 @@
+"""Serving the Responses API: background jobs that are polled, resumed and cancelled by id.
+
+A Response and its stream are a view of the job's event log, rebuilt by replaying it. The
+rebuild is deterministic, so every stream event always gets the same sequence number, and a
+client resuming with `starting_after=N` gets exactly the events after N: no gap, no duplicate,
+whether the job is queued, running or finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.exceptions
+
+from api import errors, sse
+from api.responses_protocol import (
+    IncompleteDetails,
+    OutputMessage,
+    OutputText,
+    Response,
+    ResponseCreateRequest,
+    ResponseError,
+    ResponseStatus,
+    ResponseUsage,
+)
+from tasks import events, jobs
+from tasks.client import EnqueueFailed, EventFollower, JobClient, JobNotFound
+from tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# How long a cancel call waits for a running job to reach its terminal state before answering.
+CANCEL_SETTLE_SECONDS = 3.0
+
+
+class ResponseView:
+    """The Response a job's events describe, and the stream events that describe it."""
+
+    def __init__(self, spec: jobs.JobSpec) -> None:
+        self.spec = spec
+        self.options = spec.response or jobs.ResponseOptions()
+        self.status: ResponseStatus = "queued"
+        self.text = ""
+        self.usage: ResponseUsage | None = None
+        self.error: ResponseError | None = None
+        self.incomplete: IncompleteDetails | None = None
+        self.started = False
+        self._seq = -1
+
+    @property
+    def item_id(self) -> str:
+        return "msg_" + self.spec.id.removeprefix("resp_")
+
+    def snapshot(self) -> Response:
+        output = []
+        if self.started:
+            item_status = {"completed": "completed", "in_progress": "in_progress"}.get(
+                self.status, "incomplete"
+            )
+            output = [
+                OutputMessage(id=self.item_id, status=item_status, content=[OutputText(text=self.text)])  # type: ignore[arg-type]
+            ]
+        return Response(
+            id=self.spec.id,
+            created_at=int(self.spec.created_at),
+            status=self.status,
+            background=self.options.background,
+            error=self.error,
+            incomplete_details=self.incomplete,
+            instructions=self.options.instructions,
+            max_output_tokens=self.options.max_output_tokens,
+            metadata=self.options.metadata,
+            model=self.spec.model,
+            output=output,
+            temperature=self.spec.sampling.temperature,
+            top_p=self.spec.sampling.top_p,
+            usage=self.usage,
+        )
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [self._event("response.created", response=self._dump())]
+
+    def apply(self, event: events.AnyEvent) -> list[dict[str, Any]]:
+        """Fold one job event into the view; return the stream events it produces."""
+        if isinstance(event, events.Started):
+            self.status, self.started = "in_progress", True
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            item = {
+                "type": "message",
+                "id": self.item_id,
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+            return [
+                self._event("response.in_progress", response=self._dump()),
+                self._event("response.output_item.added", output_index=0, item=item),
+                self._event(
+                    "response.content_part.added",
+                    item_id=self.item_id,
+                    output_index=0,
+                    content_index=0,
+                    part=part,
+                ),
+            ]
+        if isinstance(event, events.Delta):
+            self.text += event.text
+            return [
+                self._event(
+                    "response.output_text.delta",
+                    item_id=self.item_id,
+                    output_index=0,
+                    content_index=0,
+                    delta=event.text,
+                    logprobs=[],
+                )
+            ]
+        return self._finish(event)  # type: ignore[arg-type]
+
+    def _finish(self, event: events.Finished | events.Failed) -> list[dict[str, Any]]:
+        if isinstance(event, events.Failed):
+            self.status = "failed"
+            self.error = ResponseError(code=event.code, message=event.message)
+        else:
+            self.usage = ResponseUsage(
+                input_tokens=event.prompt_tokens,
+                output_tokens=event.completion_tokens,
+                total_tokens=event.prompt_tokens + event.completion_tokens,
+            )
+            self.status = jobs.status_for(event)
+            if event.finish_reason == "length":
+                self.incomplete = IncompleteDetails(reason="max_output_tokens")
+        out: list[dict[str, Any]] = []
+        if self.started:
+            part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
+            ids = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+            out += [
+                self._event("response.output_text.done", **ids, text=self.text, logprobs=[]),
+                self._event("response.content_part.done", **ids, part=part),
+                self._event(
+                    "response.output_item.done", output_index=0, item=self.snapshot().output[0].model_dump()
+                ),
+            ]
+        # The Responses stream has no cancelled event; a cancelled response ends as failed,
+        # with the response's own status saying "cancelled".
+        kind = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(
+            self.status, "response.failed"
+        )
+        out.append(self._event(kind, response=self._dump()))
+        return out
+
+    def _dump(self) -> dict[str, Any]:
+        return self.snapshot().model_dump(mode="json")
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        self._seq += 1
+        return {"type": kind, "sequence_number": self._seq, **fields}
+
+
+def _sse(event: dict[str, Any]) -> str:
+    return f"event: {event['type']}\n" + sse.data(json.dumps(event, ensure_ascii=False))
+
+
+class ResponsesService:
+    def __init__(self, client: JobClient, settings: Settings) -> None:
+        self._client = client
+        self._settings = settings
+
+    def validate(self, request: ResponseCreateRequest) -> None:
+        if (param := request.unsupported_param()) is not None:
+            raise errors.InvalidRequest(
+                f"'{param}' is not supported by this server.", param=param, code="unsupported_parameter"
+            )
+        if request.model is not None and request.model != self._settings.model_name:
+            raise errors.ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
+
+    async def create(self, request: ResponseCreateRequest) -> Response | AsyncIterator[str]:
+        spec = request.to_job_spec(jobs.new_job_id("resp_"), self._settings.model_name)
+        if request.background and not request.stream:
+            await self._enqueue(spec)
+            return ResponseView(spec).snapshot()
+        follower = self._client.subscribe(spec.id)
+        try:
+            await follower.__aenter__()
+            await self._enqueue(spec)
+        except BaseException:
+            await follower.__aexit__(None, None, None)
+            raise
+        if request.stream:
+            return self._stream(spec, follower, after=-1, cancel_on_disconnect=not request.background)
+        return await self._collect(spec, follower)
+
+    async def retrieve(self, job_id: str) -> Response:
+        spec = await self._spec(job_id)
+        view = ResponseView(spec)
+        for event in await self._client.log(job_id):
+            view.apply(event)
+        return view.snapshot()
+
+    async def resume(self, job_id: str, starting_after: int) -> AsyncIterator[str]:
+        spec = await self._spec(job_id)
+        follower = self._client.subscribe(job_id)
+        await follower.__aenter__()
+        return self._stream(spec, follower, after=starting_after, cancel_on_disconnect=False)
+
+    async def cancel(self, job_id: str) -> Response:
+        await self._spec(job_id)
+        await self._client.cancel(job_id)
+        deadline = time.monotonic() + CANCEL_SETTLE_SECONDS
+        while True:  # bounded: a running job stops between tokens, well within the deadline
+            response = await self.retrieve(job_id)
+            if response.status not in ("queued", "in_progress") or time.monotonic() > deadline:
+                return response
+            await asyncio.sleep(0.05)
+
+    async def _spec(self, job_id: str) -> jobs.JobSpec:
+        try:
+            record = await self._client.record(job_id)
+        except JobNotFound:
+            raise errors.NotFound(f"No response with id '{job_id}'.", param="response_id") from None
+        if record.spec.response is None:  # a chat completion's job is not a Response
+            raise errors.NotFound(f"No response with id '{job_id}'.", param="response_id")
+        return record.spec
+
+    async def _enqueue(self, spec: jobs.JobSpec) -> None:
+        try:
+            await self._client.create(spec)
+        except (redis.exceptions.RedisError, EnqueueFailed, OSError) as exc:
+            raise errors.ServiceUnavailable("The queue is unavailable; try again shortly.") from exc
+
+    async def _collect(self, spec: jobs.JobSpec, follower: EventFollower) -> Response:
+        view = ResponseView(spec)
+        deadline = time.monotonic() + self._settings.request_timeout_seconds
+        ended = False
+        try:
+            while not ended:
+                event = await follower.next(deadline - time.monotonic())
+                if event is None:
+                    raise errors.Timeout("The response did not finish within the request timeout.")
+                view.apply(event)
+                ended = events.is_terminal(event)
+            return view.snapshot()
+        finally:
+            if not ended:
+                await asyncio.shield(self._client.cancel(spec.id))
+            await follower.__aexit__(None, None, None)
+
+    async def _stream(
+        self, spec: jobs.JobSpec, follower: EventFollower, after: int, cancel_on_disconnect: bool
+    ) -> AsyncIterator[str]:
+        view = ResponseView(spec)
+        ended = False
+        try:
+            for out in view.opening():
+                if out["sequence_number"] > after:
+                    yield _sse(out)
+            while not ended:
+                event = await follower.next(self._settings.stream_ping_seconds)
+                if event is None:
+                    yield sse.comment("ping")
+                    continue
+                ended = events.is_terminal(event)
+                for out in view.apply(event):
+                    if out["sequence_number"] > after:
+                        yield _sse(out)
+        except redis.exceptions.RedisError:
+            log.warning("lost Redis while streaming %s", spec.id)
+            error = errors.ServiceUnavailable("Lost the connection to the queue.")
+            yield sse.data(errors.sse_error(error))
+        finally:
+            if not ended and cancel_on_disconnect:
+                await asyncio.shield(self._client.cancel(spec.id))
+            await asyncio.shield(follower.__aexit__(None, None, None))

@@ -1,0 +1,50 @@
+"""/v1/responses: create (blocking, streamed or background), retrieve or resume, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import StreamingResponse
+
+from api import sse
+from api.deps import JobsDep, SettingsDep
+from api.responses import ResponsesService
+from api.responses_protocol import Response, ResponseCreateRequest
+
+router = APIRouter()
+
+
+def service(jobs: JobsDep, settings: SettingsDep) -> ResponsesService:
+    return ResponsesService(jobs, settings)
+
+
+ServiceDep = Annotated[ResponsesService, Depends(service)]
+
+
+def _sse_response(stream: object) -> StreamingResponse:
+    return StreamingResponse(stream, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)  # type: ignore[arg-type]
+
+
+@router.post("/v1/responses", response_model=None)
+async def create_response(request: ResponseCreateRequest, svc: ServiceDep) -> Response | StreamingResponse:
+    svc.validate(request)
+    result = await svc.create(request)
+    return result if isinstance(result, Response) else _sse_response(result)
+
+
+@router.get("/v1/responses/{response_id}", response_model=None)
+async def retrieve_response(
+    response_id: str,
+    svc: ServiceDep,
+    stream: bool = False,
+    starting_after: Annotated[int, Query(ge=-1)] = -1,
+) -> Response | StreamingResponse:
+    if stream:
+        return _sse_response(await svc.resume(response_id, starting_after))
+    return await svc.retrieve(response_id)
+
+
+@router.post("/v1/responses/{response_id}/cancel")
+async def cancel_response(response_id: str, svc: ServiceDep) -> Response:
+    return await svc.cancel(response_id)
