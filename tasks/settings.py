@@ -34,6 +34,24 @@ class Settings(BaseSettings):
     stream_ping_seconds: float = Field(15.0, gt=0, description="SSE keep-alive while waiting")
     log_level: str = "INFO"
 
+    # Security and request limits.
+    api_keys: str = Field("", description="Comma-separated keys; empty = no auth")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body")
+    max_messages: int = Field(256, ge=1, description="Most messages in one request")
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask")
+
+    # Overload, deadlines and fault recovery.
+    max_queued: int = Field(100, ge=1, description="Waiting jobs beyond which requests get 429")
+    queue_timeout_seconds: float = Field(600.0, gt=0, description="A job queued longer fails")
+    max_generation_seconds: float = Field(600.0, gt=0, description="A generation running longer stops")
+    shutdown_grace_seconds: float = Field(10.0, ge=0, description="SIGTERM: time to finish a job")
+    job_lease_seconds: int = Field(15, ge=3, description="A running job without a live worker this long fails")
+    broker_visibility_timeout_seconds: int = Field(3600, ge=5, description="Redis broker redelivery")
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model_id
