@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,11 @@ class Stack:
     api: Service
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@contextmanager
+def running_stack(log_dir: Path, **overrides: str) -> Iterator[Stack]:
+    """Its own redis-server, one worker and one API; settings overridden by keyword (env names)."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server); .ci/run installs it")
-    log_dir = tmp_path_factory.mktemp("logs")
     redis_svc, redis_url = start_redis(log_dir)
     # The default model cache (~/.cache) is kept between runs, as it is between worker restarts.
     env = {
@@ -38,6 +39,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "LOG_LEVEL": "INFO",
         "REQUEST_TIMEOUT_SECONDS": "120",
         "STREAM_PING_SECONDS": "1",
+        **overrides,
     }
     services = [redis_svc]
     stack: Stack | None = None
@@ -49,11 +51,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack = Stack(redis_url, api_url, env, log_dir, worker, api)
         yield stack
     finally:
-        # Tests may replace the API (the restart test), so stop whichever one the stack holds.
+        # Tests may replace the API or the worker (restarts), so stop whichever the stack holds.
         if stack is not None:
             stack.api.stop()
+            stack.worker.stop()
         for svc in reversed(services):
             svc.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("logs")) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")
