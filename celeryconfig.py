@@ -3,8 +3,14 @@
 from tasks import keys
 from tasks.settings import get_settings
 
-broker_url = get_settings().redis_url
+settings = get_settings()
+broker_url = settings.redis_url
 broker_connection_retry_on_startup = True
+# Keep reconnecting after Redis goes away (None = forever), so workers resume on their own.
+broker_connection_max_retries = None
+# Redis redelivers a message not acknowledged within this time. A generation may outlast it:
+# the claim in tasks/jobs.py makes a second delivery a no-op, so it never runs twice.
+broker_transport_options = {"visibility_timeout": settings.broker_visibility_timeout_seconds}
 
 # prefork with a single child: the child holds the model (loaded in worker_process_init, so CUDA
 # is initialised after the fork), while the parent stays free to answer control commands and to

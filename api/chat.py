@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.exceptions
 
-from api import errors, sse
+from api import errors, limits, sse
 from api.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -25,19 +25,29 @@ from api.protocol import (
     Usage,
 )
 from tasks import events, jobs
-from tasks.client import EnqueueFailed, EventFollower, JobClient
+from tasks.client import EnqueueFailed, EventFollower, JobClient, QueueFull
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 
 AnyEvent = events.AnyEvent
 
+# How often a waiting request checks that its client is still there.
+DISCONNECT_POLL_SECONDS = 0.5
+
 
 class ChatRun:
     """One chat completion travelling through the queue, from submit to its terminal event."""
 
-    def __init__(self, request: ChatCompletionRequest, client: JobClient, settings: Settings) -> None:
+    def __init__(
+        self,
+        request: ChatCompletionRequest,
+        client: JobClient,
+        settings: Settings,
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
         self.request = request
+        self._is_disconnected = is_disconnected
         self.model = settings.model_name
         self.job_id = jobs.new_job_id("chatcmpl-")
         self.created = int(time.time())
@@ -45,6 +55,7 @@ class ChatRun:
         self._deadline = time.monotonic() + settings.request_timeout_seconds
         self._follower: EventFollower | None = None
         self._ping_seconds = settings.stream_ping_seconds
+        self._max_tokens_default = limits.default_max_tokens(settings)
         self._ended = False
         self._started = False
 
@@ -59,6 +70,10 @@ class ChatRun:
                 f"The model '{request.model}' does not exist; this server serves '{settings.model_name}'.",
                 param="model",
             )
+        limits.check_messages(settings, "messages", len(request.messages))
+        limits.check_max_tokens(
+            settings, max_tokens=request.max_tokens, max_completion_tokens=request.max_completion_tokens
+        )
 
     async def start(self) -> events.Started | None:
         """Subscribe, enqueue, and wait a while for a worker to accept the prompt.
@@ -68,11 +83,14 @@ class ChatRun:
         after `stream_ping_seconds` gets its response head anyway (None here) and keep-alive
         pings, so proxies do not time out; errors then come in-band.
         """
-        spec = self.request.to_job_spec(self.job_id, self.model)
+        spec = self.request.to_job_spec(self.job_id, self.model, self._max_tokens_default)
         try:
             self._follower = self._client.subscribe(self.job_id)
             await self._follower.__aenter__()
             await self._client.create(spec)
+        except QueueFull as exc:
+            await self.close()
+            raise errors.QueueFull("Too many requests are waiting; retry shortly.") from exc
         except (redis.exceptions.RedisError, EnqueueFailed, OSError) as exc:
             await self.close()
             raise errors.ServiceUnavailable("The queue is unavailable; try again shortly.") from exc
@@ -88,21 +106,29 @@ class ChatRun:
         raise self._error_for(first)
 
     async def next_event(self, wait: float | None = None) -> AnyEvent | None:
-        """The next event; None if `wait` seconds pass first (the read stays pending)."""
+        """The next event; None if `wait` seconds pass first (the read stays pending).
+
+        Waits in short slices so that a client that went away is noticed while its job is still
+        queued or running; its job is then cancelled (close) instead of running for nobody.
+        """
         assert self._follower is not None
-        remaining = self._deadline - time.monotonic()
-        limit = remaining if wait is None else min(wait, remaining)
-        try:
-            event = await self._follower.next(limit)
-        except redis.exceptions.RedisError as exc:
-            raise errors.ServiceUnavailable("Lost the connection to the queue.") from exc
-        if event is None:
-            if wait is not None and wait < remaining:
-                return None
-            raise errors.Timeout("The generation did not finish within the request timeout.")
-        if events.is_terminal(event):
-            self._ended = True
-        return event
+        give_up = self._deadline if wait is None else min(self._deadline, time.monotonic() + wait)
+        while True:
+            slice_seconds = min(max(give_up - time.monotonic(), 0.0), DISCONNECT_POLL_SECONDS)
+            try:
+                event = await self._follower.next(slice_seconds)
+            except redis.exceptions.RedisError as exc:
+                raise errors.ServiceUnavailable("Lost the connection to the queue.") from exc
+            if event is not None:
+                if events.is_terminal(event):
+                    self._ended = True
+                return event
+            if self._is_disconnected is not None and await self._is_disconnected():
+                raise errors.ClientDisconnected("The client closed the request.")
+            if time.monotonic() >= give_up:
+                if give_up < self._deadline:
+                    return None
+                raise errors.Timeout("The generation did not finish within the request timeout.")
 
     async def close(self) -> None:
         """Release the subscription; a job that has not ended is cancelled (its client is gone)."""
@@ -140,7 +166,7 @@ class ChatRun:
                         choices=[
                             Choice(
                                 message=AssistantMessage(content="".join(parts)),
-                                finish_reason=event.finish_reason,
+                                finish_reason=_finish_reason(event),
                             )
                         ],
                         usage=Usage.of(event.prompt_tokens, event.completion_tokens),
@@ -165,7 +191,7 @@ class ChatRun:
                 elif isinstance(event, events.Delta):
                     yield sse.data(self._chunk(Delta(content=event.text)))
                 elif isinstance(event, events.Finished) and event.finish_reason != "cancelled":
-                    yield sse.data(self._chunk(Delta(), finish_reason=event.finish_reason))
+                    yield sse.data(self._chunk(Delta(), finish_reason=_finish_reason(event)))
                     if self.request.include_usage:
                         usage = Usage.of(event.prompt_tokens, event.completion_tokens)
                         yield sse.data(self._chunk(None, usage=usage))
@@ -187,3 +213,8 @@ class ChatRun:
         )
         exclude = None if self.request.include_usage else {"usage"}
         return chunk.model_dump_json(exclude=exclude)
+
+
+def _finish_reason(event: events.Finished) -> str:
+    # OpenAI's chat API knows "stop" and "length"; hitting the time limit is a budget, like length.
+    return "length" if event.finish_reason == "time_limit" else event.finish_reason

@@ -1,4 +1,4 @@
-"""Dependencies the routes receive: settings and the job client."""
+"""Dependencies the routes receive: settings, the job client and the caller's identity."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from api.auth import caller
 from tasks.client import JobClient
 from tasks.settings import Settings, get_settings
 
@@ -17,3 +18,5 @@ def job_client(request: Request) -> JobClient:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 JobsDep = Annotated[JobClient, Depends(job_client)]
+# The caller's owner tag (api.auth); None when API_KEYS is empty.
+CallerDep = Annotated[str | None, Depends(caller)]

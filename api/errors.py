@@ -6,9 +6,15 @@ official SDKs raise their typed exceptions (BadRequestError, NotFoundError, ...)
     APIError                      base: status, type, code, param
     +-- InvalidRequest            400 invalid_request_error (bad JSON, bad or unsupported field)
     |   +-- ContextLengthExceeded 400 code=context_length_exceeded
+    |   +-- TooManyMessages       400 code=too_many_messages (over MAX_MESSAGES)
+    |   +-- MaxTokensTooLarge     400 code=max_tokens_too_large (over MAX_TOKENS_LIMIT)
+    +-- InvalidAPIKey             401 code=invalid_api_key (API_KEYS set, key missing or wrong)
     +-- ModelNotFound             404 code=model_not_found
-    +-- NotFound                  404 (unknown route or id)
+    +-- NotFound                  404 (unknown route or id, or another key's job)
+    +-- RequestTooLarge           413 code=request_too_large (body over MAX_REQUEST_BYTES)
+    +-- QueueFull                 429 code=queue_full (MAX_QUEUED jobs waiting); sets Retry-After
     +-- ServiceUnavailable        503 (Redis down, queue refused the job); sets Retry-After
+    +-- ClientDisconnected        499 (the client went away while its job waited or ran)
     +-- GenerationFailed          500 (the worker reported a failure)
     +-- Timeout                   504 (no terminal event within the request timeout)
 """
@@ -20,6 +26,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -56,6 +63,29 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class TooManyMessages(InvalidRequest):
+    code = "too_many_messages"
+
+
+class MaxTokensTooLarge(InvalidRequest):
+    code = "max_tokens_too_large"
+
+
+class InvalidAPIKey(APIError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class RequestTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
 class NotFound(APIError):
     status = 404
     type = "invalid_request_error"
@@ -74,6 +104,23 @@ class ServiceUnavailable(APIError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_seconds)}
+
+
+class QueueFull(APIError):
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+    retry_after_seconds = 2
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_seconds)}
+
+
+class ClientDisconnected(APIError):
+    # nginx's 499: nobody reads this response; it only shows in access logs.
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
 
 
 class GenerationFailed(APIError):
@@ -145,6 +192,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error_response(validation_error(exc.errors()))
+
+    @app.exception_handler(redis.exceptions.RedisError)
+    async def on_redis_error(_: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
+        # Redis is the queue and the job store: without it nothing can be answered, only retried.
+        log.warning("Redis unavailable: %s", exc)
+        return _error_response(ServiceUnavailable("The queue is unavailable; try again shortly."))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

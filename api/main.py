@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+import redis.exceptions
+from fastapi import Depends, FastAPI
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from api import errors
+from api.auth import caller
+from api.limits import BodySizeLimit
 from api.routes import chat, health, models, responses
 from tasks.client import JobClient
 from tasks.settings import get_settings
+
+log = logging.getLogger(__name__)
+REAP_INTERVAL_SECONDS = 5.0
 
 
 @asynccontextmanager
@@ -22,23 +31,44 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     client = aioredis.Redis.from_url(
         settings.redis_url,
         decode_responses=True,
-        socket_connect_timeout=2,
+        # Redis down must turn into a 503 within 2 s: connect fast, retry once without backoff.
+        socket_connect_timeout=1,
         socket_timeout=10,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+        client_name="llmq-api",
         max_connections=1000,
     )
-    app.state.jobs = JobClient(client, settings.job_ttl_seconds)
+    app.state.jobs = JobClient(client, settings)
+    reaper = asyncio.create_task(_reap_forever(app.state.jobs))
     try:
         yield
     finally:
+        reaper.cancel()
         await client.aclose()
+
+
+async def _reap_forever(jobs: JobClient) -> None:
+    """Every API instance also reaps (the script is atomic), so jobs of dead workers end even
+    when no worker is alive to do it."""
+    while True:
+        await asyncio.sleep(REAP_INTERVAL_SECONDS)
+        try:
+            if ended := await jobs.reap():
+                log.warning("reaper ended %s job(s) of dead workers or past their queue deadline", ended)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            log.warning("reaper could not reach Redis: %s", exc)
 
 
 def create_app() -> FastAPI:
     app = FastAPI(title="llmq: queue-backed chat for Llama-3 models", lifespan=lifespan)
     errors.install(app)
-    app.include_router(chat.router)
-    app.include_router(responses.router)
-    app.include_router(models.router)
+    app.add_middleware(BodySizeLimit, max_bytes=get_settings().max_request_bytes)
+    # Every /v1 route needs an API key when API_KEYS is set; /health (and /docs) stay open.
+    v1 = [Depends(caller)]
+    app.include_router(chat.router, dependencies=v1)
+    app.include_router(responses.router, dependencies=v1)
+    app.include_router(models.router, dependencies=v1)
     app.include_router(health.router)
     return app
 

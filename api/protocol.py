@@ -66,6 +66,8 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    # --- not in the OpenAI spec (vLLM has the same) ---
+    ignore_eos: bool = False  # generate max_tokens regardless of end-of-turn tokens
     response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
 
@@ -107,6 +109,7 @@ class ChatCompletionRequest(BaseModel):
                 top_p=self.top_p,
                 seed=self.seed,
                 stop=stops,
+                ignore_eos=self.ignore_eos,
             ),
         )
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis.exceptions
 
-from api import errors, sse
+from api import errors, limits, sse
 from api.responses_protocol import (
     IncompleteDetails,
     OutputMessage,
@@ -29,7 +29,7 @@ from api.responses_protocol import (
     ResponseUsage,
 )
 from tasks import events, jobs
-from tasks.client import EnqueueFailed, EventFollower, JobClient, JobNotFound
+from tasks.client import EnqueueFailed, EventFollower, JobClient, JobNotFound, QueueFull
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,8 @@ class ResponseView:
             self.status = jobs.status_for(event)
             if event.finish_reason == "length":
                 self.incomplete = IncompleteDetails(reason="max_output_tokens")
+            elif event.finish_reason == "time_limit":
+                self.incomplete = IncompleteDetails(reason="time_limit")
         out: list[dict[str, Any]] = []
         if self.started:
             part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
@@ -167,9 +169,10 @@ def _sse(event: dict[str, Any]) -> str:
 
 
 class ResponsesService:
-    def __init__(self, client: JobClient, settings: Settings) -> None:
+    def __init__(self, client: JobClient, settings: Settings, owner: str | None = None) -> None:
         self._client = client
         self._settings = settings
+        self._owner = owner  # the caller's owner tag (api.auth); jobs of other owners are 404
 
     def validate(self, request: ResponseCreateRequest) -> None:
         if (param := request.unsupported_param()) is not None:
@@ -178,9 +181,17 @@ class ResponsesService:
             )
         if request.model is not None and request.model != self._settings.model_name:
             raise errors.ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
+        if isinstance(request.input, list):
+            limits.check_messages(self._settings, "input", len(request.input))
+        limits.check_max_tokens(self._settings, max_output_tokens=request.max_output_tokens)
 
     async def create(self, request: ResponseCreateRequest) -> Response | AsyncIterator[str]:
-        spec = request.to_job_spec(jobs.new_job_id("resp_"), self._settings.model_name)
+        spec = request.to_job_spec(
+            jobs.new_job_id("resp_"),
+            self._settings.model_name,
+            max_tokens_default=limits.default_max_tokens(self._settings),
+            owner=self._owner,
+        )
         if request.background and not request.stream:
             await self._enqueue(spec)
             return ResponseView(spec).snapshot()
@@ -223,13 +234,17 @@ class ResponsesService:
             record = await self._client.record(job_id)
         except JobNotFound:
             raise errors.NotFound(f"No response with id '{job_id}'.", param="response_id") from None
-        if record.spec.response is None:  # a chat completion's job is not a Response
+        # A chat completion's job is not a Response; another key's job is not there for this
+        # caller: the same 404 as an unknown id, so its existence is not revealed either.
+        if record.spec.response is None or record.spec.owner != self._owner:
             raise errors.NotFound(f"No response with id '{job_id}'.", param="response_id")
         return record.spec
 
     async def _enqueue(self, spec: jobs.JobSpec) -> None:
         try:
             await self._client.create(spec)
+        except QueueFull as exc:
+            raise errors.QueueFull("Too many requests are waiting; retry shortly.") from exc
         except (redis.exceptions.RedisError, EnqueueFailed, OSError) as exc:
             raise errors.ServiceUnavailable("The queue is unavailable; try again shortly.") from exc
 

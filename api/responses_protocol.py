@@ -56,6 +56,8 @@ class ResponseCreateRequest(BaseModel):
     background: bool = False
     metadata: dict[str, str] | None = Field(None, max_length=16)
     store: bool = True
+    # --- not in the OpenAI spec (vLLM has the same) ---
+    ignore_eos: bool = False  # generate max_output_tokens regardless of end-of-turn tokens
     text: dict[str, Any] | None = None
 
     def unsupported_param(self) -> str | None:
@@ -70,7 +72,9 @@ class ResponseCreateRequest(BaseModel):
             return "store"  # a background response must be stored to be polled
         return None
 
-    def to_job_spec(self, job_id: str, model: str, max_tokens_default: int = 512) -> jobs.JobSpec:
+    def to_job_spec(
+        self, job_id: str, model: str, max_tokens_default: int = 512, owner: str | None = None
+    ) -> jobs.JobSpec:
         messages = [jobs.Message(role="system", content=self.instructions)] if self.instructions else []
         if isinstance(self.input, str):
             messages.append(jobs.Message(role="user", content=self.input))
@@ -84,6 +88,7 @@ class ResponseCreateRequest(BaseModel):
                 max_tokens=self.max_output_tokens or max_tokens_default,
                 temperature=self.temperature,
                 top_p=self.top_p,
+                ignore_eos=self.ignore_eos,
             ),
             response=jobs.ResponseOptions(
                 instructions=self.instructions,
@@ -91,6 +96,7 @@ class ResponseCreateRequest(BaseModel):
                 background=self.background,
                 max_output_tokens=self.max_output_tokens,
             ),
+            owner=owner,
         )
 
 

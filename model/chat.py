@@ -26,16 +26,30 @@ ROLE_ALIASES = {"developer": "system"}
 # declare only <|end_of_text|> as EOS while their template ends turns with <|eot_id|>.
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>")
 
+# Unicode's private-use characters: no template writes them, and each use first checks the text lacks them.
+_PRIVATE_USE = (range(0xE000, 0xF900), range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE))
+
+Span = tuple[int, int]  # [start, end) character offsets into the rendered prompt
+
 
 def render_prompt(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
-    """Token ids of the conversation followed by the assistant's generation header."""
+    """Token ids of the conversation followed by the assistant's generation header.
+
+    Text in a message that spells a control token (`<|eot_id|>`, `<|start_header_id|>`, ...) is
+    encoded as plain text; only the tokens the template itself writes are control tokens, so a
+    user cannot forge turns. transformers does this with `sanitize_control_tokens`.
+    """
     conversation = [{"role": ROLE_ALIASES.get(m.role, m.role), "content": m.content} for m in messages]
     template = None if tokenizer.chat_template else LLAMA3_CHAT_TEMPLATE
-    text = tokenizer.apply_chat_template(
-        conversation, chat_template=template, add_generation_prompt=True, tokenize=False
+    ids = tokenizer.apply_chat_template(
+        conversation,
+        chat_template=template,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+        sanitize_control_tokens=True,
     )
-    # The template already wrote BOS where the model wants it; adding special tokens would double it.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return [int(i) for i in ids]
 
 
 def end_of_turn_ids(tokenizer: Any, generation_config: Any) -> frozenset[int]:

@@ -71,7 +71,7 @@ class Engine:
                 cache = out.cache
                 token = sample(out.logits[:, -1, :])
                 generated += 1
-                if token in self._stop_ids:
+                if token in self._stop_ids and not sampling.ignore_eos:
                     reason = "stop"
                     break
                 piece = decoder.step(self._tokenizer.backend_tokenizer, token)

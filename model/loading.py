@@ -87,7 +87,19 @@ def pick_dtype(device: torch.device, requested: str) -> torch.dtype:
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"unknown dtype {requested!r}")
         return dtype
+    if device.type == "cpu":
+        # Native bf16 (AVX512-BF16, AMX) roughly doubles decode speed and halves memory; without
+        # it, bf16 is emulated and slower than fp32.
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux (an Apple Silicon CPU fallback, say): no native bf16 detection
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def load_model(

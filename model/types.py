@@ -21,6 +21,7 @@ class SamplingParams:
     top_p: float = 0.9
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # keep generating past end-of-turn tokens (benchmarks, soak tests)
 
     @property
     def greedy(self) -> bool:

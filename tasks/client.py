@@ -6,6 +6,7 @@ Async (redis.asyncio) because it runs inside the API's event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from redis.asyncio.client import PubSub
 
 from tasks import events, jobs, keys
 from tasks.celery_app import app
+from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +37,30 @@ class EnqueueFailed(RuntimeError):
     """The broker did not take the task."""
 
 
+class QueueFull(RuntimeError):
+    """MAX_QUEUED jobs are already waiting; nothing was enqueued."""
+
+
 class JobClient:
-    def __init__(self, client: aioredis.Redis, job_ttl_seconds: int) -> None:
+    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
         self._redis = client
-        self._ttl = job_ttl_seconds
+        self._settings = settings
+        self._ttl = settings.job_ttl_seconds
+        self._admit = client.register_script(jobs.ADMIT)
         self._cancel = client.register_script(jobs.CANCEL)
+        self._reap = client.register_script(jobs.REAP)
 
     async def create(self, spec: jobs.JobSpec) -> None:
-        """Record the job as queued, then hand it to Celery. Subscribe to its events first."""
-        await self._redis.hset(  # type: ignore[misc]
-            keys.job(spec.id),
-            mapping={"status": "queued", "spec": spec.model_dump_json()},
+        """Admit the job as queued, then hand it to Celery. Subscribe to its events first.
+
+        Raises QueueFull, before anything is enqueued, when MAX_QUEUED jobs are waiting.
+        """
+        admitted = await self._admit(
+            keys=[keys.job(spec.id), keys.QUEUED],
+            args=[spec.id, self._ttl, spec.model_dump_json(), repr(time.time()), self._settings.max_queued],
         )
-        await self._redis.expire(keys.job(spec.id), self._ttl)
+        if not admitted:
+            raise QueueFull(f"{self._settings.max_queued} jobs are already waiting")
         try:
             # send_task talks to the broker synchronously (kombu); keep it off the event loop.
             await asyncio.to_thread(
@@ -58,8 +71,24 @@ class JobClient:
                 queue=keys.GENERATE_QUEUE,
             )
         except Exception as exc:
-            await self._redis.delete(keys.job(spec.id))
+            pipe = self._redis.pipeline()
+            pipe.delete(keys.job(spec.id))
+            pipe.zrem(keys.QUEUED, spec.id)
+            await pipe.execute()
             raise EnqueueFailed("the queue did not accept the job") from exc
+
+    async def reap(self) -> int:
+        """End jobs whose worker died or whose queue deadline passed; how many were ended."""
+        args = jobs.reap_args(self._ttl, self._settings.queue_timeout_seconds)
+        return int(await self._reap(keys=[keys.RUNNING, keys.QUEUED], args=args))
+
+    async def queue_depth(self) -> tuple[int, int]:
+        """(waiting, running) jobs."""
+        pipe = self._redis.pipeline()
+        pipe.zcard(keys.QUEUED)
+        pipe.scard(keys.RUNNING)
+        waiting, running = await pipe.execute()
+        return int(waiting), int(running)
 
     async def record(self, job_id: str) -> jobs.JobRecord:
         fields: dict[str, str] = await self._redis.hgetall(keys.job(job_id))  # type: ignore[misc,assignment]
@@ -75,8 +104,8 @@ class JobClient:
     async def cancel(self, job_id: str) -> str | None:
         """Ask for the job to stop. Returns the status it had (None if unknown)."""
         status = await self._cancel(
-            keys=[*jobs.event_keys(job_id), keys.job_cancel(job_id)],
-            args=[self._ttl, events.encode(jobs.cancelled_event()), repr(time.time())],
+            keys=jobs.job_keys(job_id),
+            args=[job_id, self._ttl, events.encode(jobs.cancelled_event()), repr(time.time())],
         )
         return status if isinstance(status, str) else None
 
@@ -125,10 +154,12 @@ class EventFollower:
             self._pending.cancel()
             self._pending = None
         if self._pubsub is not None:
-            try:
-                await self._pubsub.unsubscribe()
-            finally:
-                await self._pubsub.aclose()
+            pubsub, self._pubsub = self._pubsub, None
+            # Releasing must not fail the caller: with Redis gone the connection is dropped anyway.
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await pubsub.unsubscribe()
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await pubsub.aclose()
 
     async def next(self, wait: float, after: int = -1) -> events.AnyEvent | None:
         """The next event (the first with seq > after, on the first call), or None once `wait`

@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-FinishReason = Literal["stop", "length", "cancelled"]
+# "time_limit": stopped at MAX_GENERATION_SECONDS with the text it had.
+FinishReason = Literal["stop", "length", "cancelled", "time_limit"]
 
 
 class _Event(BaseModel):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
+from typing import Literal
 
 import redis
 
@@ -15,49 +15,59 @@ from tasks.worker import WorkerRuntime, runtime
 
 log = logging.getLogger(__name__)
 
-# How often the generation loop asks Redis whether the job was cancelled: often enough to stop
-# within a fraction of a second, rarely enough to cost nothing per token.
-CANCEL_POLL_SECONDS = 0.1
+# How often the generation loop asks Redis whether to stop: often enough to stop within a
+# fraction of a second, rarely enough to cost nothing per token.
+STOP_POLL_SECONDS = 0.1
+
+StopReason = Literal["cancelled", "time_limit", "shutdown"]
 
 
 class JobWriter:
-    """Appends a job's events and ends it, through the atomic scripts in tasks.jobs."""
+    """Claims a job, appends its events and ends it, through the atomic scripts in tasks.jobs."""
+
+    def __init__(self, rt: WorkerRuntime, job_id: str) -> None:
+        self._rt = rt
+        self._job_id = job_id
+        self._keys = jobs.job_keys(job_id)
+        self._ttl = rt.settings.job_ttl_seconds
+
+    def claim(self) -> bool:
+        lease = self._rt.settings.job_lease_seconds
+        args: list[str | int] = [self._job_id, self._ttl, self._rt.name, repr(time.time()), lease]
+        return bool(self._rt.scripts.claim(keys=self._keys, args=args))
+
+    def write(self, event: events.AnyEvent) -> None:
+        self._rt.scripts.append(keys=self._keys, args=jobs.append_args(self._job_id, self._ttl, event))
+
+
+class StopWatch:
+    """The engine's should_stop: a cancel request, the time limit, or the worker shutting down.
+
+    Polls Redis at a bounded rate; if Redis is briefly away it keeps generating and asks again.
+    """
 
     def __init__(self, rt: WorkerRuntime, job_id: str) -> None:
         self._client = rt.redis
-        self._job_id = job_id
-        self._ttl = rt.settings.job_ttl_seconds
-        self._append = rt.redis.register_script(jobs.APPEND_EVENT)
-
-    def claim(self, worker: str) -> bool:
-        claim = self._client.register_script(jobs.CLAIM)
-        return bool(claim(keys=[keys.job(self._job_id)], args=[worker, repr(time.time())]))
-
-    def emit(self, event: events.Started | events.Delta) -> None:
-        self._append(keys=jobs.event_keys(self._job_id), args=[events.encode(event), self._ttl])
-
-    def end(self, event: events.Finished | events.Failed) -> None:
-        fields = [x for kv in jobs.terminal_fields(event).items() for x in kv]
-        self._append(keys=jobs.event_keys(self._job_id), args=[events.encode(event), self._ttl, *fields])
-
-
-class CancelWatch:
-    """A should_stop callback for the engine that polls the job's cancel flag at a bounded rate."""
-
-    def __init__(self, client: redis.Redis, job_id: str) -> None:
-        self._client = client
-        self._key = keys.job_cancel(job_id)
+        self._keys = (keys.job_cancel(job_id), keys.worker_drain(rt.parent_name))
+        self._deadline = time.monotonic() + rt.settings.max_generation_seconds
         self._next_check = 0.0
-        self._cancelled = False
+        self.reason: StopReason | None = None
 
     def __call__(self) -> bool:
         now = time.monotonic()
-        if not self._cancelled and now >= self._next_check:
-            self._next_check = now + CANCEL_POLL_SECONDS
-            # If Redis is briefly away, keep generating; the flag is read again on the next poll.
-            with contextlib.suppress(redis.RedisError):
-                self._cancelled = bool(self._client.exists(self._key))
-        return self._cancelled
+        if self.reason is None and now >= self._deadline:
+            self.reason = "time_limit"
+        if self.reason is None and now >= self._next_check:
+            self._next_check = now + STOP_POLL_SECONDS
+            try:
+                cancelled, draining = self._client.exists(self._keys[0]), self._client.exists(self._keys[1])
+            except redis.RedisError:
+                return False
+            if cancelled:
+                self.reason = "cancelled"
+            elif draining:
+                self.reason = "shutdown"
+        return self.reason is not None
 
 
 @app.task(name=keys.GENERATE_TASK)
@@ -65,43 +75,53 @@ def generate(spec_json: dict[str, object]) -> None:
     spec = jobs.JobSpec.model_validate(spec_json)
     rt = runtime()
     writer = JobWriter(rt, spec.id)
-    if not writer.claim(rt.name):
-        log.info("job %s is no longer queued; skipping", spec.id)
+    if time.time() - spec.created_at > rt.settings.queue_timeout_seconds:
+        # The reaper ends such jobs too; this covers a message that reaches us first.
+        args = jobs.reap_args(rt.settings.job_ttl_seconds, rt.settings.queue_timeout_seconds)
+        rt.scripts.reap(keys=[keys.RUNNING, keys.QUEUED], args=args)
+        return
+    if not writer.claim():
+        log.info("job %s is no longer queued (cancelled, expired or already run); skipping", spec.id)
         return
     rt.current_job = spec.id
     try:
         _run(rt, spec, writer)
     except Exception:
         log.exception("job %s failed", spec.id)
-        writer.end(events.Failed(code="internal_error", message="The generation failed."))
+        writer.write(events.Failed(code="internal_error", message="The generation failed."))
     finally:
         rt.current_job = None
 
 
 def _run(rt: WorkerRuntime, spec: jobs.JobSpec, writer: JobWriter) -> None:
     if spec.model != rt.settings.model_name:
-        writer.end(
-            events.Failed(
-                code="model_not_found",
-                message=f"This worker serves '{rt.settings.model_name}', not '{spec.model}'.",
-            )
-        )
+        message = f"This worker serves '{rt.settings.model_name}', not '{spec.model}'."
+        writer.write(events.Failed(code="model_not_found", message=message))
         return
     try:
         prompt = rt.engine.prepare(spec.to_messages())
     except ContextLengthExceeded as exc:
-        writer.end(events.Failed(code="context_length_exceeded", message=str(exc)))
+        writer.write(events.Failed(code="context_length_exceeded", message=str(exc)))
         return
-    writer.emit(events.Started(prompt_tokens=len(prompt.token_ids), worker=rt.name))
-    sampling = spec.sampling.to_params()
-    for item in rt.engine.stream(prompt, sampling, should_stop=CancelWatch(rt.redis, spec.id)):
+    writer.write(events.Started(prompt_tokens=len(prompt.token_ids), worker=rt.name))
+    watch = StopWatch(rt, spec.id)
+    for item in rt.engine.stream(prompt, spec.sampling.to_params(), should_stop=watch):
         if isinstance(item, TextDelta):
-            writer.emit(events.Delta(text=item.text))
+            writer.write(events.Delta(text=item.text))
         elif isinstance(item, Completion):
-            writer.end(
-                events.Finished(
-                    finish_reason=item.finish_reason,
-                    prompt_tokens=item.prompt_tokens,
-                    completion_tokens=item.completion_tokens,
-                )
-            )
+            writer.write(_terminal(item, watch.reason))
+
+
+def _terminal(done: Completion, stop: StopReason | None) -> events.Finished | events.Failed:
+    if done.finish_reason == "cancelled" and stop == "shutdown":
+        return events.Failed(
+            code="worker_shutdown", message="The worker shut down before the generation finished."
+        )
+    reason = (
+        "time_limit" if done.finish_reason == "cancelled" and stop == "time_limit" else done.finish_reason
+    )
+    return events.Finished(
+        finish_reason=reason,  # type: ignore[arg-type]
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
+    )

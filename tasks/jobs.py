@@ -37,6 +37,7 @@ class Sampling(BaseModel):
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = False
 
     def to_params(self) -> SamplingParams:
         return SamplingParams(
@@ -45,6 +46,7 @@ class Sampling(BaseModel):
             top_p=self.top_p,
             seed=self.seed,
             stop=tuple(self.stop),
+            ignore_eos=self.ignore_eos,
         )
 
 
@@ -66,6 +68,9 @@ class JobSpec(BaseModel):
     sampling: Sampling
     created_at: float = Field(default_factory=time.time)
     response: ResponseOptions | None = None  # set for jobs created through /v1/responses
+    # The creating API key's owner tag (api.auth.owner_tag), never the key; None without API_KEYS.
+    # Only callers with the same tag may read, resume or cancel the job.
+    owner: str | None = None
 
     def to_messages(self) -> list[ChatMessage]:
         return [ChatMessage(m.role, m.content) for m in self.messages]
@@ -94,7 +99,13 @@ class JobRecord(BaseModel):
 def status_for(event: events.Finished | events.Failed) -> JobStatus:
     if isinstance(event, events.Failed):
         return "failed"
-    return {"stop": "completed", "length": "incomplete", "cancelled": "cancelled"}[event.finish_reason]  # type: ignore[return-value]
+    statuses = {
+        "stop": "completed",
+        "length": "incomplete",
+        "time_limit": "incomplete",
+        "cancelled": "cancelled",
+    }
+    return statuses[event.finish_reason]  # type: ignore[return-value]
 
 
 def terminal_fields(event: events.Finished | events.Failed) -> dict[str, str]:
@@ -110,49 +121,126 @@ def terminal_fields(event: events.Finished | events.Failed) -> dict[str, str]:
     return fields
 
 
-# KEYS: job hash, log list, channel. ARGV: event json, ttl seconds, then hash field/value pairs.
-# Appends the event unless the job already ended; returns its sequence number, or -1.
-APPEND_EVENT = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == false or status == 'completed' or status == 'incomplete'
-   or status == 'failed' or status == 'cancelled' then
-  return -1
+# --- Lua scripts: every state change of a job is one atomic script ---------------------------
+# Per-job scripts take KEYS = job_keys(job_id) and ARGV[1] = job id, ARGV[2] = ttl seconds.
+
+_JOB_KEYS = "local job, log, channel, cancel, lease, running, queued = unpack(KEYS)\n"
+
+_PRELUDE = """
+local function is_open(status)
+  return status == 'queued' or status == 'in_progress'
 end
-local seq = redis.call('RPUSH', KEYS[2], ARGV[1]) - 1
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-if #ARGV > 2 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
+-- Append the terminal event, write the final fields, and drop the job from every index.
+local function end_job(job, log, channel, lease, running, queued, id, ttl, event, fields)
+  local seq = redis.call('RPUSH', log, event) - 1
+  redis.call('HSET', job, unpack(fields))
+  redis.call('EXPIRE', job, ttl)
+  redis.call('EXPIRE', log, ttl)
+  redis.call('DEL', lease)
+  redis.call('SREM', running, id)
+  redis.call('ZREM', queued, id)
+  redis.call('PUBLISH', channel, seq .. ' ' .. event)
+  return seq
 end
-redis.call('PUBLISH', KEYS[3], seq .. ' ' .. ARGV[1])
-return seq
 """
 
-# KEYS: job hash. ARGV: worker name, now. Moves a queued job to in_progress; 1 if this caller
-# got it, 0 if it was already taken, ended or expired (a redelivered message, a cancelled job).
-CLAIM = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'in_progress', 'worker', ARGV[1], 'started_at', ARGV[2])
+# ARGV: id, ttl, spec json, now, max queued. Records a queued job unless the queue is full;
+# 1 if admitted, 0 if not. Counting the queued index (not Celery's list) means cancelled and
+# expired jobs stop counting at once.
+ADMIT = """
+local job, queued = KEYS[1], KEYS[2]
+if redis.call('ZCARD', queued) >= tonumber(ARGV[5]) then return 0 end
+redis.call('HSET', job, 'status', 'queued', 'spec', ARGV[3])
+redis.call('EXPIRE', job, ARGV[2])
+redis.call('ZADD', queued, ARGV[4], ARGV[1])
 return 1
 """
 
-# KEYS: job hash, log list, channel, cancel flag. ARGV: ttl, cancelled-event json, now.
-# Ends a queued job at once; flags a running one for its worker, which stops between tokens.
-# Returns the status the job had.
-CANCEL = """
-local status = redis.call('HGET', KEYS[1], 'status')
+# ARGV: id, ttl, event json, '1' if terminal, then field/value pairs for the record.
+# Appends the event unless the job already ended; returns its sequence number, or -1.
+APPEND_EVENT = (
+    _PRELUDE
+    + _JOB_KEYS
+    + """
+local id, ttl, event = ARGV[1], ARGV[2], ARGV[3]
+if not is_open(redis.call('HGET', job, 'status')) then return -1 end
+if ARGV[4] == '1' then
+  return end_job(job, log, channel, lease, running, queued, id, ttl, event, {unpack(ARGV, 5)})
+end
+local seq = redis.call('RPUSH', log, event) - 1
+redis.call('EXPIRE', log, ttl)
+redis.call('PUBLISH', channel, seq .. ' ' .. event)
+return seq
+"""
+)
+
+# ARGV: id, ttl, worker name, now, lease seconds. Moves a queued job to in_progress under a
+# lease the worker keeps renewing; 1 if this caller got it, 0 if it was already taken, ended or
+# expired (a redelivered message, a cancelled or timed-out job).
+CLAIM = (
+    _JOB_KEYS
+    + """
+if redis.call('HGET', job, 'status') ~= 'queued' then return 0 end
+redis.call('HSET', job, 'status', 'in_progress', 'worker', ARGV[3], 'started_at', ARGV[4])
+redis.call('ZREM', queued, ARGV[1])
+redis.call('SADD', running, ARGV[1])
+redis.call('SET', lease, ARGV[3], 'EX', ARGV[5])
+return 1
+"""
+)
+
+# ARGV: id, ttl, cancelled-event json, now. Ends a queued job at once; flags a running one for
+# its worker, which stops between tokens. Returns the status the job had.
+CANCEL = (
+    _PRELUDE
+    + _JOB_KEYS
+    + """
+local status = redis.call('HGET', job, 'status')
 if status == 'queued' then
-  local seq = redis.call('RPUSH', KEYS[2], ARGV[2]) - 1
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finish_reason', 'cancelled',
-             'finished_at', ARGV[3])
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
-  redis.call('EXPIRE', KEYS[2], ARGV[1])
-  redis.call('PUBLISH', KEYS[3], seq .. ' ' .. ARGV[2])
+  end_job(job, log, channel, lease, running, queued, ARGV[1], ARGV[2], ARGV[3],
+          {'status', 'cancelled', 'finish_reason', 'cancelled', 'finished_at', ARGV[4]})
 elseif status == 'in_progress' then
-  redis.call('SET', KEYS[4], '1', 'EX', ARGV[1])
+  redis.call('SET', cancel, '1', 'EX', ARGV[2])
 end
 return status
 """
+)
+
+# KEYS: running set, queued index. ARGV: key prefix, ttl, now, queue cutoff (now - queue
+# timeout), worker-lost event json, queue-timeout event json. Fails running jobs whose lease
+# expired (their worker died) and queued jobs past their deadline; returns how many it ended.
+# It works across jobs, so it builds their key names from the prefix in tasks/keys.py.
+REAP = (
+    _PRELUDE
+    + """
+local running, queued = KEYS[1], KEYS[2]
+local prefix, ttl, now = ARGV[1], ARGV[2], ARGV[3]
+local ended = 0
+local function fail(id, event, code, message)
+  local job = prefix .. id
+  if is_open(redis.call('HGET', job, 'status')) then
+    end_job(job, job .. ':log', job .. ':events', job .. ':lease', running, queued, id, ttl, event,
+            {'status', 'failed', 'error_code', code, 'error_message', message, 'finished_at', now})
+    ended = ended + 1
+  else
+    redis.call('SREM', running, id)
+    redis.call('ZREM', queued, id)
+  end
+end
+for _, id in ipairs(redis.call('SMEMBERS', running)) do
+  if redis.call('EXISTS', prefix .. id .. ':lease') == 0 then
+    fail(id, ARGV[5], 'worker_lost', 'The worker running this job stopped.')
+  end
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', queued, '-inf', ARGV[4])) do
+  fail(id, ARGV[6], 'queue_timeout', 'The job waited in the queue past its deadline.')
+end
+return ended
+"""
+)
+
+WORKER_LOST = events.Failed(code="worker_lost", message="The worker running this job stopped.")
+QUEUE_TIMEOUT = events.Failed(code="queue_timeout", message="The job waited in the queue past its deadline.")
 
 
 def cancelled_event(prompt_tokens: int = 0, completion_tokens: int = 0) -> events.Finished:
@@ -161,5 +249,33 @@ def cancelled_event(prompt_tokens: int = 0, completion_tokens: int = 0) -> event
     )
 
 
-def event_keys(job_id: str) -> list[str]:
-    return [keys.job(job_id), keys.job_log(job_id), keys.job_channel(job_id)]
+def job_keys(job_id: str) -> list[str]:
+    """KEYS for the per-job scripts, in the order _JOB_KEYS unpacks them."""
+    return [
+        keys.job(job_id),
+        keys.job_log(job_id),
+        keys.job_channel(job_id),
+        keys.job_cancel(job_id),
+        keys.job_lease(job_id),
+        keys.RUNNING,
+        keys.QUEUED,
+    ]
+
+
+def append_args(job_id: str, ttl: int, event: events.AnyEvent) -> list[str | int]:
+    if not events.is_terminal(event):
+        return [job_id, ttl, events.encode(event), "0"]
+    fields = terminal_fields(event)  # type: ignore[arg-type]
+    return [job_id, ttl, events.encode(event), "1", *(x for kv in fields.items() for x in kv)]
+
+
+def reap_args(ttl: int, queue_timeout: float) -> list[str | int | float]:
+    now = time.time()
+    return [
+        keys.job(""),
+        ttl,
+        repr(now),
+        repr(now - queue_timeout),
+        events.encode(WORKER_LOST),
+        events.encode(QUEUE_TIMEOUT),
+    ]

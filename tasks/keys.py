@@ -9,6 +9,8 @@ GENERATE_QUEUE = "generate"
 GENERATE_TASK = "tasks.generate"
 
 WORKERS = f"{NAMESPACE}:workers"  # set of worker names ever registered; pruned by readers
+QUEUED = f"{NAMESPACE}:queued"  # sorted set: waiting job ids by creation time (admission, deadlines)
+RUNNING = f"{NAMESPACE}:running"  # set: job ids a worker has claimed (the reaper checks their leases)
 
 
 def job(job_id: str) -> str:
@@ -29,6 +31,18 @@ def job_channel(job_id: str) -> str:
 def job_cancel(job_id: str) -> str:
     """String: present when someone asked to cancel the job."""
     return f"{NAMESPACE}:job:{job_id}:cancel"
+
+
+def job_lease(job_id: str) -> str:
+    """String with TTL: renewed by the worker running the job; its expiry means the worker died.
+
+    The reaper (tasks/jobs.py REAP) builds this name as job(id) + ':lease'."""
+    return f"{NAMESPACE}:job:{job_id}:lease"
+
+
+def worker_drain(worker_process: str) -> str:
+    """String: set by a worker's parent process when its shutdown grace period is over."""
+    return f"{NAMESPACE}:drain:{worker_process}"
 
 
 def worker(name: str) -> str:

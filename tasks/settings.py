@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     queue_timeout_seconds: float = Field(600.0, gt=0, description="A job queued longer fails")
     max_generation_seconds: float = Field(600.0, gt=0, description="A generation running longer stops")
     shutdown_grace_seconds: float = Field(10.0, ge=0, description="SIGTERM: time to finish a job")
-    job_lease_seconds: int = Field(15, ge=3, description="A running job without a live worker this long fails")
+    job_lease_seconds: int = Field(15, ge=3, description="Running job with no live worker this long fails")
     broker_visibility_timeout_seconds: int = Field(3600, ge=5, description="Redis broker redelivery")
 
     @property

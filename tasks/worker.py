@@ -20,7 +20,7 @@ from celery import signals
 
 from model.engine import Engine
 from model.loading import load_model
-from tasks import keys
+from tasks import jobs, keys
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -29,11 +29,22 @@ HEARTBEAT_SECONDS = 5.0
 HEARTBEAT_TTL_SECONDS = 15
 
 
+class Scripts:
+    """The job scripts (tasks/jobs.py), registered once on this process's Redis client."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.claim = client.register_script(jobs.CLAIM)
+        self.append = client.register_script(jobs.APPEND_EVENT)
+        self.reap = client.register_script(jobs.REAP)
+
+
 @dataclass
 class WorkerRuntime:
     name: str
+    parent_name: str  # the Celery parent process, which asks us to drain on shutdown
     engine: Engine
     redis: redis.Redis
+    scripts: Scripts
     settings: Settings
     current_job: str | None = None
 
@@ -63,13 +74,23 @@ def describe(rt: WorkerRuntime) -> dict[str, Any]:
 
 
 def _heartbeat(rt: WorkerRuntime, stop: threading.Event) -> None:
-    """Keep this worker's readiness key alive; it expires on its own if the process dies."""
+    """Keep this worker's readiness key and its job's lease alive, and reap dead workers' jobs.
+
+    Both keys expire on their own if this process dies, which is how others notice. A thread,
+    not the generation loop, renews them, so a long prefill does not look like a dead worker.
+    """
+    settings = rt.settings
     while not stop.is_set():
         try:
             pipe = rt.redis.pipeline()
             pipe.set(keys.worker(rt.name), json.dumps(describe(rt)), ex=HEARTBEAT_TTL_SECONDS)
             pipe.sadd(keys.WORKERS, rt.name)
+            if (job := rt.current_job) is not None:
+                pipe.set(keys.job_lease(job), rt.name, ex=settings.job_lease_seconds, xx=True)
             pipe.execute()
+            args = jobs.reap_args(settings.job_ttl_seconds, settings.queue_timeout_seconds)
+            if ended := rt.scripts.reap(keys=[keys.RUNNING, keys.QUEUED], args=args):
+                log.warning("reaper ended %s job(s) of dead workers or past their queue deadline", ended)
         except redis.RedisError as exc:  # Redis away: keep trying; readers see us expire
             log.warning("heartbeat failed: %s", exc)
         stop.wait(HEARTBEAT_SECONDS)
@@ -100,7 +121,14 @@ def load_on_start(**_: Any) -> None:
         os.kill(os.getppid(), signal.SIGTERM)
         os._exit(1)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, decode_responses=True)
-    _runtime = WorkerRuntime(name=name, engine=engine, redis=client, settings=settings)
+    _runtime = WorkerRuntime(
+        name=name,
+        parent_name=f"{socket.gethostname()}:{os.getppid()}",
+        engine=engine,
+        redis=client,
+        scripts=Scripts(client),
+        settings=settings,
+    )
     threading.Thread(target=_heartbeat, args=(_runtime, _stop_heartbeat), daemon=True).start()
     log.info(
         "worker %s ready: model=%s device=%s dtype=%s quantization=%s loaded in %.1fs",
@@ -111,6 +139,26 @@ def load_on_start(**_: Any) -> None:
         loaded.quantization or "none",
         loaded.load_seconds,
     )
+
+
+@signals.worker_shutting_down.connect
+def drain_after_grace(**_: Any) -> None:
+    """In the parent, on SIGTERM/SIGINT: Celery waits for the running generation; after the
+    grace period, ask our child to stop it, so the job ends `failed` (worker_shutdown) with its
+    partial text instead of being killed mid-way by whoever sent the signal."""
+    settings = get_settings()
+    name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def drain() -> None:
+        try:
+            client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+            client.set(keys.worker_drain(name), "1", ex=300)
+        except redis.RedisError as exc:
+            log.warning("could not ask the pool to drain: %s", exc)
+
+    timer = threading.Timer(settings.shutdown_grace_seconds, drain)
+    timer.daemon = True
+    timer.start()
 
 
 @signals.worker_process_shutdown.connect

@@ -35,7 +35,7 @@ class Service:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open("ab")  # a restarted service appends to its log
         self.proc = subprocess.Popen(
             argv,
             cwd=ROOT,
@@ -71,19 +71,27 @@ class Service:
             raise
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        """SIGTERM goes to the main process only, as `docker stop` does (a Celery worker then
+        shuts its pool down itself); SIGKILL, and whatever is left after `timeout`, hits the
+        whole process group."""
         if self.proc.poll() is None:
             try:
-                os.killpg(self.proc.pid, sig)
+                if sig == signal.SIGKILL:
+                    os.killpg(self.proc.pid, sig)
+                else:
+                    self.proc.send_signal(sig)
                 self.proc.wait(timeout)
             except (subprocess.TimeoutExpired, ProcessLookupError):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # leftovers: pool children, subprocesses
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
         self._log.close()
 
 
-def start_redis(log_dir: Path) -> tuple[Service, str]:
-    port = free_port()
+def start_redis(log_dir: Path, port: int | None = None) -> tuple[Service, str]:
+    port = port or free_port()
     svc = Service(
         "redis",
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
@@ -114,7 +122,8 @@ def start_api(env: dict[str, str], log_dir: Path, name: str = "api") -> tuple[Se
         log_dir,
     )
     url = f"http://127.0.0.1:{port}"
-    svc.start_or_stop(lambda: httpx.get(f"{url}/v1/models", timeout=1).status_code == 200, timeout=30)
+    # 401: the API is up and API_KEYS is set.
+    svc.start_or_stop(lambda: httpx.get(f"{url}/v1/models", timeout=1).status_code in (200, 401), timeout=30)
     return svc, url
 
 

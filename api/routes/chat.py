@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from api import sse
@@ -15,10 +15,10 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    request: ChatCompletionRequest, jobs: JobsDep, settings: SettingsDep
+    request: ChatCompletionRequest, http_request: Request, jobs: JobsDep, settings: SettingsDep
 ) -> ChatCompletion | StreamingResponse:
     ChatRun.validate(request, settings)
-    run = ChatRun(request, jobs, settings)
+    run = ChatRun(request, jobs, settings, is_disconnected=http_request.is_disconnected)
     await run.start()
     if not request.stream:
         return await run.complete()

@@ -8,15 +8,15 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
 from api import sse
-from api.deps import JobsDep, SettingsDep
+from api.deps import CallerDep, JobsDep, SettingsDep
 from api.responses import ResponsesService
 from api.responses_protocol import Response, ResponseCreateRequest
 
 router = APIRouter()
 
 
-def service(jobs: JobsDep, settings: SettingsDep) -> ResponsesService:
-    return ResponsesService(jobs, settings)
+def service(jobs: JobsDep, settings: SettingsDep, owner: CallerDep) -> ResponsesService:
+    return ResponsesService(jobs, settings, owner)
 
 
 ServiceDep = Annotated[ResponsesService, Depends(service)]

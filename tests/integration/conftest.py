@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -25,6 +26,7 @@ class Stack:
     log_dir: Path
     worker: Service
     api: Service
+    redis: Service
 
 
 @contextmanager
@@ -37,7 +39,7 @@ def running_stack(log_dir: Path, **overrides: str) -> Iterator[Stack]:
     env = {
         "REDIS_URL": redis_url,
         "LOG_LEVEL": "INFO",
-        "REQUEST_TIMEOUT_SECONDS": "120",
+        "REQUEST_TIMEOUT_SECONDS": "600",
         "STREAM_PING_SECONDS": "1",
         **overrides,
     }
@@ -48,13 +50,12 @@ def running_stack(log_dir: Path, **overrides: str) -> Iterator[Stack]:
         services.append(worker)
         api, api_url = start_api(env, log_dir)
         wait_healthy(worker, api_url, timeout=300)
-        stack = Stack(redis_url, api_url, env, log_dir, worker, api)
+        stack = Stack(redis_url, api_url, env, log_dir, worker, api, redis_svc)
         yield stack
     finally:
-        # Tests may replace the API or the worker (restarts), so stop whichever the stack holds.
+        # Tests may replace any process (restarts), so stop whichever ones the stack holds.
         if stack is not None:
-            stack.api.stop()
-            stack.worker.stop()
+            services += [stack.redis, stack.worker, stack.api]
         for svc in reversed(services):
             svc.stop()
 
@@ -73,3 +74,15 @@ def client(stack: Stack) -> openai.OpenAI:
 @pytest.fixture(scope="session")
 def model_name(client: openai.OpenAI) -> str:
     return client.models.list().data[0].id
+
+
+def ready_workers(stack: Stack) -> set[str]:
+    r = httpx.get(f"{stack.api_url}/health", timeout=5)
+    return {w["name"] for w in r.json().get("workers", [])} if r.status_code == 200 else set()
+
+
+def restart_worker(stack: Stack, name: str = "worker-restarted") -> None:
+    """Start a fresh worker (the old one must be stopped) and wait until it announces itself."""
+    before = ready_workers(stack)  # a killed worker's heartbeat lingers until its TTL runs out
+    stack.worker = start_worker(stack.env, stack.log_dir, name=name)
+    stack.worker.wait_until(lambda: bool(ready_workers(stack) - before), timeout=300)

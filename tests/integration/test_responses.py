@@ -41,7 +41,12 @@ def raw_events(stack: Stack, response_id: str, starting_after: int | None = None
 def busy_worker(client: openai.OpenAI, model: str) -> Iterator[str]:
     """Keep the only worker busy with a long background job; cancel it afterwards."""
     job = client.responses.create(
-        model=model, input=LONG_PROMPT, temperature=0, max_output_tokens=2000, background=True
+        model=model,
+        input=LONG_PROMPT,
+        temperature=0,
+        max_output_tokens=2000,
+        background=True,
+        extra_body={"ignore_eos": True},
     )
     try:
         running = wait_for(client, job.id, {"in_progress"} | TERMINAL)
@@ -135,7 +140,12 @@ def test_resume_from_any_point_matches_the_uninterrupted_stream(
 
 def test_in_progress_response_already_holds_partial_text(client: openai.OpenAI, model_name: str) -> None:
     job = client.responses.create(
-        model=model_name, input=LONG_PROMPT, temperature=0, max_output_tokens=400, background=True
+        model=model_name,
+        input=LONG_PROMPT,
+        temperature=0,
+        max_output_tokens=400,
+        background=True,
+        extra_body={"ignore_eos": True},
     )
     try:
         deadline = time.monotonic() + 60
@@ -231,6 +241,7 @@ def test_chat_stream_disconnect_frees_the_worker(
         "model": model_name,
         "messages": [{"role": "user", "content": LONG_PROMPT}],
         "max_tokens": 2000,
+        "ignore_eos": True,
         "stream": True,
         "temperature": 0,
     }
