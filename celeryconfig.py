@@ -26,6 +26,11 @@ worker_prefetch_multiplier = 1
 worker_disable_prefetch = True
 task_acks_late = True
 
+# Task events (sent by the API, received/started/succeeded by workers) are what Flower shows as
+# tasks; without them it lists the workers only. Nobody listening: Redis drops them.
+worker_send_task_events = True
+task_send_sent_event = True
+
 task_default_queue = keys.GENERATE_QUEUE
 task_routes = {keys.GENERATE_TASK: {"queue": keys.GENERATE_QUEUE}}
 # Results travel as events and job records (tasks/jobs.py), not through a result backend.

@@ -24,7 +24,7 @@ from api.protocol import (
     Delta,
     Usage,
 )
-from tasks import events, jobs
+from tasks import events, jobs, logs
 from tasks.client import EnqueueFailed, EventFollower, JobClient, QueueFull
 from tasks.settings import Settings
 
@@ -50,6 +50,7 @@ class ChatRun:
         self._is_disconnected = is_disconnected
         self.model = settings.model_name
         self.job_id = jobs.new_job_id("chatcmpl-")
+        logs.job_id_var.set(self.job_id)
         self.created = int(time.time())
         self._client = client
         self._deadline = time.monotonic() + settings.request_timeout_seconds

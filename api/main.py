@@ -16,7 +16,8 @@ from redis.backoff import NoBackoff
 from api import errors
 from api.auth import caller
 from api.limits import BodySizeLimit
-from api.routes import chat, health, models, responses
+from api.routes import chat, health, metrics, models, page, responses
+from tasks import logs
 from tasks.client import JobClient
 from tasks.settings import get_settings
 
@@ -27,7 +28,9 @@ REAP_INTERVAL_SECONDS = 5.0
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(
+        settings.log_level, settings.log_format, loggers=("uvicorn", "uvicorn.error", "uvicorn.access")
+    )
     client = aioredis.Redis.from_url(
         settings.redis_url,
         decode_responses=True,
@@ -70,6 +73,8 @@ def create_app() -> FastAPI:
     app.include_router(responses.router, dependencies=v1)
     app.include_router(models.router, dependencies=v1)
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(page.router)
     return app
 
 

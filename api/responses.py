@@ -28,7 +28,7 @@ from api.responses_protocol import (
     ResponseStatus,
     ResponseUsage,
 )
-from tasks import events, jobs
+from tasks import events, jobs, logs
 from tasks.client import EnqueueFailed, EventFollower, JobClient, JobNotFound, QueueFull
 from tasks.settings import Settings
 
@@ -192,6 +192,7 @@ class ResponsesService:
             max_tokens_default=limits.default_max_tokens(self._settings),
             owner=self._owner,
         )
+        logs.job_id_var.set(spec.id)
         if request.background and not request.stream:
             await self._enqueue(spec)
             return ResponseView(spec).snapshot()

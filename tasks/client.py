@@ -61,6 +61,7 @@ class JobClient:
         )
         if not admitted:
             raise QueueFull(f"{self._settings.max_queued} jobs are already waiting")
+        log.info("job queued (%d messages, max_tokens=%d)", len(spec.messages), spec.sampling.max_tokens)
         try:
             # send_task talks to the broker synchronously (kombu); keep it off the event loop.
             await asyncio.to_thread(
@@ -69,6 +70,8 @@ class JobClient:
                 args=[spec.model_dump(mode="json")],
                 task_id=spec.id,
                 queue=keys.GENERATE_QUEUE,
+                # Flower and worker logs show this instead of the arguments: prompts stay private.
+                argsrepr=f"<job {spec.id}>",
             )
         except Exception as exc:
             pipe = self._redis.pipeline()
@@ -81,6 +84,11 @@ class JobClient:
         """End jobs whose worker died or whose queue deadline passed; how many were ended."""
         args = jobs.reap_args(self._ttl, self._settings.queue_timeout_seconds)
         return int(await self._reap(keys=[keys.RUNNING, keys.QUEUED], args=args))
+
+    async def metrics_fields(self) -> dict[str, str]:
+        """The shared metrics hash (tasks/metrics.py)."""
+        fields: dict[str, str] = await self._redis.hgetall(keys.METRICS)  # type: ignore[misc,assignment]
+        return fields
 
     async def queue_depth(self) -> tuple[int, int]:
         """(waiting, running) jobs."""

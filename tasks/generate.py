@@ -9,7 +9,7 @@ from typing import Literal
 import redis
 
 from model.types import Completion, ContextLengthExceeded, TextDelta
-from tasks import events, jobs, keys
+from tasks import events, jobs, keys, logs, metrics
 from tasks.celery_app import app
 from tasks.worker import WorkerRuntime, runtime
 
@@ -73,6 +73,7 @@ class StopWatch:
 @app.task(name=keys.GENERATE_TASK)
 def generate(spec_json: dict[str, object]) -> None:
     spec = jobs.JobSpec.model_validate(spec_json)
+    logs.job_id_var.set(spec.id)
     rt = runtime()
     writer = JobWriter(rt, spec.id)
     if time.time() - spec.created_at > rt.settings.queue_timeout_seconds:
@@ -103,13 +104,38 @@ def _run(rt: WorkerRuntime, spec: jobs.JobSpec, writer: JobWriter) -> None:
     except ContextLengthExceeded as exc:
         writer.write(events.Failed(code="context_length_exceeded", message=str(exc)))
         return
+    claimed_at = time.time()
     writer.write(events.Started(prompt_tokens=len(prompt.token_ids), worker=rt.name))
+    log.info(
+        "generating: %d prompt tokens, waited %.3fs", len(prompt.token_ids), claimed_at - spec.created_at
+    )
     watch = StopWatch(rt, spec.id)
+    first_token_at: float | None = None
     for item in rt.engine.stream(prompt, spec.sampling.to_params(), should_stop=watch):
         if isinstance(item, TextDelta):
+            first_token_at = first_token_at or time.time()
             writer.write(events.Delta(text=item.text))
         elif isinstance(item, Completion):
-            writer.write(_terminal(item, watch.reason))
+            terminal = _terminal(item, watch.reason)
+            writer.write(terminal)
+            if isinstance(terminal, events.Finished) and terminal.finish_reason != "cancelled":
+                _record_metrics(rt, spec, claimed_at, first_token_at, item)
+
+
+def _record_metrics(
+    rt: WorkerRuntime, spec: jobs.JobSpec, claimed_at: float, first_token_at: float | None, done: Completion
+) -> None:
+    timings = metrics.JobTimings(
+        queue_seconds=claimed_at - spec.created_at,
+        ttft_seconds=None if first_token_at is None else first_token_at - spec.created_at,
+        e2e_seconds=time.time() - spec.created_at,
+        prompt_tokens=done.prompt_tokens,
+        generation_tokens=done.completion_tokens,
+    )
+    try:
+        metrics.record(rt.redis, timings)
+    except redis.RedisError as exc:  # metrics must never fail a finished job
+        log.warning("could not record metrics for %s: %s", spec.id, exc)
 
 
 def _terminal(done: Completion, stop: StopReason | None) -> events.Finished | events.Failed:

@@ -126,13 +126,23 @@ def terminal_fields(event: events.Finished | events.Failed) -> dict[str, str]:
 
 _JOB_KEYS = "local job, log, channel, cancel, lease, running, queued = unpack(KEYS)\n"
 
-_PRELUDE = """
+_PRELUDE = (
+    f"local METRICS = '{keys.METRICS}'\n"
+    + """
 local function is_open(status)
   return status == 'queued' or status == 'in_progress'
 end
--- Append the terminal event, write the final fields, and drop the job from every index.
+-- How the job ended, for the metrics: its finish reason or its error code.
+local function outcome_of(fields)
+  for i = 1, #fields, 2 do
+    if fields[i] == 'finish_reason' or fields[i] == 'error_code' then return fields[i + 1] end
+  end
+  return 'unknown'
+end
+-- Append the terminal event, write the final fields, drop the job from every index, count it.
 local function end_job(job, log, channel, lease, running, queued, id, ttl, event, fields)
   local seq = redis.call('RPUSH', log, event) - 1
+  redis.call('HINCRBY', METRICS, 'outcome:' .. outcome_of(fields), 1)
   redis.call('HSET', job, unpack(fields))
   redis.call('EXPIRE', job, ttl)
   redis.call('EXPIRE', log, ttl)
@@ -143,6 +153,7 @@ local function end_job(job, log, channel, lease, running, queued, id, ttl, event
   return seq
 end
 """
+)
 
 # ARGV: id, ttl, spec json, now, max queued. Records a queued job unless the queue is full;
 # 1 if admitted, 0 if not. Counting the queued index (not Celery's list) means cancelled and

@@ -10,6 +10,7 @@ GENERATE_TASK = "tasks.generate"
 
 WORKERS = f"{NAMESPACE}:workers"  # set of worker names ever registered; pruned by readers
 QUEUED = f"{NAMESPACE}:queued"  # sorted set: waiting job ids by creation time (admission, deadlines)
+METRICS = f"{NAMESPACE}:metrics"  # hash: counters and histogram buckets (tasks/metrics.py)
 RUNNING = f"{NAMESPACE}:running"  # set: job ids a worker has claimed (the reaper checks their leases)
 
 

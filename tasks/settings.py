@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    torch_threads: int = Field(0, ge=0, description="CPU compute threads per worker; 0 = torch's default")
     served_model_name: str | None = Field(None, description="Name clients use; default MODEL_ID")
     model_cache_dir: Path = Path.home() / ".cache" / "llama3-chat" / "models"
 
@@ -33,6 +34,7 @@ class Settings(BaseSettings):
     request_timeout_seconds: float = Field(600.0, gt=0, description="Longest an API call waits")
     stream_ping_seconds: float = Field(15.0, gt=0, description="SSE keep-alive while waiting")
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
 
     # Security and request limits.
     api_keys: str = Field("", description="Comma-separated keys; empty = no auth")

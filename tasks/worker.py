@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+import torch
 from celery import signals
 
 from model.engine import Engine
 from model.loading import load_model
-from tasks import jobs, keys
+from tasks import jobs, keys, logs
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -99,12 +100,22 @@ def _heartbeat(rt: WorkerRuntime, stop: threading.Event) -> None:
 _stop_heartbeat = threading.Event()
 
 
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def use_service_log_format(logger: logging.Logger, **_: Any) -> None:
+    """Celery sets up the worker's logging; we give its handlers our format and the job id."""
+    logs.install(logger.handlers, get_settings().log_format)
+
+
 @signals.worker_process_init.connect
 def load_on_start(**_: Any) -> None:
     global _runtime
     settings = get_settings()
     name = f"{socket.gethostname()}:{os.getpid()}"
     log.info("worker %s loading model %s", name, settings.model_id)
+    if settings.torch_threads:
+        # Several workers on one CPU machine must split its cores, or they thrash each other.
+        torch.set_num_threads(settings.torch_threads)
     try:
         loaded = load_model(
             settings.model_id,
@@ -114,6 +125,9 @@ def load_on_start(**_: Any) -> None:
             cache_dir=settings.model_cache_dir,
         )
         engine = Engine(loaded)
+        log.info(
+            "model loaded in %.1fs on %s (%s); warming up", loaded.load_seconds, loaded.device, loaded.dtype
+        )
         engine.warm_up()
     except Exception:
         # A worker without its model must not sit in the pool taking jobs: stop the whole worker.

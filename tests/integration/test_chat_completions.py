@@ -60,7 +60,7 @@ def test_seed_blocking_example_answers_in_russian(stack: Stack) -> None:
         ],
         "stream": False,
     }
-    r = httpx.post(f"{stack.api_url}/v1/chat/completions", json=body, timeout=120)
+    r = httpx.post(f"{stack.api_url}/v1/chat/completions", json=body, timeout=600)
     assert r.status_code == 200, r.text
     data = r.json()
     assert data["object"] == "chat.completion"
@@ -75,7 +75,7 @@ def test_seed_blocking_example_answers_in_russian(stack: Stack) -> None:
 
 def test_seed_streaming_example_streams_clean_chunks(stack: Stack) -> None:
     body = {"messages": [{"role": "user", "content": "Напиши поэму."}], "stream": True}
-    with httpx.stream("POST", f"{stack.api_url}/v1/chat/completions", json=body, timeout=120) as r:
+    with httpx.stream("POST", f"{stack.api_url}/v1/chat/completions", json=body, timeout=600) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         payloads = sse_events(r)

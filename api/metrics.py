@@ -1,0 +1,101 @@
+"""Prometheus exposition of the shared metrics (tasks/metrics.py), with vLLM's metric names so
+existing vLLM dashboards work: one scrape of any API instance shows every worker's figures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tasks import metrics
+
+# Our finish reasons in vLLM's `finished_reason` vocabulary.
+_FINISHED_REASONS = {"stop": "stop", "length": "length", "time_limit": "length", "cancelled": "abort"}
+
+_HELP = {
+    "time_to_first_token_seconds": "Histogram of time to first token in seconds (from request arrival).",
+    "time_per_output_token_seconds": "Histogram of mean time per output token in seconds, per request.",
+    "e2e_request_latency_seconds": "Histogram of end to end request latency in seconds.",
+    "request_queue_time_seconds": "Histogram of time spent waiting in the queue in seconds.",
+}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    fields: dict[str, str]
+    waiting: int
+    running: int
+    workers: list[dict[str, Any]]
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, snapshot: Snapshot, model: str) -> None:
+        self._s = snapshot
+        self._model = model
+
+    def collect(self) -> Iterator[Metric]:
+        s, model = self._s, [self._model]
+        waiting = GaugeMetricFamily(
+            "vllm:num_requests_waiting", "Requests waiting in the queue.", labels=["model_name"]
+        )
+        waiting.add_metric(model, s.waiting)
+        running = GaugeMetricFamily(
+            "vllm:num_requests_running", "Requests being generated.", labels=["model_name"]
+        )
+        running.add_metric(model, s.running)
+        yield from (waiting, running)
+
+        for name, hist in metrics.histograms(s.fields).items():
+            family = HistogramMetricFamily(f"vllm:{name}", _HELP[name], labels=["model_name"])
+            family.add_metric(model, hist.buckets, hist.sum)
+            yield family
+
+        for name, help_text in (
+            ("prompt_tokens", "Prefill tokens processed."),
+            ("generation_tokens", "Tokens generated."),
+        ):
+            counter = CounterMetricFamily(f"vllm:{name}", help_text, labels=["model_name"])
+            counter.add_metric(model, float(s.fields.get(name, 0)))
+            yield counter
+
+        success = CounterMetricFamily(
+            "vllm:request_success",
+            "Finished requests by finish reason.",
+            labels=["model_name", "finished_reason"],
+        )
+        failures = CounterMetricFamily(
+            "llmq_request_failures", "Failed requests by error code.", labels=["model_name", "code"]
+        )
+        totals: dict[str, int] = {}
+        for outcome, count in metrics.outcomes(s.fields).items():
+            if outcome in _FINISHED_REASONS:
+                reason = _FINISHED_REASONS[outcome]
+                totals[reason] = totals.get(reason, 0) + count
+            else:
+                failures.add_metric([*model, outcome], count)
+        for reason, count in sorted(totals.items()):
+            success.add_metric([*model, reason], count)
+        yield from (success, failures)
+
+        alive = GaugeMetricFamily("llmq_workers_alive", "Workers with a fresh heartbeat and a loaded model.")
+        alive.add_metric([], len(s.workers))
+        yield alive
+        info = GaugeMetricFamily(
+            "llmq_worker_info",
+            "One series per live worker, describing its model.",
+            labels=["worker", "model_name", "device", "dtype", "quantization"],
+        )
+        for w in s.workers:
+            labels = [str(w.get(k) or "none") for k in ("name", "model", "device", "dtype", "quantization")]
+            info.add_metric(labels, 1)
+        yield info
+
+
+def render(snapshot: Snapshot, model: str) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SnapshotCollector(snapshot, model))
+    return generate_latest(registry)

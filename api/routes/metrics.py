@@ -1,0 +1,22 @@
+"""GET /metrics: Prometheus text format for the whole deployment (open, like /health)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from api import metrics
+from api.deps import JobsDep, SettingsDep
+
+router = APIRouter()
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(jobs: JobsDep, settings: SettingsDep) -> Response:
+    fields, (waiting, running), workers = (
+        await jobs.metrics_fields(),
+        await jobs.queue_depth(),
+        await jobs.workers(),
+    )
+    snapshot = metrics.Snapshot(fields=fields, waiting=waiting, running=running, workers=workers)
+    return Response(metrics.render(snapshot, settings.model_name), media_type=CONTENT_TYPE_LATEST)

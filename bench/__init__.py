@@ -1,0 +1,1 @@
+"""`make bench`: the raw engine, the queued service and a seed-like server, measured side by side."""

@@ -1,0 +1,64 @@
+"""The raw engine in this process, loaded with the worker's own settings: the baseline."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from bench import workload
+from bench.metrics import BatchResult, RequestSample
+from model.engine import Engine
+from model.loading import load_model
+from model.types import Completion, TextDelta
+from tasks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class InProcessEngine:
+    """One stream at a time through `Engine.stream`, timed like a client would time it."""
+
+    name = "engine in-process"
+
+    def __init__(self, settings: Settings) -> None:
+        # The same call and arguments as tasks/worker.py, so dtype and weights match the workers.
+        self.loaded = load_model(
+            settings.model_id,
+            device=settings.device,
+            dtype=settings.dtype,
+            use_4bit=settings.use_4bit,
+            cache_dir=settings.model_cache_dir,
+        )
+        self.engine = Engine(self.loaded)
+        self.engine.warm_up()
+        self.prompt_tokens = len(self.engine.prepare(workload.messages()).token_ids)
+        log.info(
+            "engine loaded in %.1fs on %s/%s; prompt is %d tokens",
+            self.loaded.load_seconds,
+            self.loaded.device,
+            self.loaded.dtype,
+            self.prompt_tokens,
+        )
+
+    def one(self) -> RequestSample:
+        started = time.perf_counter()
+        first: float | None = None
+        tokens = 0
+        prompt = self.engine.prepare(workload.messages())  # inside the clock, as in the worker
+        for item in self.engine.stream(prompt, workload.sampling()):
+            if isinstance(item, TextDelta) and first is None:
+                first = time.perf_counter() - started
+            elif isinstance(item, Completion):
+                tokens = item.completion_tokens
+        total = time.perf_counter() - started
+        return RequestSample(
+            ttft_s=first if first is not None else total, total_s=total, completion_tokens=tokens
+        )
+
+    def run_batch(self, concurrency: int, requests: int, round_no: int) -> BatchResult:
+        """In-process there is one stream at a time; `requests` of them back to back."""
+        if concurrency != 1:
+            raise ValueError("the in-process engine is measured at one stream")
+        started = time.perf_counter()
+        samples = [self.one() for _ in range(requests)]
+        return BatchResult(self.name, 1, round_no, time.perf_counter() - started, samples)

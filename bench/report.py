@@ -1,0 +1,246 @@
+"""The run's outputs: the markdown table, the targets, the PNG chart and the raw JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.machine import one_line
+from bench.metrics import BatchResult, RequestSample, Spread, Summary
+
+log = logging.getLogger(__name__)
+
+ENGINE = "engine in-process"
+SERVICE_1W = "service, 1 worker"
+SERVICE_2W = "service, 2 workers"
+SEED_LIKE = "seed-like (1 process)"
+ORDER = [ENGINE, SERVICE_1W, SERVICE_2W, SEED_LIKE]  # then anything else (llama.cpp)
+
+
+def summarize(batches: list[BatchResult]) -> list[Summary]:
+    """One summary per system and client count, by client count, then in ORDER."""
+    groups: dict[tuple[str, int], list[BatchResult]] = {}
+    for b in batches:
+        groups.setdefault((b.system, b.concurrency), []).append(b)
+
+    def key(k: tuple[str, int]) -> tuple[int, int]:
+        return k[1], ORDER.index(k[0]) if k[0] in ORDER else len(ORDER)
+
+    return [Summary.of(groups[k]) for k in sorted(groups, key=key)]
+
+
+def _ms(s: Spread | None, field: str = "median") -> str:
+    return "–" if s is None else f"{getattr(s, field) * 1000:.0f}"
+
+
+def _range(s: Spread | None, scale: float = 1.0, fmt: str = ".1f") -> str:
+    if s is None:
+        return "–"
+    return f"{s.median * scale:{fmt}} ({s.low * scale:{fmt}}–{s.high * scale:{fmt}})"
+
+
+def table(summaries: list[Summary]) -> str:
+    rows = [
+        "| system | clients | TTFT p50 ms | TTFT p95 ms | decode tok/s per stream | aggregate tok/s "
+        "| queue wait p50 ms (max) | requests |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in summaries:
+        wait = "–" if s.queue_wait_s is None else f"{_ms(s.queue_wait_s)} ({_ms(s.queue_wait_s, 'high')})"
+        errors = f" ({s.errors} failed)" if s.errors else ""
+        rows.append(
+            f"| {s.system} | {s.concurrency} | {_ms(s.ttft_s)} | {_ms(s.ttft_s, 'p95')} | "
+            f"{_range(s.decode_tps)} | {_range(s.aggregate_tps)} | {wait} | {s.requests}{errors} |"
+        )
+    return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    measured: str
+    met: bool | None  # None: not measured in this run
+
+
+def _find(summaries: list[Summary], system: str, clients: int) -> Summary | None:
+    return next((s for s in summaries if s.system == system and s.concurrency == clients), None)
+
+
+def _median(s: Summary | None, field: str) -> float | None:
+    spread = getattr(s, field) if s is not None else None
+    return spread.median if spread is not None else None
+
+
+def targets(summaries: list[Summary], startup_s: list[float]) -> list[Target]:
+    engine = _find(summaries, ENGINE, 1)
+    one = _find(summaries, SERVICE_1W, 1)
+    out: list[Target] = []
+    e_dec, s_dec = _median(engine, "decode_tps"), _median(one, "decode_tps")
+    if e_dec and s_dec:
+        ratio = s_dec / e_dec
+        out.append(
+            Target(
+                "streamed decode, service (1 worker, 1 client) ≥ 0.95× engine", f"{ratio:.2f}×", ratio >= 0.95
+            )
+        )
+    else:
+        out.append(
+            Target("streamed decode, service (1 worker, 1 client) ≥ 0.95× engine", "not measured", None)
+        )
+    e_ttft, s_ttft = _median(engine, "ttft_s"), _median(one, "ttft_s")
+    if e_ttft is not None and s_ttft is not None:
+        over = (s_ttft - e_ttft) * 1000
+        out.append(Target("TTFT overhead ≤ 15 ms p50 at 1 client", f"{over:+.1f} ms", over <= 15))
+    else:
+        out.append(Target("TTFT overhead ≤ 15 ms p50 at 1 client", "not measured", None))
+    seed = _median(_find(summaries, SEED_LIKE, 4), "aggregate_tps")
+    for system in (SERVICE_1W, SERVICE_2W):
+        agg = _median(_find(summaries, system, 4), "aggregate_tps")
+        name = f"aggregate at 4 clients, {system} ≥ seed-like"
+        if agg and seed:
+            out.append(Target(name, f"{agg / seed:.2f}× ({agg:.0f} vs {seed:.0f} tok/s)", agg >= seed))
+        else:
+            out.append(Target(name, "not measured", None))
+    if startup_s:
+        worst = max(startup_s)
+        ready = Spread.of(startup_s)
+        assert ready is not None
+        out.append(
+            Target(
+                "worker ready ≤ 3 s (cache warm)",
+                f"{ready.median:.1f} s median, {worst:.1f} s max",
+                ready.median <= 3.0,
+            )
+        )
+    return out
+
+
+def targets_table(items: list[Target]) -> str:
+    rows = ["| target | measured | met |", "|---|---|---|"]
+    verdict = {True: "yes", False: "no", None: "–"}
+    rows += [f"| {t.name} | {t.measured} | {verdict[t.met]} |" for t in items]
+    return "\n".join(rows)
+
+
+def markdown(run: dict[str, Any], summaries: list[Summary], goals: list[Target]) -> str:
+    startup = Spread.of(run["worker_startup_s"])
+    rss = ", ".join(f"{k} {v:.0f}" for k, v in run["rss_mib"].items())
+    lines = [
+        f"Machine: {one_line(run['machine'])}.",
+        f"Workload: {run['prompt_tokens']}-token prompt, {run['new_tokens']} new tokens (EOS ignored), "
+        f"temperature 0; {run['rounds']} interleaved round{'s' if run['rounds'] != 1 else ''}; "
+        f"`{run['command']}`.",
+        f"1-minute load average {run['load_average']['start']} before the run, "
+        f"{run['load_average']['end']} after; {run['duration_s']:.0f} s in all.",
+        "",
+        table(summaries),
+        "",
+        "Median (min–max) over requests for per-stream numbers, over rounds for aggregates.",
+        "",
+    ]
+    if startup is not None:
+        lines.append(
+            "Worker start-up (process start → listed in /health, GGUF cache warm): "
+            f"median {startup.median:.1f} s ({startup.low:.1f}–{startup.high:.1f}, n={startup.n}), "
+            f"of which loading the model {statistics.median(run['worker_load_s'] or [0.0]):.1f} s."
+        )
+    lines += [f"RSS MiB (process + children): {rss}.", ""]
+    for skipped in run.get("skipped", []):
+        lines.append(f"Skipped: {skipped}.")
+    lines += ["", targets_table(goals)]
+    return "\n".join(lines).replace("\n\n\n", "\n\n")
+
+
+def chart(summaries: list[Summary], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("aggregate_tps", "aggregate tok/s", 1.0),
+        ("decode_tps", "decode tok/s per stream", 1.0),
+        ("ttft_s", "TTFT p50 (ms)", 1000.0),
+    ]
+    systems = list(dict.fromkeys(s.system for s in summaries))
+    clients = sorted({s.concurrency for s in summaries})
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.5))
+    width = 0.8 / len(systems)
+    for ax, (field, label, scale) in zip(axes, panels, strict=True):
+        for i, system in enumerate(systems):
+            xs, ys, lo, hi = [], [], [], []
+            for j, c in enumerate(clients):
+                spread = getattr(_find(summaries, system, c), field, None)
+                if spread is None:
+                    continue
+                xs.append(j + (i - (len(systems) - 1) / 2) * width)
+                ys.append(spread.median * scale)
+                lo.append((spread.median - spread.low) * scale)
+                hi.append((spread.high - spread.median) * scale)
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=system)
+        ax.set_xticks(range(len(clients)), [f"{c} client{'s' if c > 1 else ''}" for c in clients])
+        ax.set_title(label)
+        if field == "ttft_s":
+            ax.set_yscale("log")  # queued requests wait seconds, in-process ones tens of ms
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(systems), fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(out_dir: Path, run: dict[str, Any], batches: list[BatchResult]) -> str:
+    """Write results.json, results.md and results.png; return the markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries = summarize(batches)
+    goals = targets(summaries, run["worker_startup_s"])
+    text = markdown(run, summaries, goals)
+    raw = {
+        **run,
+        "summaries": [asdict(s) for s in summaries],
+        "targets": [t.__dict__ for t in goals],
+        "batches": [b.to_json() for b in batches],
+    }
+    (out_dir / "results.json").write_text(json.dumps(raw, indent=2, ensure_ascii=False))
+    (out_dir / "results.md").write_text(text + "\n")
+    try:
+        chart(summaries, out_dir / "results.png", one_line(run["machine"]))
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install -e '.[bench]'); no chart written")
+    log.info("results in %s", out_dir)
+    return text
+
+
+def reload(path: Path) -> tuple[dict[str, Any], list[BatchResult]]:
+    """A results.json read back, to render it again without measuring again."""
+    data = json.loads(path.read_text())
+    batches = [
+        BatchResult(
+            b["system"],
+            b["concurrency"],
+            b["round"],
+            b["wall_s"],
+            [RequestSample(**{k: v for k, v in s.items() if k != "decode_tps"}) for s in b["samples"]],
+        )
+        for b in data.pop("batches")
+    ]
+    for derived in ("summaries", "targets"):
+        data.pop(derived, None)
+    return data, batches
+
+
+if __name__ == "__main__":
+    # `python -m bench.report [bench/results/results.json]`: render a finished run again.
+    logging.basicConfig(level=logging.INFO)
+    source = (
+        Path(sys.argv[1])
+        if len(sys.argv) > 1
+        else Path(__file__).resolve().parent / "results" / "results.json"
+    )
+    saved_run, saved = reload(source)
+    print(write(source.parent, saved_run, saved))

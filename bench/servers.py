@@ -1,0 +1,81 @@
+"""The other HTTP servers compared with the service: the seed-like app and llama.cpp's server."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import httpx
+
+from bench import workload
+from bench.clients import run_clients
+from bench.memory import tree_rss_mib
+from bench.metrics import BatchResult
+from model.loading import resolve_source
+from tests.processes import BIN, Service, free_port
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 300.0
+
+
+class HttpServer:
+    """One server process on a free port, driven with the same streamed chat request."""
+
+    def __init__(
+        self, name: str, argv: list[str], port: int, log_dir: Path, model: str | None = None
+    ) -> None:
+        self.name = name
+        self.url = f"http://127.0.0.1:{port}"
+        self.model = model
+        self.proc = Service(name.split()[0], argv, {}, log_dir)
+        self.proc.start_or_stop(self._ready, timeout=READY_TIMEOUT_S)
+
+    def _ready(self) -> bool:
+        r = httpx.get(f"{self.url}/health", timeout=2)
+        return r.status_code == 200 and r.json().get("status") == "ok"
+
+    def run_batch(self, concurrency: int, requests: int, round_no: int) -> BatchResult:
+        url = f"{self.url}/v1/chat/completions"
+        wall, samples = run_clients(url, workload.request_body(self.model), concurrency, requests)
+        return BatchResult(self.name, concurrency, round_no, wall, samples)
+
+    def rss_mib(self) -> float:
+        return tree_rss_mib(self.proc.proc.pid)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def start_seed_like(log_dir: Path) -> HttpServer:
+    port = free_port()
+    argv = [str(BIN / "uvicorn"), "bench.seed_like:app", "--host", "127.0.0.1", "--port", str(port)]
+    return HttpServer("seed-like (1 process)", argv, port, log_dir)
+
+
+def llama_server_unavailable(model_id: str) -> str | None:
+    """Why llama.cpp's server cannot be compared here, or None when it can."""
+    if shutil.which("llama-server") is None:
+        return "no `llama-server` binary on PATH (llama.cpp is optional, never a dependency)"
+    if resolve_source(model_id).kind != "gguf":
+        return f"MODEL_ID {model_id} is not a GGUF file"
+    return None
+
+
+def start_llama_server(model_id: str, log_dir: Path, slots: int, threads: int) -> HttpServer:
+    """llama.cpp's server on the same GGUF the workers convert, with a slot per client."""
+    source = resolve_source(model_id)
+    assert source.gguf_file is not None
+    port = free_port()
+    binary = shutil.which("llama-server") or "llama-server"
+    argv = [
+        binary,
+        "-m", str(Path(source.location) / source.gguf_file),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--parallel", str(slots),
+        "--ctx-size", str(1024 * slots),
+        "--threads", str(threads),
+    ]  # fmt: skip
+    return HttpServer("llama.cpp server", argv, port, log_dir)
