@@ -50,8 +50,11 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    # Errors a client should retry later say when, in a Retry-After header.
+    retry_after_seconds: int | None = None
+
     def headers(self) -> dict[str, str] | None:
-        return None
+        return None if self.retry_after_seconds is None else {"Retry-After": str(self.retry_after_seconds)}
 
 
 class InvalidRequest(APIError):
@@ -102,18 +105,12 @@ class ServiceUnavailable(APIError):
     code = "service_unavailable"
     retry_after_seconds = 5
 
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_seconds)}
-
 
 class QueueFull(APIError):
     status = 429
     type = "rate_limit_error"
     code = "queue_full"
     retry_after_seconds = 2
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_seconds)}
 
 
 class ClientDisconnected(APIError):
