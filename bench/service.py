@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -37,7 +38,14 @@ class ServiceStack:
         redis_svc, self.redis_url = start_redis(self.log_dir)
         self.services.append(redis_svc)
         try:
-            self.env = {"REDIS_URL": self.redis_url, "STREAM_PING_SECONDS": "15"}
+            # Workers on one machine split its cores (README, TORCH_THREADS); one worker keeps
+            # torch's default, as a single deployment would.
+            threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+            self.env = {
+                "REDIS_URL": self.redis_url,
+                "STREAM_PING_SECONDS": "15",
+                "TORCH_THREADS": str(threads),
+            }
             self.api, self.url = start_api(self.env, self.log_dir)
             self.services.append(self.api)
             for i in range(workers):
