@@ -14,6 +14,9 @@ class ChatMessage:
     content: str
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 512
@@ -25,7 +28,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # As vLLM does: a temperature this small is greedy in effect, and dividing logits by
+        # it (5e-324 is valid JSON) would overflow to inf and make sampling NaN.
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)

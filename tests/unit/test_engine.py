@@ -277,3 +277,12 @@ def test_warm_up_runs_and_leaves_generation_unchanged(engine: Engine) -> None:
     deltas, done = run(engine, engine.prepare(MESSAGES), GREEDY)
     assert "".join(deltas) == SCRIPT
     assert done.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-9, 0.0])
+def test_vanishing_temperature_is_greedy(engine: Engine, temperature: float) -> None:
+    """Found by the schema fuzzer: a denormal temperature must not overflow the sampler."""
+    prompt = engine.prepare([ChatMessage("user", "Hi")])
+    items = list(engine.stream(prompt, SamplingParams(max_tokens=4, temperature=temperature, seed=1)))
+    greedy = list(engine.stream(prompt, SamplingParams(max_tokens=4, temperature=0.0)))
+    assert items == greedy
