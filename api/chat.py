@@ -25,7 +25,7 @@ from api.protocol import (
     Usage,
 )
 from tasks import events, jobs, logs
-from tasks.client import EnqueueFailed, EventFollower, JobClient, QueueFull
+from tasks.client import EventFollower, JobClient
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,15 +86,13 @@ class ChatRun:
         """
         spec = self.request.to_job_spec(self.job_id, self.model, self._max_tokens_default)
         try:
-            self._follower = self._client.subscribe(self.job_id)
-            await self._follower.__aenter__()
-            await self._client.create(spec)
-        except QueueFull as exc:
+            with errors.queue_errors():
+                self._follower = self._client.subscribe(self.job_id)
+                await self._follower.__aenter__()
+                await self._client.create(spec)
+        except errors.APIError:
             await self.close()
-            raise errors.QueueFull("Too many requests are waiting; retry shortly.") from exc
-        except (redis.exceptions.RedisError, EnqueueFailed, OSError) as exc:
-            await self.close()
-            raise errors.ServiceUnavailable("The queue is unavailable; try again shortly.") from exc
+            raise
         self._started = True
         try:
             first = await self.next_event(self._ping_seconds if self.request.stream else None)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import redis.exceptions
@@ -31,6 +32,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tasks import client as queue
 
 log = logging.getLogger(__name__)
 
@@ -213,3 +216,14 @@ def install(app: FastAPI) -> None:
 def sse_error(error: APIError) -> str:
     """The in-band form of an error after a stream has started."""
     return json.dumps(error.body(), ensure_ascii=False)
+
+
+@contextmanager
+def queue_errors() -> Iterator[None]:
+    """Enqueueing failures as API errors: a full queue is 429, a queue that is away is 503."""
+    try:
+        yield
+    except queue.QueueFull as exc:
+        raise QueueFull("Too many requests are waiting; retry shortly.") from exc
+    except (redis.exceptions.RedisError, queue.EnqueueFailed, OSError) as exc:
+        raise ServiceUnavailable("The queue is unavailable; try again shortly.") from exc

@@ -29,7 +29,7 @@ from api.responses_protocol import (
     ResponseUsage,
 )
 from tasks import events, jobs, logs
-from tasks.client import EnqueueFailed, EventFollower, JobClient, JobNotFound, QueueFull
+from tasks.client import EventFollower, JobClient, JobNotFound
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -242,12 +242,8 @@ class ResponsesService:
         return record.spec
 
     async def _enqueue(self, spec: jobs.JobSpec) -> None:
-        try:
+        with errors.queue_errors():
             await self._client.create(spec)
-        except QueueFull as exc:
-            raise errors.QueueFull("Too many requests are waiting; retry shortly.") from exc
-        except (redis.exceptions.RedisError, EnqueueFailed, OSError) as exc:
-            raise errors.ServiceUnavailable("The queue is unavailable; try again shortly.") from exc
 
     async def _collect(self, spec: jobs.JobSpec, follower: EventFollower) -> Response:
         view = ResponseView(spec)
