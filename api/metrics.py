@@ -87,10 +87,11 @@ class _SnapshotCollector(Collector):
         info = GaugeMetricFamily(
             "llmq_worker_info",
             "One series per live worker, describing its model.",
-            labels=["worker", "model_name", "device", "dtype", "quantization"],
+            labels=["worker", "model_name", "engine", "device", "dtype", "quantization"],
         )
         for w in s.workers:
-            labels = [str(w.get(k) or "none") for k in ("name", "model", "device", "dtype", "quantization")]
+            fields = ("name", "model", "engine", "device", "dtype", "quantization")
+            labels = [str(w.get(k) or "none") for k in fields]
             info.add_metric(labels, 1)
         yield info
 

@@ -24,6 +24,8 @@ class InProcessEngine:
         # The same call and arguments as tasks/worker.py, so dtype and weights match the workers.
         self.loaded = load_model(
             settings.model_id,
+            engine=settings.engine,
+            threads=settings.compute_threads,
             device=settings.device,
             dtype=settings.dtype,
             use_4bit=settings.use_4bit,
@@ -33,7 +35,8 @@ class InProcessEngine:
         self.engine.warm_up()
         self.prompt_tokens = len(self.engine.prepare(workload.messages()).token_ids)
         log.info(
-            "engine loaded in %.1fs on %s/%s; prompt is %d tokens",
+            "%s engine loaded in %.1fs on %s/%s; prompt is %d tokens",
+            self.loaded.backend,
             self.loaded.load_seconds,
             self.loaded.device,
             self.loaded.dtype,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers
+
+from model.loading import LoadedModel
 
 
 def _cpuinfo(field: str) -> str | None:
@@ -39,22 +41,34 @@ def load_average() -> float | None:
         return None
 
 
-def describe(dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def describe(loaded: LoadedModel) -> dict[str, Any]:
     return {
         "cpu": _cpuinfo("model name") or platform.processor() or "unknown",
         "cores": os.cpu_count(),
         "memory_gib": _mem_gib(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch": _version("torch"),
         "transformers": transformers.__version__,
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
+        "llama_cpp_python": _version("llama-cpp-python"),
+        "engine": loaded.backend,
+        "threads": loaded.threads,
+        "device": loaded.device,
+        "dtype": loaded.dtype,
     }
 
 
 def one_line(info: dict[str, Any]) -> str:
+    engine = info.get("engine", "transformers")
+    version = f"llama-cpp-python {info.get('llama_cpp_python')}" if engine == "llama.cpp" else ""
     return (
-        f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; torch {info['torch']}, "
-        f"transformers {info['transformers']}, {info['device']} {info['dtype']}"
+        f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; engine {engine} "
+        f"{version}{', ' if version else ''}torch {info['torch']}, transformers {info['transformers']}; "
+        f"{info['device']} {info['dtype']}"
     )

@@ -22,6 +22,8 @@ from tasks.settings import get_settings
 log = logging.getLogger("bench")
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The peer: `llama-server --parallel 4 --cont-batching` (continuous batching is its default).
+LLAMA_SERVER_SLOTS = 4
 
 
 class System(Protocol):
@@ -40,14 +42,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2,
         help="requests per round at 1 client, back to back (default 2)",
     )
+    p.add_argument(
+        "--workers",
+        default="1,2,4",
+        help="service stacks to run, by worker count (default 1,2,4); several workers on one machine "
+        "split its cores (COMPUTE_THREADS = cores // workers, at least 1)",
+    )
     p.add_argument("--quick", action="store_true", help="1 round at 1 and 4 clients: a smoke run")
     p.add_argument("--out", type=Path, default=RESULTS, help="output folder (default bench/results)")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.clients, args.single_requests = 1, "1,4", 1
     args.clients = sorted({int(c) for c in args.clients.split(",")})
-    if args.rounds < 1 or not args.clients or min(args.clients) < 1:
-        p.error("--rounds and --clients must be positive")
+    args.workers = sorted({int(w) for w in args.workers.split(",")})
+    if args.rounds < 1 or min(args.clients, default=0) < 1 or min(args.workers, default=0) < 1:
+        p.error("--rounds, --clients and --workers must be positive")
     return args
 
 
@@ -61,10 +70,10 @@ def start_systems(
 ) -> list[System]:
     settings = get_settings()
     engine = InProcessEngine(settings)  # first: converts the GGUF once, so workers start warm
-    run["machine"] = describe(engine.loaded.dtype, engine.loaded.device)
+    run["machine"] = describe(engine.loaded)
     run["prompt_tokens"] = engine.prompt_tokens
     systems: list[System] = [engine]
-    for workers in (1, 2):
+    for workers in args.workers:
         svc = ServiceStack(workers, log_dir)
         stack.callback(svc.stop)
         systems.append(svc)
@@ -78,7 +87,7 @@ def start_systems(
         run["skipped"].append(f"llama.cpp server: {reason}")
     else:
         llama = start_llama_server(
-            settings.model_id, log_dir, slots=max(args.clients), threads=os.cpu_count() or 1
+            settings.model_id, log_dir, slots=LLAMA_SERVER_SLOTS, threads=os.cpu_count() or 1
         )
         stack.callback(llama.stop)
         systems.append(llama)
@@ -136,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "clients": args.clients,
         "new_tokens": workload.NEW_TOKENS,
         "prompt": workload.PROMPT,
+        "workers": args.workers,
         "worker_startup_s": [],
         "worker_load_s": [],
         "skipped": [],

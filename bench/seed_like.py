@@ -31,8 +31,14 @@ _loaded: LoadedModel | None = None
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     global _loaded
     s = get_settings()
+    # transformers whatever the workers run: the seed's design is generate() on a thread.
     _loaded = load_model(
-        s.model_id, device=s.device, dtype=s.dtype, use_4bit=s.use_4bit, cache_dir=s.model_cache_dir
+        s.model_id,
+        engine="transformers",
+        device=s.device,
+        dtype=s.dtype,
+        use_4bit=s.use_4bit,
+        cache_dir=s.model_cache_dir,
     )
     yield
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from bench import workload
 from bench.clients import run_clients
 from bench.memory import tree_rss_mib
 from bench.metrics import BatchResult
+from bench.report import LLAMA_SERVER, SEED_LIKE
 from model.loading import resolve_source
 from tests.processes import BIN, Service, free_port
 
@@ -51,13 +53,25 @@ class HttpServer:
 def start_seed_like(log_dir: Path) -> HttpServer:
     port = free_port()
     argv = [str(BIN / "uvicorn"), "bench.seed_like:app", "--host", "127.0.0.1", "--port", str(port)]
-    return HttpServer("seed-like (1 process)", argv, port, log_dir)
+    # The seed's design runs transformers' generate(), whatever engine the workers use.
+    return HttpServer(SEED_LIKE, argv, port, log_dir)
+
+
+# Where `make llama-server` (bench/build_llama_server.sh) puts its build.
+BUILT = Path(__file__).resolve().parent.parent / ".bench" / "llama.cpp" / "bin" / "llama-server"
+
+
+def llama_server_binary() -> str | None:
+    """`LLAMA_SERVER`, else one on PATH, else the one `make llama-server` built."""
+    if explicit := os.environ.get("LLAMA_SERVER"):
+        return explicit
+    return shutil.which("llama-server") or (str(BUILT) if BUILT.is_file() else None)
 
 
 def llama_server_unavailable(model_id: str) -> str | None:
     """Why llama.cpp's server cannot be compared here, or None when it can."""
-    if shutil.which("llama-server") is None:
-        return "no `llama-server` binary on PATH (llama.cpp is optional, never a dependency)"
+    if llama_server_binary() is None:
+        return "no `llama-server` (`make llama-server` builds one; a benchmark peer, never a dependency)"
     if resolve_source(model_id).kind != "gguf":
         return f"MODEL_ID {model_id} is not a GGUF file"
     return None
@@ -68,14 +82,15 @@ def start_llama_server(model_id: str, log_dir: Path, slots: int, threads: int) -
     source = resolve_source(model_id)
     assert source.gguf_file is not None
     port = free_port()
-    binary = shutil.which("llama-server") or "llama-server"
+    binary = llama_server_binary() or "llama-server"
     argv = [
         binary,
         "-m", str(Path(source.location) / source.gguf_file),
         "--host", "127.0.0.1",
         "--port", str(port),
         "--parallel", str(slots),
+        "--cont-batching",
         "--ctx-size", str(1024 * slots),
         "--threads", str(threads),
     ]  # fmt: skip
-    return HttpServer("llama.cpp server", argv, port, log_dir)
+    return HttpServer(LLAMA_SERVER, argv, port, log_dir)

@@ -15,6 +15,7 @@ from bench import workload
 from bench.clients import run_clients
 from bench.memory import tree_rss_mib
 from bench.metrics import BatchResult, RequestSample
+from bench.report import service_name
 from tasks import keys
 from tests.processes import Service, start_api, start_redis, start_worker
 
@@ -28,7 +29,7 @@ class ServiceStack:
     each start-up is timed on an otherwise idle machine."""
 
     def __init__(self, workers: int, log_dir: Path) -> None:
-        self.name = f"service, {workers} worker{'s' if workers > 1 else ''}"
+        self.name = service_name(workers)
         self.log_dir = log_dir / f"service-{workers}w"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.services: list[Service] = []
@@ -38,13 +39,13 @@ class ServiceStack:
         redis_svc, self.redis_url = start_redis(self.log_dir)
         self.services.append(redis_svc)
         try:
-            # Workers on one machine split its cores (README, TORCH_THREADS); one worker keeps
-            # torch's default, as a single deployment would.
-            threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+            # Workers on one machine split its cores (README, COMPUTE_THREADS); more workers than
+            # cores get one thread each and the OS shares the cores between them, as slots.
+            threads = max(1, (os.cpu_count() or 1) // workers)
             self.env = {
                 "REDIS_URL": self.redis_url,
                 "STREAM_PING_SECONDS": "15",
-                "TORCH_THREADS": str(threads),
+                "COMPUTE_THREADS": str(threads),
             }
             self.api, self.url = start_api(self.env, self.log_dir)
             self.services.append(self.api)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from model.types import ChatMessage
@@ -26,11 +26,6 @@ ROLE_ALIASES = {"developer": "system"}
 # declare only <|end_of_text|> as EOS while their template ends turns with <|eot_id|>.
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>")
 
-# Unicode's private-use characters: no template writes them, and each use first checks the text lacks them.
-_PRIVATE_USE = (range(0xE000, 0xF900), range(0xF0000, 0xFFFFE), range(0x100000, 0x10FFFE))
-
-Span = tuple[int, int]  # [start, end) character offsets into the rendered prompt
-
 
 def render_prompt(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
     """Token ids of the conversation followed by the assistant's generation header.
@@ -52,14 +47,12 @@ def render_prompt(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
     return [int(i) for i in ids]
 
 
-def end_of_turn_ids(tokenizer: Any, generation_config: Any) -> frozenset[int]:
-    """Every token id that ends the assistant's turn for this model."""
-    ids: set[int] = set()
-    for source in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(int(i) for i in source)
+def end_of_turn_ids(tokenizer: Any, declared: Iterable[int]) -> frozenset[int]:
+    """Every token id that ends the assistant's turn: those the model declares as EOS, the
+    tokenizer's EOS, and every end-of-turn token its vocabulary has."""
+    ids = {int(i) for i in declared}
+    if isinstance(tokenizer.eos_token_id, int):
+        ids.add(tokenizer.eos_token_id)
     vocab = tokenizer.get_vocab()
     ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
     return frozenset(ids)

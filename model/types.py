@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length", "cancelled"]
+
+# Which library runs the forward pass. Both share the tokenizer, chat template and decode loop
+# (model/engine.py), so a request renders to the same prompt tokens on either.
+Backend = Literal["transformers", "llama.cpp"]
 
 
 @dataclass(frozen=True)
@@ -66,3 +71,13 @@ class ContextLengthExceeded(ValueError):
         )
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
+
+
+class TokenSampler(Protocol):
+    """A backend's forward pass and sampling: prompt tokens in, one sampled token id at a time out.
+
+    The generator runs until its consumer stops iterating (end of turn, budget, stop string or
+    cancellation are the engine's decisions, not the backend's); closing it frees the sequence.
+    """
+
+    def __call__(self, prompt: Sequence[int], sampling: SamplingParams) -> Generator[int, None, None]: ...

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Kept equal to model.loading.EMBEDDED_MODEL_ID; duplicated because the API process must be able
@@ -22,8 +22,17 @@ class Settings(BaseSettings):
     use_4bit: bool = Field(True, description="4-bit NF4 via bitsandbytes; CUDA only")
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
 
+    engine: Literal["auto", "transformers", "llama.cpp"] = Field(
+        "auto", description="auto: llama.cpp for GGUF when installed (not on CUDA), else transformers"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    torch_threads: int = Field(0, ge=0, description="CPU compute threads per worker; 0 = torch's default")
+    compute_threads: int = Field(
+        0,
+        ge=0,
+        # TORCH_THREADS was this setting's name before the llama.cpp engine; still read.
+        validation_alias=AliasChoices("compute_threads", "torch_threads"),
+        description="CPU compute threads per worker; 0 = all cores",
+    )
     served_model_name: str | None = Field(None, description="Name clients use; default MODEL_ID")
     model_cache_dir: Path = Path.home() / ".cache" / "llama3-chat" / "models"
 

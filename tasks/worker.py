@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-import torch
 from celery import signals
 
 from model.engine import Engine
@@ -64,8 +63,10 @@ def describe(rt: WorkerRuntime) -> dict[str, Any]:
     return {
         "name": rt.name,
         "model": rt.settings.model_name,
-        "device": str(loaded.device),
-        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "engine": loaded.backend,
+        "device": loaded.device,
+        "dtype": loaded.dtype,
+        "threads": loaded.threads,
         "quantization": loaded.quantization,
         "context_length": loaded.context_length,
         "load_seconds": round(loaded.load_seconds, 2),
@@ -113,12 +114,11 @@ def load_on_start(**_: Any) -> None:
     settings = get_settings()
     name = f"{socket.gethostname()}:{os.getpid()}"
     log.info("worker %s loading model %s", name, settings.model_id)
-    if settings.torch_threads:
-        # Several workers on one CPU machine must split its cores, or they thrash each other.
-        torch.set_num_threads(settings.torch_threads)
     try:
         loaded = load_model(
             settings.model_id,
+            engine=settings.engine,
+            threads=settings.compute_threads,
             device=settings.device,
             dtype=settings.dtype,
             use_4bit=settings.use_4bit,
@@ -126,7 +126,12 @@ def load_on_start(**_: Any) -> None:
         )
         engine = Engine(loaded)
         log.info(
-            "model loaded in %.1fs on %s (%s); warming up", loaded.load_seconds, loaded.device, loaded.dtype
+            "model loaded in %.1fs by %s on %s (%s, %d threads); warming up",
+            loaded.load_seconds,
+            loaded.backend,
+            loaded.device,
+            loaded.dtype,
+            loaded.threads,
         )
         engine.warm_up()
     except Exception:
@@ -145,9 +150,10 @@ def load_on_start(**_: Any) -> None:
     )
     threading.Thread(target=_heartbeat, args=(_runtime, _stop_heartbeat), daemon=True).start()
     log.info(
-        "worker %s ready: model=%s device=%s dtype=%s quantization=%s loaded in %.1fs",
+        "worker %s ready: model=%s engine=%s device=%s dtype=%s quantization=%s loaded in %.1fs",
         name,
         settings.model_name,
+        loaded.backend,
         loaded.device,
         loaded.dtype,
         loaded.quantization or "none",

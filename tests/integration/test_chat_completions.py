@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from model.loading import llama_cpp_installed
 from tests.integration.conftest import Stack
 
 CYRILLIC = re.compile("[а-яА-ЯёЁ]")
@@ -368,6 +369,8 @@ def test_health_reports_the_ready_worker(stack: Stack, model_name: str) -> None:
     workers = r.json()["workers"]
     assert workers and workers[0]["model"] == model_name
     assert workers[0]["device"] == "cpu"
+    # The embedded model is a GGUF: ENGINE=auto runs it on llama.cpp wherever that is installed.
+    assert workers[0]["engine"] == ("llama.cpp" if llama_cpp_installed() else "transformers")
 
 
 def test_unknown_route_is_404_in_error_shape(stack: Stack) -> None:

