@@ -28,7 +28,7 @@ class ServiceStack:
     """redis-server + API + `workers` workers, started in that order; workers one at a time so
     each start-up is timed on an otherwise idle machine."""
 
-    def __init__(self, workers: int, log_dir: Path) -> None:
+    def __init__(self, workers: int, log_dir: Path, env: dict[str, str] | None = None) -> None:
         self.name = service_name(workers)
         self.log_dir = log_dir / f"service-{workers}w"
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -46,6 +46,7 @@ class ServiceStack:
                 "REDIS_URL": self.redis_url,
                 "STREAM_PING_SECONDS": "15",
                 "COMPUTE_THREADS": str(threads),
+                **(env or {}),
             }
             self.api, self.url = start_api(self.env, self.log_dir)
             self.services.append(self.api)

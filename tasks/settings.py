@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     job_ttl_seconds: int = Field(86_400, ge=60, description="How long job records and logs live")
     request_timeout_seconds: float = Field(600.0, gt=0, description="Longest an API call waits")
     stream_ping_seconds: float = Field(15.0, gt=0, description="SSE keep-alive while waiting")
+    stream_coalesce_seconds: float = Field(
+        0.03, ge=0, le=1, description="Text within this of the last delta joins the next one; 0 = per token"
+    )
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 
