@@ -13,7 +13,8 @@ from typing import Any
 import gguf
 import llama_cpp
 
-from model.loading import LoadedModel, ModelNotAvailable, ModelSource, load_tokenizer
+from model.chat_tokenizer import ChatTokenizer
+from model.loading import LoadedModel, ModelNotAvailable, ModelSource, tokenizer_folder
 from model.types import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def load(source: ModelSource, *, device: str, threads: int, cache_dir: Path) -> 
     started = time.perf_counter()
     gpu_layers, where = _placement(device)
     threads = threads or os.cpu_count() or 1
-    tokenizer = load_tokenizer(source, cache_dir)
+    tokenizer = ChatTokenizer(tokenizer_folder(source, cache_dir))
     llm = llama_cpp.Llama(
         model_path=str(source.gguf_path),
         n_ctx=0,  # the context the model was trained for

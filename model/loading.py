@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -102,12 +103,16 @@ def choose_backend(engine: EngineChoice, source: ModelSource, device: str) -> Ba
         return "llama.cpp"
     if source.kind != "gguf" or not llama_cpp_installed() or device == "cuda":
         return "transformers"
-    if device == "auto":
-        import torch  # only to ask whether a GPU is there; the transformers tokenizer imports it anyway
-
-        if torch.cuda.is_available():
-            return "transformers"
+    if device == "auto" and nvidia_gpu_present():
+        return "transformers"
     return "llama.cpp"
+
+
+def nvidia_gpu_present() -> bool:
+    """Whether the NVIDIA driver sees a GPU, asked of the driver rather than of torch: importing
+    torch costs a llama.cpp worker seconds of start-up it otherwise never needs."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
 
 
 def load_model(
@@ -135,18 +140,25 @@ def load_model(
 
 
 def load_tokenizer(source: ModelSource, cache_dir: Path) -> Any:
-    """The transformers tokenizer of a source; a GGUF's is converted once and cached on disk."""
+    """The transformers tokenizer of a source (this imports torch)."""
     from transformers import AutoTokenizer
 
-    if source.kind != "gguf":
-        return AutoTokenizer.from_pretrained(source.location)
+    location = source.location if source.kind != "gguf" else str(tokenizer_folder(source, cache_dir))
+    return AutoTokenizer.from_pretrained(location)
+
+
+def tokenizer_folder(source: ModelSource, cache_dir: Path) -> Path:
+    """A GGUF's tokenizer as tokenizer.json and chat template, converted once by transformers and
+    cached: later starts read it without transformers (and so without torch)."""
 
     def convert(staging: Path) -> None:
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
         _name_special_tokens(tokenizer, source.gguf_path)
         tokenizer.save_pretrained(staging)
 
-    return AutoTokenizer.from_pretrained(gguf_conversion(source, cache_dir, "tokenizer", convert))
+    return gguf_conversion(source, cache_dir, "tokenizer", convert)
 
 
 def gguf_conversion(source: ModelSource, cache_dir: Path, what: str, convert: Callable[[Path], None]) -> Path:
@@ -156,12 +168,11 @@ def gguf_conversion(source: ModelSource, cache_dir: Path, what: str, convert: Ca
     fraction of that. The key covers the file's identity and the transformers version that
     converted it.
     """
-    import transformers
-
     gguf = source.gguf_path
     stat = gguf.stat()
+    converter = importlib.metadata.version("transformers")  # read, not imported: no torch here
     key = hashlib.sha256(
-        f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode()
+        f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{converter}".encode()
     ).hexdigest()[:16]
     target = cache_dir / f"{gguf.stem}-{what}-{key}"
     if (target / ".complete").is_file():
