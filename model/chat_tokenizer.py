@@ -64,7 +64,7 @@ class ChatTokenizer:
         )
         marked = [{**m, "content": _mark(m["content"], control)} for m in conversation]
         render = _formatter(template, self.bos_token or "", self.eos_token or "", add_generation_prompt)
-        text = render(messages=marked).prompt
+        text = render(messages=marked).prompt  # type: ignore[arg-type]  # OpenAI-shaped role/content dicts
         return self._encode_marked(text)
 
     def _encode_marked(self, text: str) -> list[int]:
