@@ -26,15 +26,7 @@ def load(source: ModelSource, *, device: str, threads: int, cache_dir: Path) -> 
     gpu_layers, where = _placement(device)
     threads = threads or os.cpu_count() or 1
     tokenizer = ChatTokenizer(tokenizer_folder(source, cache_dir))
-    llm = llama_cpp.Llama(
-        model_path=str(source.gguf_path),
-        n_ctx=0,  # the context the model was trained for
-        n_threads=threads,
-        n_threads_batch=threads,
-        n_gpu_layers=gpu_layers,
-        logits_all=False,  # logits of the last position only: all sampling needs
-        verbose=False,
-    )
+    llm = _open(source.gguf_path, threads=threads, gpu_layers=gpu_layers)
     return LoadedModel(
         backend="llama.cpp",
         model=llm,
@@ -48,6 +40,29 @@ def load(source: ModelSource, *, device: str, threads: int, cache_dir: Path) -> 
         threads=threads,
         load_seconds=time.perf_counter() - started,
     )
+
+
+def _open(path: Path, *, threads: int, gpu_layers: int) -> Any:
+    """The model with flash attention where llama.cpp supports it for this model and device.
+
+    Flash attention decoded 10% faster on the embedded model on a 2-core CPU (112 vs 102 tok/s),
+    and llama-server turns it on by default; llama-cpp-python leaves it off. A model or backend
+    that cannot run it fails to create its context, and then loads without it.
+    """
+    options: dict[str, Any] = {
+        "model_path": str(path),
+        "n_ctx": 0,  # the context the model was trained for
+        "n_threads": threads,
+        "n_threads_batch": threads,
+        "n_gpu_layers": gpu_layers,
+        "logits_all": False,  # logits of the last position only: all sampling needs
+        "verbose": False,
+    }
+    try:
+        return llama_cpp.Llama(**options, flash_attn=True)
+    except ValueError as exc:
+        log.warning("llama.cpp could not use flash attention here (%s); loading without it", exc)
+        return llama_cpp.Llama(**options, flash_attn=False)
 
 
 def _placement(device: str) -> tuple[int, str]:
