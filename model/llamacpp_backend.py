@@ -12,6 +12,7 @@ from typing import Any
 
 import gguf
 import llama_cpp
+import psutil
 
 from model.chat_tokenizer import ChatTokenizer
 from model.loading import LoadedModel, ModelNotAvailable, ModelSource, tokenizer_folder
@@ -24,9 +25,10 @@ def load(source: ModelSource, *, device: str, threads: int, cache_dir: Path) -> 
     """Memory-map the GGUF as it is (no conversion) and take the tokenizer from the same file."""
     started = time.perf_counter()
     gpu_layers, where = _placement(device)
-    threads = threads or os.cpu_count() or 1
+    threads = threads or _physical_cores()
     tokenizer = ChatTokenizer(tokenizer_folder(source, cache_dir))
     llm = _open(source.gguf_path, threads=threads, gpu_layers=gpu_layers)
+    weights = _weight_type(llm.metadata)
     return LoadedModel(
         backend="llama.cpp",
         model=llm,
@@ -34,8 +36,8 @@ def load(source: ModelSource, *, device: str, threads: int, cache_dir: Path) -> 
         sample=LlamaCppSampler(llm),
         eos_token_ids=frozenset({llm.token_eos()}),
         device=where,
-        dtype=_weight_type(llm.metadata),
-        quantization=None,
+        dtype=weights,
+        quantization=None if weights in ("f32", "f16", "bf16") else f"gguf-{weights}",
         context_length=llm.n_ctx(),
         threads=threads,
         load_seconds=time.perf_counter() - started,
@@ -78,10 +80,18 @@ def _placement(device: str) -> tuple[int, str]:
 
 
 def _weight_type(metadata: dict[str, str]) -> str:
+    """The GGUF's weight type, e.g. "q4_1" or "f16"."""
     try:
-        return gguf.LlamaFileType(int(metadata["general.file_type"])).name.removeprefix("MOSTLY_").lower()
+        name = gguf.LlamaFileType(int(metadata["general.file_type"])).name
     except (KeyError, ValueError):
-        return "gguf"
+        return "unknown"
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+
+
+def _physical_cores() -> int:
+    """llama.cpp's threads spin on shared barriers: one per physical core, as llama-server picks,
+    is faster than one per hyper-thread."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 class LlamaCppSampler:

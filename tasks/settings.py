@@ -31,7 +31,7 @@ class Settings(BaseSettings):
         ge=0,
         # TORCH_THREADS was this setting's name before the llama.cpp engine; still read.
         validation_alias=AliasChoices("compute_threads", "torch_threads"),
-        description="CPU compute threads per worker; 0 = all cores",
+        description="CPU compute threads per worker; 0 = one per physical core",
     )
     served_model_name: str | None = Field(None, description="Name clients use; default MODEL_ID")
     model_cache_dir: Path = Path.home() / ".cache" / "llama3-chat" / "models"
