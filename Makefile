@@ -29,7 +29,7 @@ help:
 	@echo "make test      unit and integration tests (real Redis, worker and API processes)"
 	@echo "make lint      ruff and mypy"
 	@echo "make bench     engine, service (1, 2, 4 workers), seed-like and llama.cpp servers, side by side"
-	@echo "make llama-server  build llama.cpp's server for make bench (once, ~12 min)"
+	@echo "make llama-server  build llama.cpp's server for make bench (once, ~8 min)"
 
 $(VENV)/.installed: pyproject.toml
 	[ -x $(PY) ] || python3 -m venv $(VENV)

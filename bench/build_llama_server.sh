@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make llama-server`: build llama.cpp's native server for `make bench`, from the llama.cpp source
 # vendored in the llama-cpp-python sdist we pin (so both run the same llama.cpp). A benchmark
-# peer only: nothing in the service uses it. Takes about 10 minutes on 2 cores, once.
+# peer only: nothing in the service uses it. Takes about 8 minutes on 2 cores, once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

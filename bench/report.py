@@ -85,10 +85,11 @@ def _median(s: Summary | None, field: str) -> float | None:
     return spread.median if spread is not None else None
 
 
-def _ratio(name: str, num: float | None, den: float | None, floor: float, unit: str = "tok/s") -> Target:
+def _ratio(name: str, num: float | None, den: float | None, floor: float) -> Target:
+    """Throughput `num` against `den`, met at `floor`× or more."""
     if not num or not den:
         return Target(name, "not measured", None)
-    return Target(name, f"{num / den:.2f}× ({num:.0f} vs {den:.0f} {unit})", num / den >= floor)
+    return Target(name, f"{num / den:.2f}× ({num:.0f} vs {den:.0f} tok/s)", num / den >= floor)
 
 
 def _services(summaries: list[Summary]) -> list[str]:

@@ -42,6 +42,7 @@ class ChatTokenizer:
         self.eos_token_id = self.backend_tokenizer.token_to_id(self.eos_token) if self.eos_token else None
         added = self.backend_tokenizer.get_added_tokens_decoder().values()
         self._added = {token.content: bool(token.special) for token in added}
+        self._control: dict[str, re.Pattern[str]] = {}
 
     def get_vocab(self) -> dict[str, int]:
         return dict(self.backend_tokenizer.get_vocab(with_added_tokens=True))
@@ -59,13 +60,18 @@ class ChatTokenizer:
         template = chat_template or self.chat_template
         if not template:
             raise ValueError("no chat template")
-        control = _pattern(
-            tuple(c for c, special in self._added.items() if special or _in_template(c, template))
-        )
+        control = self._control_tokens(template)
         marked = [{**m, "content": _mark(m["content"], control)} for m in conversation]
         render = _formatter(template, self.bos_token or "", self.eos_token or "", add_generation_prompt)
         text = render(messages=marked).prompt  # type: ignore[arg-type]  # OpenAI-shaped role/content dicts
         return self._encode_marked(text)
+
+    def _control_tokens(self, template: str) -> re.Pattern[str]:
+        """The added tokens only the template may write, found once per template, not per request."""
+        if template not in self._control:
+            tokens = (c for c, special in self._added.items() if special or _in_template(c, template))
+            self._control[template] = _pattern(tuple(tokens))
+        return self._control[template]
 
     def _encode_marked(self, text: str) -> list[int]:
         """Marked control tokens as plain text, everything else (the template's own control tokens

@@ -50,7 +50,8 @@ class LoadedModel:
 
     backend: Backend
     model: Any  # a transformers model, or a llama_cpp.Llama
-    # Always a transformers tokenizer: both backends render chats and detokenize the same way.
+    # A transformers tokenizer, or for llama.cpp its torch-free twin (model/chat_tokenizer.py):
+    # either renders a chat to the same ids and detokenizes the same way.
     tokenizer: Any
     sample: TokenSampler
     eos_token_ids: frozenset[int]  # what the model itself declares; chat.end_of_turn_ids adds more
