@@ -1,4 +1,4 @@
-"""Celery configuration: one model per worker process, one generation at a time."""
+"""Celery configuration: one model per worker process, WORKER_SLOTS generations batched at once."""
 
 from tasks import keys
 from tasks.settings import get_settings
@@ -12,16 +12,18 @@ broker_connection_max_retries = None
 # the claim in tasks/jobs.py makes a second delivery a no-op, so it never runs twice.
 broker_transport_options = {"visibility_timeout": settings.broker_visibility_timeout_seconds}
 
-# prefork with a single child: the child holds the model (loaded in worker_process_init, so CUDA
-# is initialised after the fork), while the parent stays free to answer control commands and to
-# replace a child that died. One child = one generation at a time on this worker.
-worker_pool = "prefork"
-worker_concurrency = 1
-# Loading a model in the child can take minutes; Celery's default is to give up after 4 s.
-worker_proc_alive_timeout = 900.0
+# One process, one model copy, one decode loop (tasks/slots.py), and a pool of threads, one per
+# slot: each thread takes one task from Redis, claims the job, renders its prompt and hands it to
+# the loop, then waits for it to end. So a worker holds exactly as many jobs as it has slots, and
+# one loop batches them all through the model. Threads, not prefork: forked children would each
+# need their own model copy. The threads spend their time waiting, and the loop's compute runs in
+# llama.cpp or torch with the GIL released, so Python threads cost nothing here. The model loads
+# in this process before the consumer starts (tasks/worker.py), so nothing is taken before it.
+worker_pool = "threads"
+worker_concurrency = settings.worker_slots
 
-# Each worker holds only the message it is running: a queued job waits in Redis, where whichever
-# worker frees up first takes it, instead of sitting reserved behind a long generation.
+# Each worker holds only the messages its slots are running: a queued job waits in Redis, where
+# whichever worker frees a slot first takes it, instead of sitting reserved behind a long generation.
 worker_prefetch_multiplier = 1
 worker_disable_prefetch = True
 task_acks_late = True

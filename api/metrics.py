@@ -50,9 +50,19 @@ class _SnapshotCollector(Collector):
         yield from (waiting, running)
 
         for name, hist in metrics.histograms(s.fields).items():
+            if name == metrics.BATCH_SIZE_HISTOGRAM:
+                continue
             family = HistogramMetricFamily(f"vllm:{name}", _HELP[name], labels=["model_name"])
             family.add_metric(model, hist.buckets, hist.sum)
             yield family
+        per_step = HistogramMetricFamily(
+            "llmq_sequences_per_step",
+            "Histogram of sequences decoded together in one step of a worker's loop.",
+            labels=["model_name"],
+        )
+        batch = metrics.histograms(s.fields)[metrics.BATCH_SIZE_HISTOGRAM]
+        per_step.add_metric(model, batch.buckets, batch.sum)
+        yield per_step
 
         for name, help_text in (
             ("prompt_tokens", "Prefill tokens processed."),
@@ -83,7 +93,11 @@ class _SnapshotCollector(Collector):
 
         alive = GaugeMetricFamily("llmq_workers_alive", "Workers with a fresh heartbeat and a loaded model.")
         alive.add_metric([], len(s.workers))
-        yield alive
+        slots = GaugeMetricFamily(
+            "llmq_slots", "Generations the live workers can run at once (WORKER_SLOTS summed)."
+        )
+        slots.add_metric([], sum(int(w.get("slots", 1)) for w in s.workers))
+        yield from (alive, slots)
         info = GaugeMetricFamily(
             "llmq_worker_info",
             "One series per live worker, describing its model.",

@@ -7,10 +7,9 @@ import time
 
 from bench import workload
 from bench.metrics import BatchResult, RequestSample
-from model.engine import Engine
-from model.loading import load_model
 from model.types import Completion, TextDelta
 from tasks.settings import Settings
+from tasks.worker import load_engine
 
 log = logging.getLogger(__name__)
 
@@ -21,18 +20,9 @@ class InProcessEngine:
     name = "engine in-process"
 
     def __init__(self, settings: Settings) -> None:
-        # The same call and arguments as tasks/worker.py, so dtype and weights match the workers.
-        self.loaded = load_model(
-            settings.model_id,
-            engine=settings.engine,
-            threads=settings.compute_threads,
-            device=settings.device,
-            dtype=settings.dtype,
-            use_4bit=settings.use_4bit,
-            cache_dir=settings.model_cache_dir,
-        )
-        self.engine = Engine(self.loaded)
-        self.engine.warm_up()
+        # The workers' own loader, so engine, dtype and weights match theirs.
+        self.engine = load_engine(settings)
+        self.loaded = self.engine.loaded
         self.prompt_tokens = len(self.engine.prepare(workload.messages()).token_ids)
         log.info(
             "%s engine loaded in %.1fs on %s/%s; prompt is %d tokens",

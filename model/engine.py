@@ -1,41 +1,38 @@
-"""The generation loop: prompt tokens in, clean text deltas out, one Completion at the end."""
+"""The engine: a loaded model, its chat format, and the scheduler that batches its generations."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
-from tokenizers.decoders import DecodeStream
-
 from model.chat import end_of_turn_ids, render_prompt
+from model.generation import Generation
 from model.loading import LoadedModel
-from model.stopping import StopStringMatcher
-from model.types import (
-    ChatMessage,
-    Completion,
-    ContextLengthExceeded,
-    FinishReason,
-    Prompt,
-    SamplingParams,
-    TextDelta,
-)
+from model.scheduler import Failure, Scheduler
+from model.types import ChatMessage, Completion, ContextLengthExceeded, Prompt, SamplingParams, TextDelta
 
 
 class Engine:
-    """One loaded model generating one sequence at a time, on either backend.
+    """One loaded model, its batch runner and the scheduler that drives it, on either backend.
 
-    The backend only turns prompt tokens into sampled tokens; every token then passes through
-    this one loop, where end of turn, the token budget, stop strings, cancellation and
-    incremental detokenization are decided the same way for both.
+    The backend only turns prompt tokens into sampled tokens, for every running sequence in one
+    forward pass per step; every token then passes through its sequence's Generation, where end
+    of turn, the token budget, stop strings and incremental detokenization are decided the same
+    way for both backends and every batch size.
     """
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self._tokenizer = loaded.tokenizer
         self._stop_ids = end_of_turn_ids(loaded.tokenizer, loaded.eos_token_ids)
+        self.scheduler = Scheduler(loaded.runner)
 
     @property
     def context_length(self) -> int:
         return self.loaded.context_length
+
+    @property
+    def slots(self) -> int:
+        return self.loaded.runner.capacity
 
     def prepare(self, messages: Sequence[ChatMessage]) -> Prompt:
         ids = render_prompt(self._tokenizer, messages)
@@ -43,41 +40,46 @@ class Engine:
             raise ContextLengthExceeded(len(ids), self.context_length)
         return Prompt(tuple(ids))
 
+    def generation(self, prompt: Prompt, sampling: SamplingParams) -> Generation:
+        return Generation(
+            prompt,
+            sampling,
+            tokenizer=self._tokenizer,
+            stop_ids=self._stop_ids,
+            context_length=self.context_length,
+        )
+
     def stream(
         self,
         prompt: Prompt,
         sampling: SamplingParams,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> Iterator[TextDelta | Completion]:
-        """Yield text deltas as tokens are produced; the last item is always a Completion."""
-        budget = min(sampling.max_tokens, self.context_length - len(prompt.token_ids))
-        decoder = DecodeStream(skip_special_tokens=True)
-        matcher = StopStringMatcher(sampling.stop)
-        generated = 0
-        reason: FinishReason = "length"
-        tokens = self.loaded.sample(prompt.token_ids, sampling)
+        """One generation on its own: text deltas as tokens come, always ending with a Completion.
+
+        It drives the shared scheduler itself, so it is for callers that own the engine (tests,
+        warm-up, the in-process benchmark), never beside a running slot loop.
+        """
+        key = object()
+        generation = self.generation(prompt, sampling)
+        self.scheduler.submit(key, generation)
+        ended = False
+        asked_at = -1  # should_stop is asked once before each new token, as a consumer sees them
         try:
-            while generated < budget:
-                if should_stop():
-                    reason = "cancelled"
-                    break
-                token = next(tokens)
-                generated += 1
-                if token in self._stop_ids and not sampling.ignore_eos:
-                    reason = "stop"
-                    break
-                piece = decoder.step(self._tokenizer.backend_tokenizer, token)
-                text = matcher.feed(piece) if piece else ""
-                if text:
-                    yield TextDelta(text)
-                if matcher.matched:
-                    reason = "stop"
-                    break
+            while not ended:
+                stop = asked_at < generation.generated and should_stop()
+                asked_at = generation.generated
+                events = self.scheduler.stop(key) if stop else self.scheduler.step()
+                for owner, event in events:
+                    if owner is not key:
+                        continue
+                    if isinstance(event, Failure):
+                        raise RuntimeError(event.message)
+                    ended = isinstance(event, Completion)
+                    yield event
         finally:
-            tokens.close()  # the backend's sequence ends here, whoever stopped it
-        if tail := matcher.flush():
-            yield TextDelta(tail)
-        yield Completion(reason, len(prompt.token_ids), generated)
+            if not ended:  # the consumer stopped early: free the slot
+                self.scheduler.stop(key)
 
     def warm_up(self) -> None:
         """Run one short generation so the first user request does not pay for lazy init."""

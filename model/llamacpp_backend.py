@@ -6,65 +6,86 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gguf
 import llama_cpp
+import llama_cpp._internals as internals
+import llama_cpp._logger as llama_logger
 import psutil
 
 from model.chat_tokenizer import ChatTokenizer
 from model.loading import LoadedModel, ModelNotAvailable, ModelSource, tokenizer_folder
-from model.types import SamplingParams
+from model.types import SamplingParams, StepOutput
 
 log = logging.getLogger(__name__)
 
 
-def load(source: ModelSource, *, device: str, threads: int, cache_dir: Path) -> LoadedModel:
+# Prompt tokens fed per step while other sequences decode: the chunk a new prompt is prefilled
+# in, so the running streams wait for at most one such chunk between two of their tokens.
+PREFILL_CHUNK_TOKENS = 256
+# Prompt tokens per step when nothing else is decoding: a whole prompt at llama.cpp's own default.
+PREFILL_BATCH_TOKENS = 2048
+
+
+def load(
+    source: ModelSource, *, device: str, threads: int, slots: int, cache_dir: Path
+) -> LoadedModel:
     """Memory-map the GGUF as it is (no conversion) and take the tokenizer from the same file."""
     started = time.perf_counter()
     gpu_layers, where = _placement(device)
     threads = threads or _physical_cores()
     tokenizer = ChatTokenizer(tokenizer_folder(source, cache_dir))
-    llm = _open(source.gguf_path, threads=threads, gpu_layers=gpu_layers)
-    weights = _weight_type(llm.metadata)
+    model, ctx = _open(source.gguf_path, threads=threads, gpu_layers=gpu_layers, slots=slots)
+    weights = _weight_type(model.metadata())
     return LoadedModel(
         backend="llama.cpp",
-        model=llm,
+        model=model,
         tokenizer=tokenizer,
-        sample=LlamaCppSampler(llm),
-        eos_token_ids=frozenset({llm.token_eos()}),
+        runner=LlamaCppBatch(ctx, slots),
+        eos_token_ids=frozenset({model.token_eos()}),
         device=where,
         dtype=weights,
         quantization=None if weights in ("f32", "f16", "bf16") else f"gguf-{weights}",
-        context_length=llm.n_ctx(),
+        context_length=ctx.n_ctx(),
         threads=threads,
         load_seconds=time.perf_counter() - started,
     )
 
 
-def _open(path: Path, *, threads: int, gpu_layers: int) -> Any:
-    """The model with flash attention where llama.cpp supports it for this model and device.
+def _open(path: Path, *, threads: int, gpu_layers: int, slots: int) -> tuple[Any, Any]:
+    """The model, and one context whose KV memory all slots share, with flash attention where
+    llama.cpp supports it for this model and device.
+
+    One unified KV pool of the model's trained context, as llama-server's `--kv-unified`, rather
+    than a full context per slot: more slots cost the compute buffers of a larger batch, not
+    another copy of the cache. Any one sequence can still use the whole context.
 
     Flash attention decoded 10% faster on the embedded model on a 2-core CPU (112 vs 102 tok/s),
     and llama-server turns it on by default; llama-cpp-python leaves it off. A model or backend
     that cannot run it fails to create its context, and then loads without it.
     """
-    options: dict[str, Any] = {
-        "model_path": str(path),
-        "n_ctx": 0,  # the context the model was trained for
-        "n_threads": threads,
-        "n_threads_batch": threads,
-        "n_gpu_layers": gpu_layers,
-        "logits_all": False,  # logits of the last position only: all sampling needs
-        "verbose": False,
-    }
+    llama_logger.set_verbose(False)  # llama.cpp's own log lines: errors only, as Llama(verbose=False)
+    model_params = llama_cpp.llama_model_default_params()
+    model_params.n_gpu_layers = gpu_layers
+    model = internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = model.n_ctx_train()
+    params.n_batch = params.n_ubatch = min(PREFILL_BATCH_TOKENS, params.n_ctx)
+    params.n_seq_max = slots
+    params.kv_unified = True
+    params.n_threads = params.n_threads_batch = threads
+    params.no_perf = True
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
     try:
-        return llama_cpp.Llama(**options, flash_attn=True)
+        return model, internals.LlamaContext(model=model, params=params, verbose=False)
     except ValueError as exc:
         log.warning("llama.cpp could not use flash attention here (%s); loading without it", exc)
-        return llama_cpp.Llama(**options, flash_attn=False)
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        return model, internals.LlamaContext(model=model, params=params, verbose=False)
 
 
 def _placement(device: str) -> tuple[int, str]:
@@ -94,39 +115,144 @@ def _physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-class LlamaCppSampler:
-    """Prefill, then one llama.cpp decode per token, sampled by llama.cpp's own sampler chain.
+@dataclass
+class _Slot:
+    """One sequence's place in the shared context (its llama.cpp seq_id is the slot's index)."""
 
-    Prompt caching: a prompt that starts like the last one (the same system prompt, or a chat's
-    earlier turns) reuses the KV cache of that shared prefix, so only the rest is prefilled. Only
-    positions that the last request prefilled as a batch are reused, never its generated tokens,
-    and the final prompt token is always evaluated on its own: measured on the embedded model,
-    that keeps the logits bit-identical to a fresh prefill, so a greedy request gives the same
-    text whatever ran before it (tests/unit/test_engine_cache.py checks it).
+    id: int
+    cached: list[int] = field(default_factory=list)  # prompt tokens whose KV this seq holds, from 0
+    busy: bool = False
+    pending: list[int] = field(default_factory=list)  # prompt tokens still to prefill
+    next_token: int | None = None  # the token to decode next: the prompt's last, then each sampled
+    pos: int = 0  # the position of the next token fed
+    positions: int = 0  # KV positions reserved for the sequence (prompt + budget)
+    chain: Any = None
+    admitted: int = 0  # admission order: prefill is first come, first served
+    last_used: int = 0
+
+
+class LlamaCppBatch:
+    """Every running sequence in one llama_decode per step, each sampled by its own sampler chain.
+
+    Per step: one token for each sequence that is decoding, then prompt tokens of sequences
+    being prefilled, at most PREFILL_CHUNK_TOKENS while anything decodes (a whole prompt batch
+    when nothing does). A prompt's last token is fed as the first decode step, never inside a
+    prefill chunk.
+
+    Prompt caching per slot: a finished sequence leaves its prompt's KV in its slot, and a new
+    prompt goes to the free slot that shares the longest prefix with it, so only the rest is
+    prefilled. Only prefilled positions are kept, never generated tokens or the prompt's last
+    token: measured on the embedded model at one slot, that keeps the logits bit-identical to a
+    fresh prefill (tests/unit/test_engine_cache.py). Idle slots' caches are evicted, least
+    recently used first, when a new sequence needs their room in the pool.
     """
 
-    def __init__(self, llm: Any) -> None:
-        self._llm = llm
-        self._prefilled: list[int] = []  # what positions 0..n-1 of the KV cache hold, batch-evaluated
+    def __init__(self, ctx: Any, slots: int) -> None:
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx.ctx)
+        self._pool = ctx.n_ctx()
+        self._batch_cap = max(ctx.params.n_batch, slots)
+        self._batch = llama_cpp.llama_batch_init(self._batch_cap, 0, 1)
+        self._slots = [_Slot(i) for i in range(slots)]
+        self._clock = 0
 
-    def __call__(self, prompt: Sequence[int], sampling: SamplingParams) -> Generator[int, None, None]:
-        llm = self._llm
+    def __del__(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+
+    @property
+    def capacity(self) -> int:
+        return len(self._slots)
+
+    def can_admit(self, positions: int) -> bool:
+        reserved = sum(s.positions for s in self._slots if s.busy)
+        return any(not s.busy for s in self._slots) and reserved + positions <= self._pool
+
+    def add(self, prompt: Sequence[int], sampling: SamplingParams, positions: int) -> int:
         head, last = list(prompt[:-1]), int(prompt[-1])
-        chain = _sampler_chain(sampling)
-        try:
-            keep = _shared_prefix(self._prefilled, head)
-            self._prefilled = head[:keep]  # until the prefill below completes
-            llm.n_tokens = keep  # eval() drops every cached position from here on
-            if keep < len(head):
-                llm.eval(head[keep:])
-            self._prefilled = head
-            llm.eval([last])
-            while True:
-                token = int(llama_cpp.llama_sampler_sample(chain, llm.ctx, -1))
-                yield token
-                llm.eval([token])
-        finally:
-            llama_cpp.llama_sampler_free(chain)
+        free = [s for s in self._slots if not s.busy]
+        slot = max(free, key=lambda s: (_shared_prefix(s.cached, head), -s.last_used))
+        keep = _shared_prefix(slot.cached, head)
+        self._forget(slot, keep)
+        self._make_room(positions, exclude=slot)
+        self._clock += 1
+        slot.chain = _sampler_chain(sampling)
+        slot.busy, slot.pending, slot.next_token = True, head[keep:], last
+        slot.pos, slot.positions, slot.admitted = keep, positions, self._clock
+        return slot.id
+
+    def drop(self, slot_id: int) -> None:
+        slot = self._slots[slot_id]
+        if slot.chain is not None:
+            llama_cpp.llama_sampler_free(slot.chain)
+        self._forget(slot, len(slot.cached))  # generated tokens go; the prefilled prompt stays
+        self._clock += 1
+        slot.busy, slot.pending, slot.next_token, slot.chain = False, [], None, None
+        slot.positions, slot.last_used = 0, self._clock
+
+    def step(self) -> StepOutput:
+        out = StepOutput()
+        decoding = [s for s in self._slots if s.busy and not s.pending]
+        prefilling = sorted((s for s in self._slots if s.busy and s.pending), key=lambda s: s.admitted)
+        batch = self._batch
+        batch.n_tokens = 0
+        for slot in decoding:
+            assert slot.next_token is not None
+            self._put(slot.next_token, slot.pos, slot.id, logits=True)
+        budget = self._batch_cap - batch.n_tokens
+        if decoding:
+            budget = min(budget, PREFILL_CHUNK_TOKENS)
+        fed: list[tuple[_Slot, list[int]]] = []
+        for slot in prefilling:
+            if budget <= 0:
+                break
+            chunk = slot.pending[:budget]
+            for j, token in enumerate(chunk):
+                self._put(token, slot.pos + j, slot.id, logits=False)
+            budget -= len(chunk)
+            fed.append((slot, chunk))
+        rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if rc != 0:
+            # 1: no room in the KV pool for this batch. Reservations make that rare; the newest
+            # sequence gives its room back, so the others go on.
+            newest = max(decoding + prefilling, key=lambda s: s.admitted)
+            out.failed[newest.id] = f"llama_decode returned {rc}"
+            log.warning("llama_decode returned %d with %d tokens; failing one sequence", rc, batch.n_tokens)
+            return out
+        for slot, chunk in fed:
+            slot.cached += chunk
+            slot.pending = slot.pending[len(chunk) :]
+            slot.pos += len(chunk)
+        for i, slot in enumerate(decoding):
+            token = int(llama_cpp.llama_sampler_sample(slot.chain, self._ctx.ctx, i))
+            slot.pos += 1
+            slot.next_token = token
+            out.tokens[slot.id] = token
+        return out
+
+    def _put(self, token: int, pos: int, seq: int, *, logits: bool) -> None:
+        batch, k = self._batch, self._batch.n_tokens
+        batch.token[k] = token
+        batch.pos[k] = pos
+        batch.n_seq_id[k] = 1
+        batch.seq_id[k][0] = seq
+        batch.logits[k] = logits
+        batch.n_tokens = k + 1
+
+    def _forget(self, slot: _Slot, keep: int) -> None:
+        """Drop the slot's KV from position `keep` on."""
+        llama_cpp.llama_memory_seq_rm(self._mem, slot.id, keep, -1)
+        del slot.cached[keep:]
+
+    def _make_room(self, positions: int, exclude: _Slot) -> None:
+        idle = sorted((s for s in self._slots if not s.busy and s is not exclude), key=lambda s: s.last_used)
+        used = sum(s.positions for s in self._slots if s.busy) + sum(len(s.cached) for s in idle)
+        for slot in idle:
+            if used + positions <= self._pool:
+                return
+            used -= len(slot.cached)
+            self._forget(slot, 0)
 
 
 def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from model.types import Backend, TokenSampler
+from model.types import Backend, BatchRunner
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class LoadedModel:
     # A transformers tokenizer, or for llama.cpp its torch-free twin (model/chat_tokenizer.py):
     # either renders a chat to the same ids and detokenizes the same way.
     tokenizer: Any
-    sample: TokenSampler
+    runner: BatchRunner  # the forward passes, for up to runner.capacity sequences at once
     eos_token_ids: frozenset[int]  # what the model itself declares; chat.end_of_turn_ids adds more
     device: str
     dtype: str  # the compute dtype, or for llama.cpp the GGUF's weight type (e.g. "q4_1")
@@ -124,7 +124,9 @@ def load_model(
     dtype: str = "auto",
     use_4bit: bool = True,
     threads: int = 0,
+    slots: int = 1,
     cache_dir: Path,
+    quantize_on_cpu: bool = False,  # tests only: NF4 on CPU too (see torch_backend.load)
 ) -> LoadedModel:
     """Load weights and tokenizer once, on the backend `engine` picks (see choose_backend)."""
     source = resolve_source(model_id)
@@ -132,11 +134,18 @@ def load_model(
     if backend == "llama.cpp":
         from model import llamacpp_backend
 
-        return llamacpp_backend.load(source, device=device, threads=threads, cache_dir=cache_dir)
+        return llamacpp_backend.load(source, device=device, threads=threads, slots=slots, cache_dir=cache_dir)
     from model import torch_backend
 
     return torch_backend.load(
-        source, device=device, dtype=dtype, use_4bit=use_4bit, threads=threads, cache_dir=cache_dir
+        source,
+        device=device,
+        dtype=dtype,
+        use_4bit=use_4bit,
+        threads=threads,
+        slots=slots,
+        cache_dir=cache_dir,
+        quantize_on_cpu=quantize_on_cpu,
     )
 
 

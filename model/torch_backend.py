@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from model.loading import LoadedModel, ModelSource, gguf_conversion, load_tokenizer
-from model.types import SamplingParams
+from model.types import SamplingParams, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,14 @@ def cpu_has_native_bf16() -> bool:
 
 
 def load(
-    source: ModelSource, *, device: str, dtype: str, use_4bit: bool, threads: int, cache_dir: Path
+    source: ModelSource,
+    *,
+    device: str,
+    dtype: str,
+    use_4bit: bool,
+    threads: int,
+    slots: int,
+    cache_dir: Path,
 ) -> LoadedModel:
     """Load weights once; GGUF files are dequantized once and cached on disk as safetensors."""
     started = time.perf_counter()
@@ -88,7 +96,7 @@ def load(
         backend="transformers",
         model=model,
         tokenizer=tokenizer,
-        sample=TorchSampler(model, target),
+        runner=TorchBatch(model, target, slots),
         eos_token_ids=frozenset([eos] if isinstance(eos, int) else eos or ()),
         device=str(target),
         dtype=str(torch_dtype).removeprefix("torch."),
@@ -109,29 +117,54 @@ def _dequantize(source: ModelSource, staging: Path) -> None:
     model.save_pretrained(staging)
 
 
-class TorchSampler:
-    """The decode loop on a transformers model: one forward per token over a growing KV cache.
+@dataclass
+class _Seq:
+    sampler: _Sampler
+    pending: list[int]  # tokens to feed next: the whole prompt, then each sampled token
+    cache: Any = None
+
+
+class TorchBatch:
+    """The decode loop on a transformers model: one forward per sequence and token, over its own
+    growing KV cache (batched forward passes come next).
 
     Written out rather than delegated to `model.generate` so that every token passes through the
     engine, where cancellation, stop strings and detokenization are decided, without a streamer
     thread competing with the compute threads on small machines.
     """
 
-    def __init__(self, model: Any, device: torch.device) -> None:
+    def __init__(self, model: Any, device: torch.device, slots: int) -> None:
         self._model = model
         self._device = device
+        self._seqs: dict[int, _Seq] = {}
+        self._capacity = slots
 
-    def __call__(self, prompt: Sequence[int], sampling: SamplingParams) -> Generator[int, None, None]:
-        pick = _Sampler(sampling)
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def can_admit(self, positions: int) -> bool:
+        return len(self._seqs) < self._capacity
+
+    def add(self, prompt: Sequence[int], sampling: SamplingParams, positions: int) -> int:
+        slot = next(i for i in range(self._capacity) if i not in self._seqs)
+        self._seqs[slot] = _Seq(_Sampler(sampling), list(prompt))
+        return slot
+
+    def drop(self, slot: int) -> None:
+        self._seqs.pop(slot, None)
+
+    def step(self) -> StepOutput:
+        out = StepOutput()
         with torch.inference_mode():
-            input_ids = torch.tensor([list(prompt)], device=self._device)
-            cache = None
-            while True:
-                out = self._model(input_ids=input_ids, cache=cache, use_cache=True)
-                cache = out.cache
-                token = pick(out.logits[:, -1, :])
-                yield token
-                input_ids = torch.tensor([[token]], device=self._device)
+            for slot, seq in self._seqs.items():
+                input_ids = torch.tensor([seq.pending], device=self._device)
+                result = self._model(input_ids=input_ids, cache=seq.cache, use_cache=True)
+                seq.cache = result.cache
+                token = seq.sampler(result.logits[:, -1, :])
+                seq.pending = [token]
+                out.tokens[slot] = token
+        return out
 
 
 class _Sampler:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -73,11 +73,37 @@ class ContextLengthExceeded(ValueError):
         self.context_length = context_length
 
 
-class TokenSampler(Protocol):
-    """A backend's forward pass and sampling: prompt tokens in, one sampled token id at a time out.
+@dataclass
+class StepOutput:
+    """What one forward pass over the running sequences produced, by slot."""
 
-    The generator runs until its consumer stops iterating (end of turn, budget, stop string or
-    cancellation are the engine's decisions, not the backend's); closing it frees the sequence.
+    tokens: dict[int, int] = field(default_factory=dict)  # a sampled token for each slot that decoded
+    failed: dict[int, str] = field(default_factory=dict)  # slots whose sequence could not go on, and why
+
+
+class BatchRunner(Protocol):
+    """A backend's forward passes over up to `capacity` sequences at once, each in its own slot.
+
+    The runner owns the model's KV memory and each sequence's sampler; it knows nothing of stop
+    conditions, text or jobs (model/scheduler.py and model/generation.py decide those). Every
+    step decodes one token for each slot whose prompt is in, and feeds pending prompt tokens of
+    the others within a per-step budget (chunked prefill), so a long prompt never freezes the
+    streams already running.
     """
 
-    def __call__(self, prompt: Sequence[int], sampling: SamplingParams) -> Generator[int, None, None]: ...
+    @property
+    def capacity(self) -> int: ...
+
+    def can_admit(self, positions: int) -> bool:
+        """Whether a sequence needing `positions` KV positions (prompt + budget) fits now."""
+        ...
+
+    def add(self, prompt: Sequence[int], sampling: SamplingParams, positions: int) -> int:
+        """Start a sequence in a free slot (the one whose cache shares most of the prompt); its slot."""
+        ...
+
+    def step(self) -> StepOutput: ...
+
+    def drop(self, slot: int) -> None:
+        """End the slot's sequence and free its slot (a prompt prefix may stay cached for reuse)."""
+        ...

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +18,7 @@ from redis.asyncio.client import PubSub
 
 from tasks import events, jobs, keys
 from tasks.celery_app import app
+from tasks.scripts import AsyncScripts
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,18 +46,15 @@ class JobClient:
         self._redis = client
         self._settings = settings
         self._ttl = settings.job_ttl_seconds
-        self._admit = client.register_script(jobs.ADMIT)
-        self._cancel = client.register_script(jobs.CANCEL)
-        self._reap = client.register_script(jobs.REAP)
+        self._scripts = AsyncScripts(client)
 
     async def create(self, spec: jobs.JobSpec) -> None:
         """Admit the job as queued, then hand it to Celery. Subscribe to its events first.
 
         Raises QueueFull, before anything is enqueued, when MAX_QUEUED jobs are waiting.
         """
-        admitted = await self._admit(
-            keys=[keys.job(spec.id), keys.QUEUED],
-            args=[spec.id, self._ttl, spec.model_dump_json(), repr(time.time()), self._settings.max_queued],
+        admitted = await self._scripts.run(
+            jobs.admit(spec, ttl=self._ttl, max_queued=self._settings.max_queued)
         )
         if not admitted:
             raise QueueFull(f"{self._settings.max_queued} jobs are already waiting")
@@ -82,8 +79,8 @@ class JobClient:
 
     async def reap(self) -> int:
         """End jobs whose worker died or whose queue deadline passed; how many were ended."""
-        args = jobs.reap_args(self._ttl, self._settings.queue_timeout_seconds)
-        return int(await self._reap(keys=[keys.RUNNING, keys.QUEUED], args=args))
+        call = jobs.reap(ttl=self._ttl, queue_timeout=self._settings.queue_timeout_seconds)
+        return int(await self._scripts.run(call))
 
     async def metrics_fields(self) -> dict[str, str]:
         """The shared metrics hash (tasks/metrics.py)."""
@@ -111,10 +108,7 @@ class JobClient:
 
     async def cancel(self, job_id: str) -> str | None:
         """Ask for the job to stop. Returns the status it had (None if unknown)."""
-        status = await self._cancel(
-            keys=jobs.job_keys(job_id),
-            args=[job_id, self._ttl, events.encode(jobs.cancelled_event()), repr(time.time())],
-        )
+        status = await self._scripts.run(jobs.cancel(job_id, ttl=self._ttl))
         return status if isinstance(status, str) else None
 
     def subscribe(self, job_id: str) -> EventFollower:

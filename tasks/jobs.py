@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -18,7 +19,6 @@ from model.types import ChatMessage, SamplingParams
 from tasks import events, keys
 
 JobStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
-TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "incomplete", "failed", "cancelled"})
 
 
 def new_job_id(prefix: str) -> str:
@@ -122,7 +122,7 @@ def terminal_fields(event: events.Finished | events.Failed) -> dict[str, str]:
 
 
 # --- Lua scripts: every state change of a job is one atomic script ---------------------------
-# Per-job scripts take KEYS = job_keys(job_id) and ARGV[1] = job id, ARGV[2] = ttl seconds.
+# Per-job scripts take KEYS = _job_keys(job_id) and ARGV[1] = job id, ARGV[2] = ttl seconds.
 
 _JOB_KEYS = "local job, log, channel, cancel, lease, running, queued = unpack(KEYS)\n"
 
@@ -260,7 +260,7 @@ def cancelled_event(prompt_tokens: int = 0, completion_tokens: int = 0) -> event
     )
 
 
-def job_keys(job_id: str) -> list[str]:
+def _job_keys(job_id: str) -> list[str]:
     """KEYS for the per-job scripts, in the order _JOB_KEYS unpacks them."""
     return [
         keys.job(job_id),
@@ -273,16 +273,48 @@ def job_keys(job_id: str) -> list[str]:
     ]
 
 
-def append_args(job_id: str, ttl: int, event: events.AnyEvent) -> list[str | int]:
+# --- Typed calls: one function per script, so no caller builds KEYS or ARGV by hand -----------
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    """One script with its keys and arguments, for a client to run (tasks/scripts.py)."""
+
+    script: str
+    keys: list[str]
+    args: list[str | int | float]
+
+
+def admit(spec: JobSpec, *, ttl: int, max_queued: int) -> ScriptCall:
+    """Record a queued job; returns 1 if admitted, 0 if MAX_QUEUED jobs already wait."""
+    args: list[str | int | float] = [spec.id, ttl, spec.model_dump_json(), repr(time.time()), max_queued]
+    return ScriptCall(ADMIT, [keys.job(spec.id), keys.QUEUED], args)
+
+
+def claim(job_id: str, *, ttl: int, worker: str, lease_seconds: int) -> ScriptCall:
+    """Move a queued job to in_progress under this worker's lease; returns 1 if it got the job."""
+    return ScriptCall(CLAIM, _job_keys(job_id), [job_id, ttl, worker, repr(time.time()), lease_seconds])
+
+
+def append(job_id: str, event: events.AnyEvent, *, ttl: int) -> ScriptCall:
+    """Append an event (and end the job, if terminal) unless it has ended; its seq, or -1."""
     if not events.is_terminal(event):
-        return [job_id, ttl, events.encode(event), "0"]
+        return ScriptCall(APPEND_EVENT, _job_keys(job_id), [job_id, ttl, events.encode(event), "0"])
     fields = terminal_fields(event)  # type: ignore[arg-type]
-    return [job_id, ttl, events.encode(event), "1", *(x for kv in fields.items() for x in kv)]
+    pairs = [x for kv in fields.items() for x in kv]
+    return ScriptCall(APPEND_EVENT, _job_keys(job_id), [job_id, ttl, events.encode(event), "1", *pairs])
 
 
-def reap_args(ttl: int, queue_timeout: float) -> list[str | int | float]:
+def cancel(job_id: str, *, ttl: int) -> ScriptCall:
+    """End a queued job now, or flag a running one for its worker; returns the status it had."""
+    args: list[str | int | float] = [job_id, ttl, events.encode(cancelled_event()), repr(time.time())]
+    return ScriptCall(CANCEL, _job_keys(job_id), args)
+
+
+def reap(*, ttl: int, queue_timeout: float) -> ScriptCall:
+    """End jobs whose worker died or whose queue deadline passed; returns how many."""
     now = time.time()
-    return [
+    args: list[str | int | float] = [
         keys.job(""),
         ttl,
         repr(now),
@@ -290,3 +322,4 @@ def reap_args(ttl: int, queue_timeout: float) -> list[str | int | float]:
         events.encode(WORKER_LOST),
         events.encode(QUEUE_TIMEOUT),
     ]
+    return ScriptCall(REAP, [keys.RUNNING, keys.QUEUED], args)

@@ -41,11 +41,6 @@ def job_lease(job_id: str) -> str:
     return f"{NAMESPACE}:job:{job_id}:lease"
 
 
-def worker_drain(worker_process: str) -> str:
-    """String: set by a worker's parent process when its shutdown grace period is over."""
-    return f"{NAMESPACE}:drain:{worker_process}"
-
-
 def worker(name: str) -> str:
     """String with TTL: a ready worker's heartbeat and description."""
     return f"{NAMESPACE}:worker:{name}"

@@ -60,11 +60,15 @@ LATENCY_BUCKETS = (
     960.0,
 )
 
+# Sequences a worker's loop decoded together in one step; its buckets are batch sizes, not seconds.
+BATCH_SIZE_HISTOGRAM = "sequences_per_step"
+
 HISTOGRAMS: dict[str, tuple[float, ...]] = {
     "time_to_first_token_seconds": TTFT_BUCKETS,
     "time_per_output_token_seconds": TPOT_BUCKETS,
     "e2e_request_latency_seconds": LATENCY_BUCKETS,
     "request_queue_time_seconds": LATENCY_BUCKETS,
+    BATCH_SIZE_HISTOGRAM: (1, 2, 4, 8, 16, 32, 64, 128, 256),
 }
 
 
@@ -102,6 +106,19 @@ def record(client: redis.Redis, timings: JobTimings) -> None:
             observe("time_per_output_token_seconds", per_token)
     pipe.hincrby(keys.METRICS, "prompt_tokens", timings.prompt_tokens)
     pipe.hincrby(keys.METRICS, "generation_tokens", timings.generation_tokens)
+    pipe.execute()
+
+
+
+
+def record_batch_sizes(client: redis.Redis, counts: Mapping[int, int]) -> None:
+    """Add a worker's count of steps by batch size to the shared hash (one round trip)."""
+    pipe = client.pipeline(transaction=False)
+    for size, steps in counts.items():
+        bucket = bucket_index(HISTOGRAMS[BATCH_SIZE_HISTOGRAM], size)
+        pipe.hincrby(keys.METRICS, f"{BATCH_SIZE_HISTOGRAM}:bucket:{bucket}", steps)
+        pipe.hincrbyfloat(keys.METRICS, f"{BATCH_SIZE_HISTOGRAM}:sum", size * steps)
+        pipe.hincrby(keys.METRICS, f"{BATCH_SIZE_HISTOGRAM}:count", steps)
     pipe.execute()
 
 

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("compute_threads", "torch_threads"),
         description="CPU compute threads per worker; 0 = one per physical core",
     )
+    worker_slots: int = Field(
+        1, ge=1, le=256, description="Generations one worker batches at once (one model copy)"
+    )
     served_model_name: str | None = Field(None, description="Name clients use; default MODEL_ID")
     model_cache_dir: Path = Path.home() / ".cache" / "llama3-chat" / "models"
 

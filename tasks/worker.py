@@ -1,7 +1,8 @@
-"""A worker process's life: load the model before the first task, announce readiness, heartbeat.
+"""A worker process's life: load the model before taking tasks, announce readiness, heartbeat.
 
-Runs in the Celery pool child (worker_process_init), so each child owns exactly one model and
-CUDA is initialised after the fork.
+The model is loaded in the worker's main process once Celery has set up logging and before its
+pool and consumer start (celeryd_after_setup), so no task arrives before the model is ready. Its
+one decode loop (tasks/slots.py) then serves the pool's threads, one thread per slot.
 """
 
 from __future__ import annotations
@@ -9,10 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -21,6 +21,7 @@ from celery import signals
 from model.engine import Engine
 from model.loading import load_model
 from tasks import jobs, keys, logs
+from tasks.scripts import Scripts
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -29,24 +30,16 @@ HEARTBEAT_SECONDS = 5.0
 HEARTBEAT_TTL_SECONDS = 15
 
 
-class Scripts:
-    """The job scripts (tasks/jobs.py), registered once on this process's Redis client."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.claim = client.register_script(jobs.CLAIM)
-        self.append = client.register_script(jobs.APPEND_EVENT)
-        self.reap = client.register_script(jobs.REAP)
-
-
 @dataclass
 class WorkerRuntime:
     name: str
-    parent_name: str  # the Celery parent process, which asks us to drain on shutdown
     engine: Engine
     redis: redis.Redis
     scripts: Scripts
     settings: Settings
-    current_job: str | None = None
+    running: set[str] = field(default_factory=set)  # job ids holding a slot (the loop keeps it)
+    # Set once the shutdown grace period is over: running generations stop with what they have.
+    draining: threading.Event = field(default_factory=threading.Event)
 
 
 _runtime: WorkerRuntime | None = None
@@ -58,8 +51,35 @@ def runtime() -> WorkerRuntime:
     return _runtime
 
 
+def load_engine(settings: Settings) -> Engine:
+    """The engine MODEL_ID and the settings describe, loaded and warmed up."""
+    loaded = load_model(
+        settings.model_id,
+        engine=settings.engine,
+        threads=settings.compute_threads,
+        slots=settings.worker_slots,
+        device=settings.device,
+        dtype=settings.dtype,
+        use_4bit=settings.use_4bit,
+        cache_dir=settings.model_cache_dir,
+    )
+    engine = Engine(loaded)
+    log.info(
+        "model loaded in %.1fs by %s on %s (%s, %d threads, %d slots); warming up",
+        loaded.load_seconds,
+        loaded.backend,
+        loaded.device,
+        loaded.dtype,
+        loaded.threads,
+        engine.slots,
+    )
+    engine.warm_up()
+    return engine
+
+
 def describe(rt: WorkerRuntime) -> dict[str, Any]:
     loaded = rt.engine.loaded
+    running = sorted(rt.running)
     return {
         "name": rt.name,
         "model": rt.settings.model_name,
@@ -71,27 +91,30 @@ def describe(rt: WorkerRuntime) -> dict[str, Any]:
         "context_length": loaded.context_length,
         "load_seconds": round(loaded.load_seconds, 2),
         "pid": os.getpid(),
-        "job": rt.current_job,
+        "slots": rt.engine.slots,
+        "running": len(running),
+        "jobs": running,
     }
 
 
 def _heartbeat(rt: WorkerRuntime, stop: threading.Event) -> None:
-    """Keep this worker's readiness key and its job's lease alive, and reap dead workers' jobs.
+    """Keep this worker's readiness key and its jobs' leases alive, in one round trip, and reap
+    dead workers' jobs.
 
-    Both keys expire on their own if this process dies, which is how others notice. A thread,
-    not the generation loop, renews them, so a long prefill does not look like a dead worker.
+    The keys expire on their own if this process dies, which is how others notice. A thread,
+    not the decode loop, renews them, so a long prefill does not look like a dead worker.
     """
     settings = rt.settings
     while not stop.is_set():
         try:
-            pipe = rt.redis.pipeline()
+            pipe = rt.redis.pipeline(transaction=False)
             pipe.set(keys.worker(rt.name), json.dumps(describe(rt)), ex=HEARTBEAT_TTL_SECONDS)
             pipe.sadd(keys.WORKERS, rt.name)
-            if (job := rt.current_job) is not None:
+            for job in list(rt.running):
                 pipe.set(keys.job_lease(job), rt.name, ex=settings.job_lease_seconds, xx=True)
             pipe.execute()
-            args = jobs.reap_args(settings.job_ttl_seconds, settings.queue_timeout_seconds)
-            if ended := rt.scripts.reap(keys=[keys.RUNNING, keys.QUEUED], args=args):
+            call = jobs.reap(ttl=settings.job_ttl_seconds, queue_timeout=settings.queue_timeout_seconds)
+            if ended := rt.scripts.run(call):
                 log.warning("reaper ended %s job(s) of dead workers or past their queue deadline", ended)
         except redis.RedisError as exc:  # Redis away: keep trying; readers see us expire
             log.warning("heartbeat failed: %s", exc)
@@ -108,80 +131,54 @@ def use_service_log_format(logger: logging.Logger, **_: Any) -> None:
     logs.install(logger.handlers, get_settings().log_format)
 
 
-@signals.worker_process_init.connect
+@signals.celeryd_after_setup.connect
 def load_on_start(**_: Any) -> None:
     global _runtime
+    from tasks.slots import SlotLoop  # the loop needs the runtime type; keep the import one way
+
     settings = get_settings()
     name = f"{socket.gethostname()}:{os.getpid()}"
     log.info("worker %s loading model %s", name, settings.model_id)
     try:
-        loaded = load_model(
-            settings.model_id,
-            engine=settings.engine,
-            threads=settings.compute_threads,
-            device=settings.device,
-            dtype=settings.dtype,
-            use_4bit=settings.use_4bit,
-            cache_dir=settings.model_cache_dir,
-        )
-        engine = Engine(loaded)
-        log.info(
-            "model loaded in %.1fs by %s on %s (%s, %d threads); warming up",
-            loaded.load_seconds,
-            loaded.backend,
-            loaded.device,
-            loaded.dtype,
-            loaded.threads,
-        )
-        engine.warm_up()
+        engine = load_engine(settings)
     except Exception:
-        # A worker without its model must not sit in the pool taking jobs: stop the whole worker.
+        # A worker without its model must not take jobs: stop the whole worker.
         log.exception("could not load model %s; stopping the worker", settings.model_id)
-        os.kill(os.getppid(), signal.SIGTERM)
+        logging.shutdown()
         os._exit(1)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, decode_responses=True)
     _runtime = WorkerRuntime(
-        name=name,
-        parent_name=f"{socket.gethostname()}:{os.getppid()}",
-        engine=engine,
-        redis=client,
-        scripts=Scripts(client),
-        settings=settings,
+        name=name, engine=engine, redis=client, scripts=Scripts(client), settings=settings
     )
+    SlotLoop.start(_runtime)
     threading.Thread(target=_heartbeat, args=(_runtime, _stop_heartbeat), daemon=True).start()
+    loaded = engine.loaded
     log.info(
-        "worker %s ready: model=%s engine=%s device=%s dtype=%s quantization=%s loaded in %.1fs",
+        "worker %s ready: model=%s engine=%s device=%s dtype=%s quantization=%s slots=%d loaded in %.1fs",
         name,
         settings.model_name,
         loaded.backend,
         loaded.device,
         loaded.dtype,
         loaded.quantization or "none",
+        engine.slots,
         loaded.load_seconds,
     )
 
 
 @signals.worker_shutting_down.connect
 def drain_after_grace(**_: Any) -> None:
-    """In the parent, on SIGTERM/SIGINT: Celery waits for the running generation; after the
-    grace period, ask our child to stop it, so the job ends `failed` (worker_shutdown) with its
+    """On SIGTERM/SIGINT Celery stops taking tasks and waits for the running ones; after the
+    grace period, the decode loop stops them, so each job ends `failed` (worker_shutdown) with its
     partial text instead of being killed mid-way by whoever sent the signal."""
-    settings = get_settings()
-    name = f"{socket.gethostname()}:{os.getpid()}"
-
-    def drain() -> None:
-        try:
-            client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
-            client.set(keys.worker_drain(name), "1", ex=300)
-        except redis.RedisError as exc:
-            log.warning("could not ask the pool to drain: %s", exc)
-
-    timer = threading.Timer(settings.shutdown_grace_seconds, drain)
+    if _runtime is None:
+        return
+    timer = threading.Timer(get_settings().shutdown_grace_seconds, _runtime.draining.set)
     timer.daemon = True
     timer.start()
 
 
-@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
 def unregister(**_: Any) -> None:
     _stop_heartbeat.set()
     if _runtime is not None:

@@ -1,0 +1,277 @@
+"""The worker's one decode loop: every running job of this worker advances in the same step.
+
+Celery's pool threads (one per slot, celeryconfig.py) each claim a job, render its prompt and hand
+it here, then wait for it to end. This loop alone drives the engine's scheduler, so one model
+copy serves every slot. Per step, Redis sees one pipeline carrying the events of every job that
+produced text, and every STOP_POLL_SECONDS one MGET of all running jobs' cancel flags; the
+heartbeat thread renews all their leases in one round trip (tasks/worker.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import redis
+
+from model.scheduler import Event
+from model.types import Completion, Prompt, TextDelta
+from tasks import events, jobs, keys, logs, metrics
+from tasks.worker import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+# How often the loop asks Redis which running jobs were cancelled: often enough to stop within a
+# fraction of a second, rarely enough to cost nothing per token.
+STOP_POLL_SECONDS = 0.1
+# How long an idle loop waits for a job before looking at its flags again.
+IDLE_WAIT_SECONDS = 0.5
+# How often the loop adds its count of sequences per step to the shared metrics.
+METRICS_FLUSH_SECONDS = 2.0
+
+StopReason = Literal["cancelled", "time_limit", "shutdown"]
+
+
+class DeltaBuffer:
+    """Coalesces a job's text deltas: one that arrives within `window` seconds of the last written
+    delta waits for the next and goes out with it.
+
+    Each event costs a Redis call here and a pub/sub message, a JSON chunk and an SSE frame
+    downstream; per token, at a hundred tokens a second on a small CPU machine, that work takes a
+    large share of the cores the model decodes on. The first delta after a pause goes out at once
+    (time to first token is unchanged), and pending text goes before any other event.
+    """
+
+    def __init__(self, window: float) -> None:
+        self._window = window
+        self._pending = ""
+        self._last = float("-inf")
+
+    def add(self, text: str, now: float) -> str | None:
+        self._pending += text
+        return self.take(now) if now - self._last >= self._window else None
+
+    def take(self, now: float) -> str | None:
+        if not self._pending:
+            return None
+        text, self._pending, self._last = self._pending, "", now
+        return text
+
+
+@dataclass
+class SlotJob:
+    """A claimed job on its way through the loop, and how its pool thread learns it ended."""
+
+    spec: jobs.JobSpec
+    prompt: Prompt
+    claimed_at: float  # wall clock, for the queue-time metric
+    deadline: float  # monotonic: MAX_GENERATION_SECONDS after the claim
+    buffer: DeltaBuffer
+    done: threading.Event = field(default_factory=threading.Event)
+    stop_reason: StopReason | None = None
+    first_token_at: float | None = None
+
+
+class SlotLoop:
+    _instance: SlotLoop | None = None
+
+    def __init__(self, rt: WorkerRuntime) -> None:
+        self._rt = rt
+        self._scheduler = rt.engine.scheduler
+        # Bounded by the slots: only the pool's threads put here, one job each.
+        self._inbox: queue.Queue[SlotJob] = queue.Queue(maxsize=rt.engine.slots)
+        self._jobs: dict[str, SlotJob] = {}
+        self._next_poll = 0.0
+        self._batch_sizes: Counter[int] = Counter()
+        self._next_metrics = time.monotonic() + METRICS_FLUSH_SECONDS
+
+    @classmethod
+    def start(cls, rt: WorkerRuntime) -> SlotLoop:
+        cls._instance = loop = cls(rt)
+        threading.Thread(target=loop._run, name="decode-loop", daemon=True).start()
+        return loop
+
+    @classmethod
+    def current(cls) -> SlotLoop:
+        if cls._instance is None:
+            raise RuntimeError("the decode loop is not running in this process")
+        return cls._instance
+
+    def submit(self, job: SlotJob) -> None:
+        self._inbox.put(job, timeout=60)  # never blocks in practice: one job per pool thread
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._once()
+            except Exception:  # the loop must outlive any one bad step; its jobs end failed
+                log.exception("the decode loop failed a step; ending its running jobs")
+                failed = events.Failed(code="internal_error", message="The generation failed.")
+                for job_id in list(self._jobs):
+                    self._scheduler.stop(job_id)
+                    self._try_write(job_id, failed)
+                    self._release(job_id)
+
+    def _once(self) -> None:
+        self._admit(block=self._scheduler.idle)
+        now = time.monotonic()
+        if now >= self._next_metrics:
+            self._flush_metrics(now)
+        if self._scheduler.idle:
+            return
+        outputs = self._poll_stops(now) + self._scheduler.step()
+        if self._scheduler.last_batch_size:
+            self._batch_sizes[self._scheduler.last_batch_size] += 1
+        now = time.monotonic()
+        writes: list[tuple[str, events.AnyEvent]] = []
+        endings: dict[str, events.Finished | events.Failed] = {}
+        for key, event in outputs:
+            job_id = str(key)
+            job = self._jobs[job_id]
+            if isinstance(event, TextDelta):
+                job.first_token_at = job.first_token_at or time.time()
+                if (text := job.buffer.add(event.text, now)) is not None:
+                    writes.append((job_id, events.Delta(text=text)))
+            elif isinstance(event, Completion):
+                endings[job_id] = terminal = _terminal(event, job.stop_reason)
+                if isinstance(terminal, events.Finished) and terminal.finish_reason != "cancelled":
+                    self._record_metrics(job, event)
+            else:
+                log.warning("job %s failed in the engine: %s", job_id, event.message)
+                endings[job_id] = events.Failed(code="internal_error", message="The generation failed.")
+        self._write(writes, endings, now)
+
+    def _admit(self, block: bool) -> None:
+        try:
+            job = self._inbox.get(timeout=IDLE_WAIT_SECONDS) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._jobs[job.spec.id] = job
+            self._rt.running.add(job.spec.id)
+            self._scheduler.submit(
+                job.spec.id, self._rt.engine.generation(job.prompt, job.spec.sampling.to_params())
+            )
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _poll_stops(self, now: float) -> list[tuple[Hashable, Event]]:
+        """Stop the jobs that were cancelled (one MGET for all), ran out of time, or must end for
+        a shutdown; what the scheduler releases for them (held text, the Completion)."""
+        stops: dict[str, StopReason] = {}
+        if self._rt.draining.is_set():
+            stops = dict.fromkeys(self._jobs, "shutdown")
+        stops |= {job_id: "time_limit" for job_id, job in self._jobs.items() if now >= job.deadline}
+        if now >= self._next_poll and self._jobs:
+            self._next_poll = now + STOP_POLL_SECONDS
+            ids = list(self._jobs)
+            try:
+                flags = self._rt.redis.mget([keys.job_cancel(i) for i in ids])
+            except redis.RedisError:  # Redis briefly away: keep generating and ask again
+                flags = [None] * len(ids)
+            stops |= {i: "cancelled" for i, flag in zip(ids, flags, strict=True) if flag and i not in stops}
+        released: list[tuple[Hashable, Event]] = []
+        for job_id, reason in stops.items():
+            job = self._jobs[job_id]
+            if job.stop_reason is None:
+                job.stop_reason = reason
+                released += self._scheduler.stop(job_id)
+        return released
+
+    def _write(
+        self,
+        writes: list[tuple[str, events.AnyEvent]],
+        endings: dict[str, events.Finished | events.Failed],
+        now: float,
+    ) -> None:
+        """One pipeline: the step's text deltas, then each ending job's held text and its end."""
+        for job_id in endings:
+            if (text := self._jobs[job_id].buffer.take(now)) is not None:
+                writes.append((job_id, events.Delta(text=text)))
+        writes += list(endings.items())
+        if not writes:
+            return
+        ttl = self._rt.settings.job_ttl_seconds
+        pipe = self._rt.redis.pipeline(transaction=False)
+        for job_id, event in writes:
+            self._rt.scripts.queue(pipe, jobs.append(job_id, event, ttl=ttl))
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            # Without Redis a job's events cannot be kept in order: end every job that had
+            # something to say (best effort; if that fails too, its lease lapses and the reaper
+            # ends it), so none runs on for nobody.
+            log.warning("could not write events: %s", exc)
+            for job_id in {j for j, _ in writes}:
+                if job_id in self._jobs:
+                    self._scheduler.stop(job_id)
+                    endings[job_id] = events.Failed(
+                        code="internal_error", message="Lost the connection to the queue."
+                    )
+                    self._try_write(job_id, endings[job_id])
+        for job_id in endings:
+            self._release(job_id)
+
+    def _try_write(self, job_id: str, event: events.AnyEvent) -> None:
+        try:
+            self._rt.scripts.run(jobs.append(job_id, event, ttl=self._rt.settings.job_ttl_seconds))
+        except redis.RedisError as exc:
+            log.warning("could not end job %s: %s", job_id, exc)
+
+    def _release(self, job_id: str) -> None:
+        job = self._jobs.pop(job_id, None)
+        self._rt.running.discard(job_id)
+        if job is not None:
+            job.done.set()
+
+    def _record_metrics(self, job: SlotJob, done: Completion) -> None:
+        if done.finish_reason == "cancelled":
+            return
+        spec = job.spec
+        timings = metrics.JobTimings(
+            queue_seconds=job.claimed_at - spec.created_at,
+            ttft_seconds=None if job.first_token_at is None else job.first_token_at - spec.created_at,
+            e2e_seconds=time.time() - spec.created_at,
+            prompt_tokens=done.prompt_tokens,
+            generation_tokens=done.completion_tokens,
+        )
+        token = logs.job_id_var.set(spec.id)
+        try:
+            metrics.record(self._rt.redis, timings)
+        except redis.RedisError as exc:  # metrics must never fail a finished job
+            log.warning("could not record metrics: %s", exc)
+        finally:
+            logs.job_id_var.reset(token)
+
+    def _flush_metrics(self, now: float) -> None:
+        self._next_metrics = now + METRICS_FLUSH_SECONDS
+        if not self._batch_sizes:
+            return
+        counts, self._batch_sizes = self._batch_sizes, Counter()
+        try:
+            metrics.record_batch_sizes(self._rt.redis, counts)
+        except redis.RedisError as exc:
+            log.warning("could not record batch sizes: %s", exc)
+
+
+def _terminal(done: Completion, stop: StopReason | None) -> events.Finished | events.Failed:
+    if done.finish_reason == "cancelled" and stop == "shutdown":
+        return events.Failed(
+            code="worker_shutdown", message="The worker shut down before the generation finished."
+        )
+    reason = (
+        "time_limit" if done.finish_reason == "cancelled" and stop == "time_limit" else done.finish_reason
+    )
+    return events.Finished(
+        finish_reason=reason,  # type: ignore[arg-type]
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
+    )
