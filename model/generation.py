@@ -35,18 +35,26 @@ class Generation:
         self._stop_ids = frozenset() if sampling.ignore_eos else stop_ids
         self._decoder = DecodeStream(skip_special_tokens=True)
         self._matcher = StopStringMatcher(sampling.stop)
-        self.generated = 0
+        self.tokens: list[int] = []  # sampled so far
         self.done = False
 
     @property
-    def positions(self) -> int:
-        """KV positions this generation may need at most: its prompt and its whole budget."""
-        return len(self.prompt.token_ids) + self.budget
+    def generated(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - len(self.tokens)
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """The prompt and every token sampled so far: what a preempted sequence resumes from."""
+        return self.prompt.token_ids + tuple(self.tokens)
 
     def feed(self, token: int) -> list[Output]:
         """Account for one sampled token; the text it releases, and the Completion if it ended."""
         assert not self.done, "fed after its Completion"
-        self.generated += 1
+        self.tokens.append(token)
         if token in self._stop_ids:
             return self.finish("stop")
         out: list[Output] = []

@@ -31,9 +31,7 @@ PREFILL_CHUNK_TOKENS = 256
 PREFILL_BATCH_TOKENS = 2048
 
 
-def load(
-    source: ModelSource, *, device: str, threads: int, slots: int, cache_dir: Path
-) -> LoadedModel:
+def load(source: ModelSource, *, device: str, threads: int, slots: int, cache_dir: Path) -> LoadedModel:
     """Memory-map the GGUF as it is (no conversion) and take the tokenizer from the same file."""
     started = time.perf_counter()
     gpu_layers, where = _placement(device)
@@ -124,8 +122,7 @@ class _Slot:
     busy: bool = False
     pending: list[int] = field(default_factory=list)  # prompt tokens still to prefill
     next_token: int | None = None  # the token to decode next: the prompt's last, then each sampled
-    pos: int = 0  # the position of the next token fed
-    positions: int = 0  # KV positions reserved for the sequence (prompt + budget)
+    pos: int = 0  # the position of the next token fed: the KV cells the sequence holds
     chain: Any = None
     admitted: int = 0  # admission order: prefill is first come, first served
     last_used: int = 0
@@ -166,8 +163,8 @@ class LlamaCppBatch:
         return len(self._slots)
 
     def can_admit(self, positions: int) -> bool:
-        reserved = sum(s.positions for s in self._slots if s.busy)
-        return any(not s.busy for s in self._slots) and reserved + positions <= self._pool
+        # Idle slots' cached prompts do not count: they are evicted when the room is needed.
+        return any(not s.busy for s in self._slots) and self._busy_cells() + positions <= self._pool
 
     def add(self, prompt: Sequence[int], sampling: SamplingParams, positions: int) -> int:
         head, last = list(prompt[:-1]), int(prompt[-1])
@@ -179,7 +176,7 @@ class LlamaCppBatch:
         self._clock += 1
         slot.chain = _sampler_chain(sampling)
         slot.busy, slot.pending, slot.next_token = True, head[keep:], last
-        slot.pos, slot.positions, slot.admitted = keep, positions, self._clock
+        slot.pos, slot.admitted = keep, self._clock
         return slot.id
 
     def drop(self, slot_id: int) -> None:
@@ -189,34 +186,28 @@ class LlamaCppBatch:
         self._forget(slot, len(slot.cached))  # generated tokens go; the prefilled prompt stays
         self._clock += 1
         slot.busy, slot.pending, slot.next_token, slot.chain = False, [], None, None
-        slot.positions, slot.last_used = 0, self._clock
+        slot.pos, slot.last_used = len(slot.cached), self._clock
 
     def step(self) -> StepOutput:
         out = StepOutput()
-        decoding = [s for s in self._slots if s.busy and not s.pending]
-        prefilling = sorted((s for s in self._slots if s.busy and s.pending), key=lambda s: s.admitted)
+        decoding, fed = self._plan(out)
         batch = self._batch
         batch.n_tokens = 0
         for slot in decoding:
             assert slot.next_token is not None
             self._put(slot.next_token, slot.pos, slot.id, logits=True)
-        budget = self._batch_cap - batch.n_tokens
-        if decoding:
-            budget = min(budget, PREFILL_CHUNK_TOKENS)
-        fed: list[tuple[_Slot, list[int]]] = []
-        for slot in prefilling:
-            if budget <= 0:
-                break
-            chunk = slot.pending[:budget]
+        for slot, chunk in fed:
             for j, token in enumerate(chunk):
                 self._put(token, slot.pos + j, slot.id, logits=False)
-            budget -= len(chunk)
-            fed.append((slot, chunk))
+        if batch.n_tokens == 0:
+            return out
         rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
         if rc != 0:
-            # 1: no room in the KV pool for this batch. Reservations make that rare; the newest
-            # sequence gives its room back, so the others go on.
-            newest = max(decoding + prefilling, key=lambda s: s.admitted)
+            # The plan keeps the batch within the pool, so this is llama.cpp refusing it for
+            # another reason; the newest sequence ends, so the others can go on.
+            newest = max(
+                (s for s in self._slots if s.busy and s.id not in out.preempted), key=lambda s: s.admitted
+            )
             out.failed[newest.id] = f"llama_decode returned {rc}"
             log.warning("llama_decode returned %d with %d tokens; failing one sequence", rc, batch.n_tokens)
             return out
@@ -230,6 +221,34 @@ class LlamaCppBatch:
             slot.next_token = token
             out.tokens[slot.id] = token
         return out
+
+    def _plan(self, out: StepOutput) -> tuple[list[_Slot], list[tuple[_Slot, list[int]]]]:
+        """This step's tokens: one for each decoding slot, then prompt chunks first come, first
+        served, all within the KV pool. Idle caches make room first; if running sequences still
+        outgrow the pool, the newest are preempted (in `out`) until the rest fit."""
+        while True:
+            busy = [s for s in self._slots if s.busy and s.id not in out.preempted]
+            decoding = [s for s in busy if not s.pending]
+            budget = self._batch_cap - len(decoding)
+            if decoding:
+                budget = min(budget, PREFILL_CHUNK_TOKENS)
+            fed: list[tuple[_Slot, list[int]]] = []
+            for slot in sorted((s for s in busy if s.pending), key=lambda s: s.admitted):
+                if budget <= 0:
+                    break
+                fed.append((slot, slot.pending[:budget]))
+                budget -= len(fed[-1][1])
+            needed = sum(s.pos for s in busy) + len(decoding) + sum(len(c) for _, c in fed)
+            self._evict_idle(needed)
+            if needed + sum(len(s.cached) for s in self._slots if not s.busy) <= self._pool or len(busy) <= 1:
+                return decoding, fed
+            newest = max(busy, key=lambda s: s.admitted)
+            self._forget(newest, 0)  # its cells free now, for this very step
+            newest.pos = 0
+            out.preempted.add(newest.id)
+
+    def _busy_cells(self) -> int:
+        return sum(s.pos + len(s.pending) for s in self._slots if s.busy)
 
     def _put(self, token: int, pos: int, seq: int, *, logits: bool) -> None:
         batch, k = self._batch, self._batch.n_tokens
@@ -246,13 +265,18 @@ class LlamaCppBatch:
         del slot.cached[keep:]
 
     def _make_room(self, positions: int, exclude: _Slot) -> None:
+        """Evict idle caches (not `exclude`'s) until a new sequence's positions fit beside the rest."""
+        self._evict_idle(self._busy_cells() + positions, exclude)
+
+    def _evict_idle(self, busy_cells: int, exclude: _Slot | None = None) -> None:
         idle = sorted((s for s in self._slots if not s.busy and s is not exclude), key=lambda s: s.last_used)
-        used = sum(s.positions for s in self._slots if s.busy) + sum(len(s.cached) for s in idle)
+        used = busy_cells + sum(len(s.cached) for s in idle)
         for slot in idle:
-            if used + positions <= self._pool:
+            if used <= self._pool:
                 return
             used -= len(slot.cached)
             self._forget(slot, 0)
+            slot.pos = 0
 
 
 def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -27,6 +27,12 @@ class Failure:
 
 Event = Output | Failure
 
+# KV room a sequence must find free, beyond its tokens so far, to be admitted: enough to decode
+# a while before it could be put out again. Admission does not reserve a whole budget (a
+# max_tokens of thousands would hold most of the pool for tokens that may never come); when
+# running sequences do fill the memory, the newest is preempted and resumes later.
+GROWTH_POSITIONS = 256
+
 
 class Scheduler:
     """Admits waiting generations into free slots in arrival order, steps them together, and
@@ -77,6 +83,11 @@ class Scheduler:
             return events
         self.last_batch_size = len(self._running)
         result = self._runner.step()
+        for slot in sorted(result.preempted, reverse=True):
+            key, gen = self._running[slot]
+            self._release(slot)
+            self._waiting.appendleft((key, gen))  # first in line to resume
+            log.info("preempted a sequence after %d tokens to free KV memory", gen.generated)
         for slot, message in result.failed.items():
             key, _ = self._running[slot]
             self._release(slot)
@@ -101,11 +112,12 @@ class Scheduler:
         events: list[tuple[Hashable, Event]] = []
         while self._waiting and len(self._running) < self._runner.capacity:
             key, gen = self._waiting[0]
-            if not self._runner.can_admit(gen.positions):
+            positions = len(gen.token_ids) + min(gen.remaining, GROWTH_POSITIONS)
+            if not self._runner.can_admit(positions):
                 break
             self._waiting.popleft()
             try:
-                slot = self._runner.add(gen.prompt.token_ids, gen.sampling, gen.positions)
+                slot = self._runner.add(gen.token_ids, gen.sampling, positions)
             except Exception as exc:  # refused by the backend: only this sequence fails
                 log.warning("could not start a sequence: %s", exc)
                 events.append((key, Failure("The generation could not be started.")))

@@ -79,6 +79,9 @@ class StepOutput:
 
     tokens: dict[int, int] = field(default_factory=dict)  # a sampled token for each slot that decoded
     failed: dict[int, str] = field(default_factory=dict)  # slots whose sequence could not go on, and why
+    # Slots whose sequence was put out to give the others room in the KV memory; the scheduler
+    # starts them again later from their prompt and the tokens they had (nothing is lost).
+    preempted: set[int] = field(default_factory=set)
 
 
 class BatchRunner(Protocol):
@@ -95,7 +98,8 @@ class BatchRunner(Protocol):
     def capacity(self) -> int: ...
 
     def can_admit(self, positions: int) -> bool:
-        """Whether a sequence needing `positions` KV positions (prompt + budget) fits now."""
+        """Whether a sequence needing `positions` KV positions now (its prompt and room to grow)
+        can start at once."""
         ...
 
     def add(self, prompt: Sequence[int], sampling: SamplingParams, positions: int) -> int:

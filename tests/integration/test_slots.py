@@ -1,0 +1,253 @@
+"""A worker with 4 slots, with real processes: jobs share one decode loop, and every fault (kill -9,
+SIGTERM, a cancel, a prompt that does not fit) ends only the jobs it concerns, each exactly once.
+The bounds are the ones README's "Failure behaviour" documents; they detect hangs, they do not
+measure speed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import redis
+
+from tasks import events, keys
+from tests.integration.conftest import Stack, ready_workers, restart_worker, running_stack
+
+pytestmark = pytest.mark.timeout(300)
+
+SLOTS = 4
+LONG_PROMPT = "Count from 1 to 1000, writing every number in words, one per line."
+TERMINAL = {"completed", "incomplete", "failed", "cancelled"}
+
+
+@pytest.fixture(scope="module")
+def slots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with running_stack(
+        tmp_path_factory.mktemp("slots"),
+        WORKER_SLOTS=str(SLOTS),
+        BROKER_VISIBILITY_TIMEOUT_SECONDS="5",
+        SHUTDOWN_GRACE_SECONDS="2",
+    ) as stack:
+        yield stack
+
+
+def sdk(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def rdb(stack: Stack) -> redis.Redis:
+    return redis.Redis.from_url(stack.redis_url, decode_responses=True)
+
+
+def record(stack: Stack, job_id: str) -> dict[str, str]:
+    return rdb(stack).hgetall(keys.job(job_id))
+
+
+def job_events(stack: Stack, job_id: str) -> list[events.AnyEvent]:
+    return [events.decode(i, p) for i, p in enumerate(rdb(stack).lrange(keys.job_log(job_id), 0, -1))]
+
+
+def wait_all(stack: Stack, job_ids: list[str], statuses: set[str], timeout: float) -> list[dict[str, str]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        records = [record(stack, j) for j in job_ids]
+        if all(r.get("status") in statuses for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def start_long_jobs(stack: Stack, n: int, **body: Any) -> list[str]:
+    client = sdk(stack)
+    return [
+        client.responses.create(
+            input=f"{LONG_PROMPT} ({i})",
+            temperature=0,
+            max_output_tokens=3000,
+            background=True,
+            extra_body={"ignore_eos": True},
+            **body,
+        ).id
+        for i in range(n)
+    ]
+
+
+def wait_all_generating(stack: Stack, job_ids: list[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(any(isinstance(e, events.Delta) for e in job_events(stack, j)) for j in job_ids):
+            return
+        time.sleep(0.1)
+    raise AssertionError("not every job started generating")
+
+
+def worker_description(stack: Stack) -> dict[str, Any]:
+    workers = httpx.get(f"{stack.api_url}/health", timeout=5).json()["workers"]
+    assert len(workers) == 1
+    return dict(workers[0])
+
+
+def test_health_and_metrics_show_slots_and_busy_ones(slots: Stack) -> None:
+    assert worker_description(slots)["slots"] == SLOTS
+    job_ids = start_long_jobs(slots, 3)
+    try:
+        wait_all_generating(slots, job_ids)
+        deadline = time.monotonic() + 15  # the heartbeat refreshes the description every 5 s
+        while worker_description(slots)["running"] != 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert worker_description(slots)["running"] == 3
+        text = httpx.get(f"{slots.api_url}/metrics", timeout=5).text
+        assert 'vllm:num_requests_running{model_name="SmolLM2-135M-Instruct"} 3.0' in text
+        assert "llmq_slots 4.0" in text
+    finally:
+        for job_id in job_ids:
+            sdk(slots).responses.cancel(job_id)
+    wait_all(slots, job_ids, TERMINAL, timeout=30)
+    text = httpx.get(f"{slots.api_url}/metrics", timeout=5).text
+    # Steps of 3 sequences were counted (bucket le="4"), after the loop's periodic flush.
+    assert "llmq_sequences_per_step_bucket" in text
+
+
+def greedy_stream(stack: Stack, content: str, cancel_after: int | None = None) -> tuple[str, str | None]:
+    """Stream a greedy chat completion; stop reading (the API then cancels it) after that many chunks."""
+    body = {
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 48,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    parts: list[str] = []
+    finish = None
+    with httpx.stream("POST", f"{stack.api_url}/v1/chat/completions", json=body, timeout=120) as r:
+        for i, line in enumerate(r.iter_lines()):
+            if cancel_after is not None and i >= cancel_after:
+                return "".join(parts), "abandoned"
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"]
+            if choice:
+                parts.append(choice[0]["delta"].get("content") or "")
+                finish = choice[0]["finish_reason"] or finish
+    return "".join(parts), finish
+
+
+def test_cancelling_one_of_four_leaves_the_others_text_as_it_would_have_been(slots: Stack) -> None:
+    prompts = [f"Write a short story about the number {n}." for n in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        reference = list(pool.map(lambda p: greedy_stream(slots, p), prompts))
+    assert all(finish == "length" for _, finish in reference)
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(greedy_stream, slots, p, 6 if i == 0 else None) for i, p in enumerate(prompts)]
+        results = [f.result() for f in futures]
+    assert results[0][1] == "abandoned"
+    # Runs of the same 4 greedy prompts on one worker, the second losing one sequence mid-way.
+    # Identical means the batch composition never leaks into another sequence's text here.
+    assert results[1:] == reference[1:]
+
+
+def test_a_prompt_too_long_fails_alone_while_others_run(slots: Stack) -> None:
+    client = sdk(slots)
+    running = start_long_jobs(slots, 2)
+    wait_all_generating(slots, running)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "word " * 9000}]
+        )
+    assert caught.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+    assert [record(slots, j)["status"] for j in running] == ["in_progress", "in_progress"]
+    answer = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    for job_id in running:
+        client.responses.cancel(job_id)
+    assert [r["status"] for r in wait_all(slots, running, TERMINAL, 30)] == ["cancelled", "cancelled"]
+
+
+def test_a_freed_slot_takes_a_queued_job_at_once(slots: Stack) -> None:
+    client = sdk(slots)
+    running = start_long_jobs(slots, SLOTS)
+    wait_all_generating(slots, running)
+    queued = client.responses.create(input="Hi", temperature=0, max_output_tokens=4, background=True)
+    time.sleep(1)
+    assert record(slots, queued.id)["status"] == "queued"  # every slot is busy
+    cancelled_at = time.time()
+    client.responses.cancel(running[0])
+    done = wait_all(slots, [queued.id], TERMINAL, 30)[0]
+    assert done["status"] in ("completed", "incomplete")
+    # Claimed well within a second of the cancel (the cancel poll is 0.1 s, then Celery's fetch).
+    assert float(done["started_at"]) - cancelled_at < 2.0
+    for job_id in running[1:]:
+        client.responses.cancel(job_id)
+    wait_all(slots, running, TERMINAL, 30)
+
+
+def test_sigterm_with_four_running_ends_each_with_its_text(slots: Stack) -> None:
+    job_ids = start_long_jobs(slots, SLOTS)
+    wait_all_generating(slots, job_ids)
+    stopped_at = time.monotonic()
+    slots.worker.proc.send_signal(signal.SIGTERM)
+    records = wait_all(slots, job_ids, TERMINAL, timeout=30)
+    took = time.monotonic() - stopped_at
+    assert [(r["status"], r.get("error_code")) for r in records] == [("failed", "worker_shutdown")] * SLOTS
+    assert took < 2 + 5, took  # grace 2 s, then stopped between tokens
+    client = sdk(slots)
+    assert all(client.responses.retrieve(j).output_text for j in job_ids)
+    assert all(sum(events.is_terminal(e) for e in job_events(slots, j)) == 1 for j in job_ids)
+    slots.worker.proc.wait(30)  # the worker exits once its jobs have ended
+    slots.worker.stop()
+    restart_worker(slots)
+
+
+def test_kill_9_with_four_running_loses_all_four_once_and_none_reruns(slots: Stack) -> None:
+    job_ids = start_long_jobs(slots, SLOTS - 1)
+    body = {
+        "messages": [{"role": "user", "content": LONG_PROMPT}],
+        "max_tokens": 3000,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    streamed: list[str] = []
+    ready = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{slots.api_url}/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    streamed.append(line[6:])
+                    if len(streamed) > 5:
+                        ready.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert ready.wait(60)
+    wait_all_generating(slots, job_ids)
+    stream_id = json.loads(streamed[0])["id"]
+    all_ids = [*job_ids, stream_id]
+    killed_at = time.monotonic()
+    slots.worker.stop(signal.SIGKILL)
+    records = wait_all(slots, all_ids, TERMINAL, timeout=30)
+    reader.join(30)
+    assert time.monotonic() - killed_at < 15 + 5 + 5  # JOB_LEASE_SECONDS + reaper interval + slack
+    assert [(r["status"], r.get("error_code")) for r in records] == [("failed", "worker_lost")] * SLOTS
+    assert streamed[-1] == "[DONE]"
+    assert json.loads(streamed[-2])["error"]["code"] == "worker_lost"
+
+    before = ready_workers(slots)
+    restart_worker(slots)
+    assert ready_workers(slots) - before
+    # Redis hands the 4 unacknowledged messages back (visibility timeout 5 s); each claim refuses.
+    log = slots.worker.log_path
+    slots.worker.wait_until(lambda: all(f"job {j} is no longer queued" in log.read_text() for j in all_ids), 60)
+    for job_id in all_ids:
+        assert sum(isinstance(e, events.Started) for e in job_events(slots, job_id)) == 1
+        assert record(slots, job_id)["status"] == "failed"
