@@ -64,7 +64,10 @@ async def _reap_forever(jobs: JobClient) -> None:
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="llmq: queue-backed chat for Llama-3 models", lifespan=lifespan)
+    # No redirect for a trailing slash: every answer is a 2xx or an error in OpenAI's shape.
+    app = FastAPI(
+        title="llmq: queue-backed chat for Llama-3 models", lifespan=lifespan, redirect_slashes=False
+    )
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=get_settings().max_request_bytes)
     # Every /v1 route needs an API key when API_KEYS is set; /health (and /docs) stay open.
