@@ -42,6 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import request_ids
 from tasks import client as queue
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return _error_response(APIError("The server had an error while processing your request."))
+        response = _error_response(APIError("The server had an error while processing your request."))
+        # Starlette answers this one outside every middleware, so the request id is added here.
+        response.headers[request_ids.HEADER] = request_ids.current()
+        return response
 
 
 def from_http_exception(status: int, detail: str) -> APIError:

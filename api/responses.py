@@ -248,6 +248,7 @@ class ResponsesService:
         # caller: the same 404 as an unknown id, so its existence is not revealed either.
         if record.spec.response is None or record.spec.owner != self._owner:
             raise not_found
+        logs.job_id_var.set(job_id)  # this request's logs and x-request-id name the job
         return record.spec
 
     async def _enqueue(self, spec: jobs.JobSpec) -> None:
