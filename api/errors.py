@@ -13,7 +13,7 @@ official SDKs raise their typed exceptions (BadRequestError, NotFoundError, ...)
     +-- InvalidAPIKey             401 code=invalid_api_key (API_KEYS set, key missing or wrong)
     +-- ModelNotFound             404 code=model_not_found
     +-- NotFound                  404 code=not_found (unknown route or id, or another key's job)
-    +-- MethodNotAllowed          405 code=method_not_allowed (from Starlette's routing)
+    +-- (Starlette's HTTPException) 405 code=method_not_allowed, any other status its phrase
     +-- RequestTooLarge           413 code=request_too_large (body over MAX_REQUEST_BYTES)
     +-- UnsupportedMediaType      415 code=unsupported_media_type (a body that is not JSON)
     +-- QueueFull                 429 code=queue_full (MAX_QUEUED jobs waiting); sets Retry-After
