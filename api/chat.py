@@ -90,8 +90,9 @@ class ChatRun:
                 self._follower = self._client.subscribe(self.job_id)
                 await self._follower.__aenter__()
                 await self._client.create(spec)
-        except errors.APIError:
-            await self.close()
+        except BaseException:
+            # Whatever failed (even a bug), the subscription must not outlive the request.
+            await asyncio.shield(self.close())
             raise
         self._started = True
         try:

@@ -5,18 +5,26 @@ official SDKs raise their typed exceptions (BadRequestError, NotFoundError, ...)
 
     APIError                      base: status, type, code, param
     +-- InvalidRequest            400 invalid_request_error (bad JSON, bad or unsupported field)
+    |                                 code=invalid_json | invalid_value | missing_required_parameter
+    |                                 | unsupported_parameter
     |   +-- ContextLengthExceeded 400 code=context_length_exceeded
     |   +-- TooManyMessages       400 code=too_many_messages (over MAX_MESSAGES)
     |   +-- MaxTokensTooLarge     400 code=max_tokens_too_large (over MAX_TOKENS_LIMIT)
     +-- InvalidAPIKey             401 code=invalid_api_key (API_KEYS set, key missing or wrong)
     +-- ModelNotFound             404 code=model_not_found
-    +-- NotFound                  404 (unknown route or id, or another key's job)
+    +-- NotFound                  404 code=not_found (unknown route or id, or another key's job)
+    +-- (Starlette's HTTPException) 405 code=method_not_allowed, any other status its phrase
     +-- RequestTooLarge           413 code=request_too_large (body over MAX_REQUEST_BYTES)
+    +-- UnsupportedMediaType      415 code=unsupported_media_type (a body that is not JSON)
     +-- QueueFull                 429 code=queue_full (MAX_QUEUED jobs waiting); sets Retry-After
     +-- ServiceUnavailable        503 (Redis down, queue refused the job); sets Retry-After
-    +-- ClientDisconnected        499 (the client went away while its job waited or ran)
-    +-- GenerationFailed          500 (the worker reported a failure)
-    +-- Timeout                   504 (no terminal event within the request timeout)
+    +-- ClientDisconnected        499 code=client_closed_request (the client went away)
+    +-- GenerationFailed          500 code=generation_failed, or the worker's failure code
+    +-- (APIError itself)         500 code=internal_error (a bug: logged with its traceback)
+    +-- Timeout                   504 code=timeout (no terminal event within the request timeout)
+
+Every error has a code; any other status Starlette raises gets one from its reason phrase
+(`HTTPStatus(...).phrase`, snake_cased), so clients can always branch on it.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from http import HTTPStatus
 from typing import Any
 
 import redis.exceptions
@@ -33,6 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import request_ids
 from tasks import client as queue
 
 log = logging.getLogger(__name__)
@@ -41,7 +51,7 @@ log = logging.getLogger(__name__)
 class APIError(Exception):
     status = 500
     type = "server_error"
-    code: str | None = None
+    code: str = "internal_error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -51,7 +61,9 @@ class APIError(Exception):
             self.code = code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        # Messages quote what the client sent; keep whatever they quote encodable as UTF-8.
+        return {"error": {k: _printable(v) for k, v in error.items()}}
 
     # Errors a client should retry later say when, in a Retry-After header.
     retry_after_seconds: int | None = None
@@ -63,6 +75,7 @@ class APIError(Exception):
 class InvalidRequest(APIError):
     status = 400
     type = "invalid_request_error"
+    code = "invalid_value"
 
 
 class ContextLengthExceeded(InvalidRequest):
@@ -90,6 +103,12 @@ class RequestTooLarge(APIError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class UnsupportedMediaType(APIError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class NotFound(APIError):
@@ -147,22 +166,32 @@ def from_failure(code: str, message: str) -> APIError:
     return _FAILURE_TYPES.get(code, GenerationFailed)(message, code=code)
 
 
+def _printable(value: str | None) -> str | None:
+    return None if value is None else value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def param_name(path: Sequence[int | str]) -> str | None:
+    """A field's location as OpenAI writes `param`: messages[0].content."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or None
+
+
+# Where the value came from, as FastAPI prefixes the location; `param` names the field alone.
+_SOURCES = frozenset({"body", "query", "path", "header", "cookie"})
 # Location parts pydantic adds for union members and validators ("str", "list[TextPart]", ...).
 _UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
 
 
 def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
-    parts = [p for p in loc if p != "body"]
+    parts = list(loc[1:] if loc and loc[0] in _SOURCES else loc)
     # Pydantic appends the union member or validator name to the location; drop those tails.
-    out = ""
-    for part in parts:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in _UNION_TAGS or "[" in part:
+    for i, part in enumerate(parts):
+        if isinstance(part, str) and (part in _UNION_TAGS or "[" in part):
+            parts = parts[:i]
             break
-        else:
-            out += f".{part}" if out else part
-    return out or None
+    return param_name(parts)
 
 
 def validation_error(problems: Sequence[Any]) -> InvalidRequest:
@@ -201,16 +230,29 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error: APIError = APIError(str(exc.detail))
-        error.status = exc.status_code
-        error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        error.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return _error_response(error)
+        return _error_response(from_http_exception(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(Exception)
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return _error_response(APIError("The server had an error while processing your request."))
+        response = _error_response(APIError("The server had an error while processing your request."))
+        # Starlette answers this one outside every middleware, so the request id is added here.
+        response.headers[request_ids.HEADER] = request_ids.current()
+        return response
+
+
+def from_http_exception(status: int, detail: str) -> APIError:
+    """An error Starlette or FastAPI raised (no route, wrong method, ...) in our shape, with a code."""
+    error = APIError(detail)
+    error.status = status
+    error.type = "invalid_request_error" if status < 500 else "server_error"
+    known = {404: NotFound.code, 405: "method_not_allowed", 413: RequestTooLarge.code}
+    try:
+        fallback = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        fallback = f"http_{status}"
+    error.code = known.get(status, fallback)
+    return error
 
 
 def sse_error(error: APIError) -> str:

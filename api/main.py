@@ -16,6 +16,7 @@ from redis.backoff import NoBackoff
 from api import errors
 from api.auth import caller
 from api.limits import BodySizeLimit
+from api.request_ids import RequestId
 from api.routes import chat, health, metrics, models, page, responses
 from tasks import logs
 from tasks.client import JobClient
@@ -64,9 +65,13 @@ async def _reap_forever(jobs: JobClient) -> None:
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="llmq: queue-backed chat for Llama-3 models", lifespan=lifespan)
+    # No redirect for a trailing slash: every answer is a 2xx or an error in OpenAI's shape.
+    app = FastAPI(
+        title="llmq: queue-backed chat for Llama-3 models", lifespan=lifespan, redirect_slashes=False
+    )
     errors.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=get_settings().max_request_bytes)
+    app.add_middleware(RequestId)  # added last, so it is outermost: even a 413 carries the id
     # Every /v1 route needs an API key when API_KEYS is set; /health (and /docs) stay open.
     v1 = [Depends(caller)]
     app.include_router(chat.router, dependencies=v1)

@@ -64,7 +64,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI documents it
     user: str | None = None
     # --- not in the OpenAI spec (vLLM has the same) ---
     ignore_eos: bool = False  # generate max_tokens regardless of end-of-turn tokens

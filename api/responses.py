@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,6 +34,9 @@ from tasks.client import EventFollower, JobClient, JobNotFound
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# A response id as jobs.new_job_id("resp_") writes it: the prefix and 128 random bits in hex.
+RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
 
 # How long a cancel call waits for a running job to reach its terminal state before answering.
 CANCEL_SETTLE_SECONDS = 3.0
@@ -231,14 +235,20 @@ class ResponsesService:
             await asyncio.sleep(0.05)
 
     async def _spec(self, job_id: str) -> jobs.JobSpec:
+        not_found = errors.NotFound(f"No response with id '{job_id[:80]}'.", param="response_id")
+        # Only ids this service hands out reach Redis: a key built from "resp_X:log" would be
+        # another key of job X (and the wrong type), so anything else is unknown without a look.
+        if not RESPONSE_ID.fullmatch(job_id):
+            raise not_found
         try:
             record = await self._client.record(job_id)
         except JobNotFound:
-            raise errors.NotFound(f"No response with id '{job_id}'.", param="response_id") from None
+            raise not_found from None
         # A chat completion's job is not a Response; another key's job is not there for this
         # caller: the same 404 as an unknown id, so its existence is not revealed either.
         if record.spec.response is None or record.spec.owner != self._owner:
-            raise errors.NotFound(f"No response with id '{job_id}'.", param="response_id")
+            raise not_found
+        logs.job_id_var.set(job_id)  # this request's logs and x-request-id name the job
         return record.spec
 
     async def _enqueue(self, spec: jobs.JobSpec) -> None:

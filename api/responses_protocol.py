@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,10 +43,17 @@ _UNSUPPORTED: dict[str, Any] = {
 }
 
 
+class TextOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    format: dict[str, Any] | None = None
+
+
 class ResponseCreateRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    input: str | list[InputMessage]
+    # An empty list would be a job with no prompt at all, for the worker to fail on.
+    input: str | Annotated[list[InputMessage], Field(min_length=1)]
     model: str | None = None
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
@@ -58,14 +65,14 @@ class ResponseCreateRequest(BaseModel):
     store: bool = True
     # --- not in the OpenAI spec (vLLM has the same) ---
     ignore_eos: bool = False  # generate max_output_tokens regardless of end-of-turn tokens
-    text: dict[str, Any] | None = None
+    text: TextOptions | None = None
 
     def unsupported_param(self) -> str | None:
         extra = self.model_extra or {}
         for name in _UNSUPPORTED:
             if extra.get(name) not in (None, [], {}, "none", "auto"):
                 return name
-        fmt = (self.text or {}).get("format") or {}
+        fmt = (self.text.format if self.text else None) or {}
         if fmt.get("type") not in (None, "text"):
             return "text.format"
         if not self.store and self.background:

@@ -6,11 +6,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from api import sse
+from api.body import StrictJSONRoute
 from api.chat import ChatRun
 from api.deps import JobsDep, SettingsDep
 from api.protocol import ChatCompletion, ChatCompletionRequest
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 @router.post("/v1/chat/completions", response_model=None)

@@ -8,11 +8,12 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
 from api import sse
+from api.body import StrictJSONRoute
 from api.deps import CallerDep, JobsDep, SettingsDep
 from api.responses import ResponsesService
 from api.responses_protocol import Response, ResponseCreateRequest
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 def service(jobs: JobsDep, settings: SettingsDep, owner: CallerDep) -> ResponsesService:
@@ -38,7 +39,8 @@ async def retrieve_response(
     response_id: str,
     svc: ServiceDep,
     stream: bool = False,
-    starting_after: Annotated[int, Query(ge=-1)] = -1,
+    # Bounded so that starting_after + 1 is still a Redis list index (a signed 64-bit integer).
+    starting_after: Annotated[int, Query(ge=-1, le=2**62)] = -1,
 ) -> Response | StreamingResponse:
     if stream:
         return _sse_response(await svc.resume(response_id, starting_after))
