@@ -139,17 +139,53 @@ def greedy_stream(stack: Stack, content: str, cancel_after: int | None = None) -
     return "".join(parts), finish
 
 
-def test_cancelling_one_of_four_leaves_the_others_text_as_it_would_have_been(slots: Stack) -> None:
+def four_with_one_abandoned(
+    stack: Stack,
+) -> tuple[list[tuple[str, str | None]], list[tuple[str, str | None]]]:
+    """The same 4 greedy prompts twice at once on one worker: all to the end, then with the
+    first client gone after a few chunks (the API cancels its job mid-generation)."""
     prompts = [f"Write a short story about the number {n}." for n in range(4)]
     with ThreadPoolExecutor(4) as pool:
-        reference = list(pool.map(lambda p: greedy_stream(slots, p), prompts))
-    assert all(finish == "length" for _, finish in reference)
+        reference = list(pool.map(lambda p: greedy_stream(stack, p), prompts))
     with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(greedy_stream, slots, p, 6 if i == 0 else None) for i, p in enumerate(prompts)]
+        futures = [pool.submit(greedy_stream, stack, p, 6 if i == 0 else None) for i, p in enumerate(prompts)]
         results = [f.result() for f in futures]
+    return reference, results
+
+
+def test_cancelling_one_of_four_lets_the_others_finish(slots: Stack) -> None:
+    reference, results = four_with_one_abandoned(slots)
     assert results[0][1] == "abandoned"
-    # Runs of the same 4 greedy prompts on one worker, the second losing one sequence mid-way.
-    # Identical means the batch composition never leaks into another sequence's text here.
+    assert [finish for _, finish in results[1:]] == ["length"] * 3
+    # Not asserted equal to `reference` here: on the embedded Q4_1 model llama.cpp's quantized
+    # kernels round differently with the batch's size and make-up, so a greedy near-tie can go
+    # another way (README, "Determinism"); the F32 model below shows the exact property.
+    assert all(text for text, _ in results[1:])
+
+
+@pytest.fixture(scope="module")
+def f32_slots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A 4-slot worker on a tiny random-weight Llama exported to an F32 GGUF, with the real
+    Llama-3 tokenizer: its kernels give a sequence the same logits whatever it is batched with."""
+    from tests.unit.conftest import random_llama3
+
+    model_dir = tmp_path_factory.mktemp("f32-llama3")
+    random_llama3(model_dir, context_length=1024)
+    with running_stack(
+        tmp_path_factory.mktemp("f32-slots"),
+        MODEL_ID=str(model_dir / "model.gguf"),
+        SERVED_MODEL_NAME="tiny-f32",
+        WORKER_SLOTS=str(SLOTS),
+    ) as stack:
+        yield stack
+
+
+def test_cancelling_one_of_four_leaves_the_others_text_exactly_as_it_would_have_been(
+    f32_slots: Stack,
+) -> None:
+    reference, results = four_with_one_abandoned(f32_slots)
+    assert [finish for _, finish in reference] == ["length"] * 4
+    assert results[0][1] == "abandoned"
     assert results[1:] == reference[1:]
 
 
@@ -247,7 +283,9 @@ def test_kill_9_with_four_running_loses_all_four_once_and_none_reruns(slots: Sta
     assert ready_workers(slots) - before
     # Redis hands the 4 unacknowledged messages back (visibility timeout 5 s); each claim refuses.
     log = slots.worker.log_path
-    slots.worker.wait_until(lambda: all(f"job {j} is no longer queued" in log.read_text() for j in all_ids), 60)
+    slots.worker.wait_until(
+        lambda: all(f"job {j} is no longer queued" in log.read_text() for j in all_ids), 60
+    )
     for job_id in all_ids:
         assert sum(isinstance(e, events.Started) for e in job_events(slots, job_id)) == 1
         assert record(slots, job_id)["status"] == "failed"

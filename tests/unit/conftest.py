@@ -113,6 +113,24 @@ def build_scripted_llama3(path: Path, text: str, end_token: str = "<|eot_id|>") 
     return Script(text=text, token_ids=script_ids, end_id=end_id)
 
 
+def random_llama3(path: Path, context_length: int = 512, seed: int = 1) -> LlamaForCausalLM:
+    """Save a tiny Llama with random weights (its attention really mixes positions, unlike the
+    scripted one) at `path`, with the real Llama-3 tokenizer and its F32 GGUF export."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context_length,
+    )
+    model = LlamaForCausalLM(config).eval()
+    save_with_gguf(model, path)
+    return model
+
+
 def save_with_gguf(model: LlamaForCausalLM, path: Path) -> None:
     """The model as a Hugging Face directory with the real Llama-3 tokenizer, plus its GGUF export."""
     model.save_pretrained(path)

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from model.engine import Engine
 from model.types import Backend, ChatMessage, Completion, SamplingParams, TextDelta
-from tests.unit.conftest import load_engine, save_with_gguf
+from tests.unit.conftest import load_engine
+from tests.unit.conftest import random_llama3 as build_random_llama3
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -19,18 +20,7 @@ pytestmark = pytest.mark.timeout(60)
 def random_llama3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaForCausalLM]:
     """A tiny Llama with random weights: its attention really mixes positions, unlike the scripted one."""
     path = tmp_path_factory.mktemp("random-llama3")
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    model = LlamaForCausalLM(config).eval()
-    save_with_gguf(model, path)
+    model = build_random_llama3(path)
     return path, model
 
 

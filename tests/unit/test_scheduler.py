@@ -8,15 +8,13 @@ from collections.abc import Hashable
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from model.engine import Engine
 from model.generation import Generation, Output
 from model.loading import load_model
 from model.scheduler import Event, Failure
 from model.types import Backend, ChatMessage, Completion, SamplingParams, TextDelta
-from tests.unit.conftest import GGUF_NAME, needs_backend, save_with_gguf
+from tests.unit.conftest import GGUF_NAME, needs_backend, random_llama3
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,17 +28,7 @@ def random_llama3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama with random weights, so attention really mixes positions (and slots, if it
     leaked across them), with the real Llama-3 tokenizer."""
     path = tmp_path_factory.mktemp("random-llama3-batch")
-    torch.manual_seed(2)
-    config = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    )
-    save_with_gguf(LlamaForCausalLM(config).eval(), path)
+    random_llama3(path, context_length=1024, seed=2)
     return path
 
 
@@ -203,5 +191,8 @@ def test_sequences_outgrowing_the_kv_pool_are_preempted_and_resume(
     seen = drive(batched)
     for q in questions:
         done = seen[q][-1]
-        assert isinstance(done, Completion) and (done.finish_reason, done.completion_tokens) == ("length", 400)
+        assert isinstance(done, Completion) and (done.finish_reason, done.completion_tokens) == (
+            "length",
+            400,
+        )
         assert text(seen[q]) == text(alone(single, q, sampling)), q
