@@ -19,16 +19,12 @@ import psutil
 
 from model.chat_tokenizer import ChatTokenizer
 from model.loading import LoadedModel, ModelNotAvailable, ModelSource, tokenizer_folder
+from model.scheduler import PREFILL_BATCH_TOKENS, PREFILL_CHUNK_TOKENS
 from model.types import SamplingParams, StepOutput
 
 log = logging.getLogger(__name__)
 
 
-# Prompt tokens fed per step while other sequences decode: the chunk a new prompt is prefilled
-# in, so the running streams wait for at most one such chunk between two of their tokens.
-PREFILL_CHUNK_TOKENS = 256
-# Prompt tokens per step when nothing else is decoding: a whole prompt at llama.cpp's own default.
-PREFILL_BATCH_TOKENS = 2048
 
 
 def load(source: ModelSource, *, device: str, threads: int, slots: int, cache_dir: Path) -> LoadedModel:

@@ -27,6 +27,12 @@ class Failure:
 
 Event = Output | Failure
 
+# Prompt tokens a backend feeds per step while other sequences decode: the chunk a new prompt is
+# prefilled in, so running streams wait at most one such chunk between two of their tokens. When
+# nothing else decodes, a whole prompt goes at once, up to llama.cpp's default batch.
+PREFILL_CHUNK_TOKENS = 256
+PREFILL_BATCH_TOKENS = 2048
+
 # KV room a sequence must find free, beyond its tokens so far, to be admitted: enough to decode
 # a while before it could be put out again. Admission does not reserve a whole budget (a
 # max_tokens of thousands would hold most of the pool for tokens that may never come); when

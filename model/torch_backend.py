@@ -12,9 +12,11 @@ from typing import Any
 import torch
 import transformers
 from transformers import AutoModelForCausalLM
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from model.loading import LoadedModel, ModelSource, gguf_conversion, load_tokenizer
+from model.scheduler import PREFILL_BATCH_TOKENS, PREFILL_CHUNK_TOKENS
 from model.types import SamplingParams, StepOutput
 
 log = logging.getLogger(__name__)
@@ -60,8 +62,14 @@ def load(
     threads: int,
     slots: int,
     cache_dir: Path,
+    quantize_on_cpu: bool = False,
 ) -> LoadedModel:
-    """Load weights once; GGUF files are dequantized once and cached on disk as safetensors."""
+    """Load weights once; GGUF files are dequantized once and cached on disk as safetensors.
+
+    `use_4bit` quantizes to bitsandbytes NF4 on CUDA only, where it pays. `quantize_on_cpu` is
+    for tests alone (never set from settings): bitsandbytes also runs NF4 on CPU, slowly, which
+    lets a machine without a GPU exercise the quantized model's code path.
+    """
     started = time.perf_counter()
     if threads:
         # Several workers on one CPU machine must split its cores, or they thrash each other.
@@ -75,13 +83,13 @@ def load(
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     quantization = None
-    if use_4bit and target.type == "cuda":
+    if use_4bit and (target.type == "cuda" or (quantize_on_cpu and target.type == "cpu")):
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch_dtype,
         )
-        kwargs["device_map"] = {"": target.index or 0}
+        kwargs["device_map"] = {"": target.index or 0} if target.type == "cuda" else {"": "cpu"}
         quantization = "bnb-nf4"
     elif use_4bit:
         log.info("USE_4BIT applies to CUDA only; loading unquantized on %s", target.type)
@@ -117,54 +125,245 @@ def _dequantize(source: ModelSource, staging: Path) -> None:
     model.save_pretrained(staging)
 
 
+
+
 @dataclass
 class _Seq:
     sampler: _Sampler
-    pending: list[int]  # tokens to feed next: the whole prompt, then each sampled token
-    cache: Any = None
+    pending: list[int]  # prompt tokens still to prefill (all but the prompt's last)
+    next_token: int  # the token fed at the next decode step: the prompt's last, then each sampled
+    admitted: int  # admission order: prefill is first come, first served
+    cache: DynamicCache | None  # its own cache while prefilling; None once its row is in the batch
+    length: int = 0  # tokens whose KV the sequence holds: the position of the next one fed
 
 
 class TorchBatch:
-    """The decode loop on a transformers model: one forward per sequence and token, over its own
-    growing KV cache (batched forward passes come next).
+    """Every decoding sequence in one batched forward per step, over one transformers DynamicCache.
 
-    Written out rather than delegated to `model.generate` so that every token passes through the
-    engine, where cancellation, stop strings and detokenization are decided, without a streamer
-    thread competing with the compute threads on small machines.
+    The batch cache holds one row per decoding sequence, left-padded to a common length; a 2-D
+    attention mask hides each row's padding and explicit position ids give each row its own
+    positions, so padding never changes a sequence's logits. A new prompt but its last token is
+    prefilled on its own cache, at most PREFILL_CHUNK_TOKENS per step while others decode (so
+    their streams keep a token every step); its cache rows then join the batch, the shorter side
+    left-padded, and its last prompt token is its first decode step. A dropped sequence's row is
+    removed and leading columns that became padding in every row are trimmed.
+
+    Per step, as LlamaCppBatch: one decode forward for every sequence whose prompt is in, then
+    prefill chunks of the others; a slot returns a token only when it sampled one.
+
+    Why not transformers' own continuous batching (`model.init_continuous_batching`): its manager
+    runs generation on a background thread over a paged cache, and its per-request logits
+    processing is limited to built-in temperature/top-k/top-p warpers. The sequence here keeps its
+    own sampler (a seeded CPU generator per request), and the next issue needs a per-sequence
+    logits mask and penalties at every step; a plain batched forward with cache classes leaves the
+    logits of each row to us.
+
+    Every layer is a full DynamicLayer (the cache is built without the model config), so rows
+    can be padded and merged uniformly. Tested on Llama-architecture models only; sliding-window
+    or hybrid-attention models would keep full caches and are not verified here.
     """
 
     def __init__(self, model: Any, device: torch.device, slots: int) -> None:
         self._model = model
         self._device = device
-        self._seqs: dict[int, _Seq] = {}
         self._capacity = slots
+        self._seqs: dict[int, _Seq] = {}
+        self._rows: list[int] = []  # the slot of each batch-cache row, in row order
+        self._cache: DynamicCache | None = None
+        self._clock = 0
 
     @property
     def capacity(self) -> int:
         return self._capacity
 
     def can_admit(self, positions: int) -> bool:
+        # The cache grows as it is used (no preallocated pool), so only the slot count limits.
         return len(self._seqs) < self._capacity
 
     def add(self, prompt: Sequence[int], sampling: SamplingParams, positions: int) -> int:
         slot = next(i for i in range(self._capacity) if i not in self._seqs)
-        self._seqs[slot] = _Seq(_Sampler(sampling), list(prompt))
+        self._clock += 1
+        self._seqs[slot] = _Seq(
+            _Sampler(sampling), list(prompt[:-1]), int(prompt[-1]), self._clock, DynamicCache()
+        )
         return slot
 
     def drop(self, slot: int) -> None:
-        self._seqs.pop(slot, None)
+        seq = self._seqs.pop(slot, None)
+        if seq is None or slot not in self._rows:
+            return  # never decoded: its own prefill cache goes with it
+        with torch.inference_mode():
+            self._remove_row(self._rows.index(slot))
 
     def step(self) -> StepOutput:
         out = StepOutput()
         with torch.inference_mode():
-            for slot, seq in self._seqs.items():
-                input_ids = torch.tensor([seq.pending], device=self._device)
-                result = self._model(input_ids=input_ids, cache=seq.cache, use_cache=True)
-                seq.cache = result.cache
-                token = seq.sampler(result.logits[:, -1, :])
-                seq.pending = [token]
-                out.tokens[slot] = token
+            prefilled = [(slot, s) for slot, s in self._seqs.items() if not s.pending and s.cache is not None]
+            for slot, seq in sorted(prefilled, key=lambda p: p[1].admitted):
+                self._join(slot, seq)
+            decoding = bool(self._rows)
+            if decoding and not self._decode(out):
+                return out
+            self._prefill(out, PREFILL_CHUNK_TOKENS if decoding else PREFILL_BATCH_TOKENS)
         return out
+
+    def _decode(self, out: StepOutput) -> bool:
+        """One token for every row; False when the forward failed (the newest row then fails)."""
+        assert self._cache is not None
+        seqs = [self._seqs[slot] for slot in self._rows]
+        width = self._cache.get_seq_length()
+        lengths = torch.tensor([s.length for s in seqs], device=self._device)
+        columns = torch.arange(width + 1, device=self._device)
+        # A row of `length` tokens sits right-aligned in `width` columns; the new token is the last.
+        mask = (columns.unsqueeze(0) >= (width - lengths).unsqueeze(1)).long()
+        tokens = torch.tensor([[s.next_token] for s in seqs], device=self._device)
+        try:
+            result = self._model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=lengths.unsqueeze(1),
+                cache=self._cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        except RuntimeError as exc:  # out of memory, most likely: the newest gives its room back
+            log.warning("batched decode of %d sequences failed: %s", len(seqs), exc)
+            self._crop_to(width)
+            newest = max(self._rows, key=lambda slot: self._seqs[slot].admitted)
+            out.failed[newest] = f"decode failed: {exc}"
+            return False
+        self._cache = result.cache
+        logits = result.logits[:, -1, :]
+        for row, (slot, seq) in enumerate(zip(self._rows, seqs, strict=True)):
+            seq.next_token = seq.sampler(logits[row : row + 1])
+            seq.length += 1
+            out.tokens[slot] = seq.next_token
+        return True
+
+    def _prefill(self, out: StepOutput, budget: int) -> None:
+        waiting = sorted(
+            ((slot, seq) for slot, seq in self._seqs.items() if seq.pending), key=lambda p: p[1].admitted
+        )
+        for slot, seq in waiting:
+            if budget <= 0:
+                return
+            chunk = seq.pending[:budget]
+            positions = torch.arange(seq.length, seq.length + len(chunk), device=self._device)
+            try:
+                result = self._model(
+                    input_ids=torch.tensor([chunk], device=self._device),
+                    position_ids=positions.unsqueeze(0),
+                    cache=seq.cache,
+                    use_cache=True,
+                    logits_to_keep=1,  # none are needed; a 128k vocabulary's for every token are large
+                )
+            except RuntimeError as exc:
+                log.warning("prefill of %d tokens failed: %s", len(chunk), exc)
+                out.failed[slot] = f"prefill failed: {exc}"
+                seq.pending, seq.cache = [], None
+                continue
+            budget -= len(chunk)
+            seq.pending = seq.pending[len(chunk) :]
+            seq.length += len(chunk)
+            seq.cache = result.cache
+
+    def _join(self, slot: int, seq: _Seq) -> None:
+        """Move a prefilled sequence's cache into the batch as its last row."""
+        cache, seq.cache = seq.cache, None
+        assert cache is not None
+        rows = len(self._rows)
+        self._rows.append(slot)
+        if self._cache is None:
+            self._cache = cache
+            return
+        width, length = self._cache.get_seq_length(), cache.get_seq_length()
+        # A one-token prompt has no KV before its decode step, and a batch of only such rows has
+        # none yet either: the side without layers becomes zero rows shaped like the other's. When
+        # neither has any, the next forward creates every row's layers at once.
+        if length == 0:
+            if width > 0:
+                _stack(self._cache, _zero_rows(self._cache, 1))
+            return
+        if width == 0:
+            _stack(cache, _zero_rows(cache, rows), first=True)
+            self._cache = cache
+            return
+        _stack(self._cache, cache)
+
+    def _remove_row(self, row: int) -> None:
+        del self._rows[row]
+        if not self._rows:
+            self._cache = None
+            return
+        assert self._cache is not None
+        keep = [i for i in range(len(self._rows) + 1) if i != row]
+        self._cache.batch_select_indices(torch.tensor(keep, device=self._device))
+        # Columns that are now padding in every row only cost attention work: slice them off
+        # (a view; the next step's concatenation copies the rest anyway).
+        unused = self._cache.get_seq_length() - max(self._seqs[slot].length for slot in self._rows)
+        if unused > 0:
+            for layer in _layers(self._cache):
+                keys, values = _kv(layer)
+                layer.keys, layer.values = keys[..., unused:, :], values[..., unused:, :]
+
+    def _crop_to(self, width: int) -> None:
+        """Undo a failed forward's appends: layers it reached hold one column too many."""
+        assert self._cache is not None
+        for layer in _layers(self._cache):
+            extra = layer.get_seq_length() - width
+            if extra > 0:
+                layer.crop(-extra)
+
+
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's layers, each a plain DynamicLayer whose key/value rows can be padded and merged."""
+    layers = cache.layers
+    assert all(isinstance(layer, DynamicLayer) for layer in layers), "a layer kind TorchBatch cannot merge"
+    return layers  # type: ignore[return-value]  # narrowed by the assert above
+
+
+def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    # Every layer has seen at least one prompt token by the time its sequence joins the batch.
+    assert layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
+
+
+def _zero_rows(like: DynamicCache, rows: int) -> DynamicCache:
+    """A cache of `rows` all-padding rows as wide as `like`."""
+    zeros = DynamicCache()
+    for layer in _layers(like):
+        keys, values = _kv(layer)
+        blank = DynamicLayer()
+        blank.lazy_initialization(keys, values)
+        blank.keys = keys.new_zeros((rows, *keys.shape[1:]))
+        blank.values = values.new_zeros((rows, *values.shape[1:]))
+        zeros.layers.append(blank)
+    return zeros
+
+
+def _stack(base: DynamicCache, other: DynamicCache, *, first: bool = False) -> None:
+    """Put `other`'s rows after `base`'s (before them if `first`), left-padding the narrower side.
+
+    DynamicCache has no merge of two caches; its layers' keys and values are plain
+    [batch, heads, positions, head_dim] tensors, concatenated here on the batch axis.
+    """
+    width, length = base.get_seq_length(), other.get_seq_length()
+    grow, pad = max(length - width, 0), max(width - length, 0)
+    for mine, theirs in zip(_layers(base), _layers(other), strict=True):
+        (keys, values), (new_keys, new_values) = _kv(mine), _kv(theirs)
+        key_parts = [_pad_left(keys, grow), _pad_left(new_keys, pad)]
+        value_parts = [_pad_left(values, grow), _pad_left(new_values, pad)]
+        if first:
+            key_parts.reverse()
+            value_parts.reverse()
+        mine.keys, mine.values = torch.cat(key_parts), torch.cat(value_parts)
+
+
+def _pad_left(kv: torch.Tensor, columns: int) -> torch.Tensor:
+    """Zero key/value columns before a row's own: masked out, they never reach the softmax."""
+    if columns == 0:
+        return kv
+    return torch.nn.functional.pad(kv, (0, 0, columns, 0))
 
 
 class _Sampler:

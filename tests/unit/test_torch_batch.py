@@ -1,0 +1,245 @@
+"""The transformers backend's batched decode (TorchBatch): every sequence in a batch says exactly what
+it says alone, whoever joins or leaves, however long a newcomer's prompt, in float32 and in NF4."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from model.engine import Engine
+from model.generation import Generation
+from model.loading import load_model
+from model.scheduler import Failure
+from model.torch_backend import PREFILL_CHUNK_TOKENS
+from model.types import ChatMessage, Completion, Prompt, SamplingParams, TextDelta
+from tests.unit.conftest import TOKENIZER_FILES, llama3_tokenizer_path
+
+pytestmark = pytest.mark.timeout(60)
+
+SLOTS = 4
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+# Different lengths, so every batch mixes rows with different amounts of left padding.
+QUESTIONS = (
+    "Hi.",
+    "Расскажи про космос кратко, пожалуйста.",
+    "Write a short poem about the sea, the wind and a lighthouse keeper who counts the waves at night.",
+    "2+2?",
+)
+
+
+@pytest.fixture(scope="module")
+def random_llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with random weights and the real Llama-3 tokenizer: its attention really mixes
+    positions, so a wrong mask, position or padded row changes the greedy tokens.
+
+    At the default init (std 0.02) attention is so flat that shifting every decode position by a
+    row's padding left the greedy tokens unchanged; at 0.1 that bug changes them."""
+    path = tmp_path_factory.mktemp("random-llama3-batch")
+    torch.manual_seed(2)
+    config = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,  # room for a prompt of several prefill chunks
+        initializer_range=0.1,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        shutil.copy(llama3_tokenizer_path() / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(random_llama3: Path, model_cache: Path) -> Engine:
+    loaded = load_model(
+        str(random_llama3),
+        engine="transformers",
+        device="cpu",
+        dtype="float32",
+        use_4bit=False,
+        slots=SLOTS,
+        cache_dir=model_cache,
+    )
+    return Engine(loaded)
+
+
+@dataclass
+class Run:
+    """What each generation said, and how many tokens it had after each step."""
+
+    text: dict[Hashable, str] = field(default_factory=dict)
+    done: dict[Hashable, Completion] = field(default_factory=dict)
+    tokens_after_step: list[dict[Hashable, int]] = field(default_factory=list)
+
+
+def drive(
+    engine: Engine,
+    jobs: dict[Hashable, tuple[Prompt, SamplingParams]],
+    *,
+    join_at: dict[Hashable, int] | None = None,
+    stop_at: dict[Hashable, int] | None = None,
+) -> Run:
+    """Run jobs through the engine's scheduler: each submitted before step `join_at[key]` (default
+    0), and cancelled before step `stop_at[key]`, until all have ended."""
+    join_at, stop_at = join_at or {}, stop_at or {}
+    scheduler = engine.scheduler
+    assert scheduler.idle
+    run = Run()
+    generations: dict[Hashable, Generation] = {}
+    for step in range(1000):
+        if len(run.done) == len(jobs):
+            return run
+        for key, (prompt, sampling) in jobs.items():
+            if join_at.get(key, 0) == step:
+                generations[key] = engine.generation(prompt, sampling)
+                scheduler.submit(key, generations[key])
+        events = []
+        for key, at in stop_at.items():
+            if at == step:
+                events += scheduler.stop(key)
+        events += scheduler.step()
+        for key, event in events:
+            assert not isinstance(event, Failure), event
+            if isinstance(event, TextDelta):
+                run.text[key] = run.text.get(key, "") + event.text
+            else:
+                run.done[key] = event
+        run.tokens_after_step.append({k: g.generated for k, g in generations.items() if k not in run.done})
+    raise AssertionError("the generations did not end")
+
+
+def alone(engine: Engine, prompt: Prompt, sampling: SamplingParams) -> tuple[str, Completion]:
+    run = drive(engine, {"only": (prompt, sampling)})
+    return run.text.get("only", ""), run.done["only"]
+
+
+def prompts(engine: Engine) -> list[Prompt]:
+    return [engine.prepare([ChatMessage("user", q)]) for q in QUESTIONS]
+
+
+def assert_same_as_alone(
+    engine: Engine, run: Run, jobs: dict[Hashable, tuple[Prompt, SamplingParams]]
+) -> None:
+    for key, (prompt, sampling) in jobs.items():
+        text, done = alone(engine, prompt, sampling)
+        assert (run.text.get(key, ""), run.done[key]) == (text, done), key
+
+
+def test_greedy_batch_of_four_says_what_each_says_alone(engine: Engine) -> None:
+    jobs: dict[Hashable, tuple[Prompt, SamplingParams]] = {
+        i: (p, GREEDY) for i, p in enumerate(prompts(engine))
+    }
+    assert len({len(p.token_ids) for p, _ in jobs.values()}) == len(jobs), "lengths must differ"
+    run = drive(engine, jobs)
+    assert max(len(step) for step in run.tokens_after_step) == SLOTS, "all four must have run together"
+    assert all(done.completion_tokens > 1 for done in run.done.values())
+    assert_same_as_alone(engine, run, jobs)
+
+
+def test_joining_and_leaving_mid_batch_leaves_the_others_unchanged(engine: Engine) -> None:
+    """The longest prompt leaves mid-batch (its columns are trimmed), two join mid-generation."""
+    hi, space, longest, sum_ = prompts(engine)
+    jobs: dict[Hashable, tuple[Prompt, SamplingParams]] = {
+        "longest": (longest, GREEDY),
+        "first": (space, GREEDY),
+        "second": (sum_, GREEDY),
+        "last": (hi, GREEDY),
+    }
+    run = drive(engine, jobs, join_at={"second": 5, "last": 12}, stop_at={"longest": 9})
+    assert run.done["longest"].finish_reason == "cancelled"
+    text, _ = alone(engine, longest, GREEDY)
+    assert text.startswith(run.text.get("longest", ""))
+    assert_same_as_alone(engine, run, {k: v for k, v in jobs.items() if k != "longest"})
+
+
+def test_long_prompt_prefills_in_chunks_while_the_others_keep_decoding(engine: Engine) -> None:
+    long_prompt = engine.prepare([ChatMessage("user", "Tell me everything about the ocean. " * 80)])
+    # All but the last prompt token are prefilled; the last is the first decode step's input.
+    chunks = math.ceil((len(long_prompt.token_ids) - 1) / PREFILL_CHUNK_TOKENS)
+    assert chunks >= 3
+    budget = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    jobs: dict[Hashable, tuple[Prompt, SamplingParams]] = {
+        "a": (prompts(engine)[0], budget),
+        "b": (prompts(engine)[1], budget),
+        "long": (long_prompt, GREEDY),
+    }
+    joins = 3
+    run = drive(engine, jobs, join_at={"long": joins})
+    for step in range(joins, joins + chunks + 1):
+        before, after = run.tokens_after_step[step - 1], run.tokens_after_step[step]
+        assert all(after[k] == before[k] + 1 for k in ("a", "b")), f"a stream stalled at step {step}"
+    first_token = next(i for i, counts in enumerate(run.tokens_after_step) if counts.get("long", 0) > 0)
+    assert first_token == joins + chunks, "one prefill chunk per step, then its first decode step"
+    assert_same_as_alone(engine, run, jobs)
+
+
+def test_one_token_prompts_join_a_batch_with_no_kv_of_their_own(engine: Engine) -> None:
+    """A one-token prompt has nothing to prefill: its row is padding only until it decodes, alone,
+    beside another such row (no layers at all yet), or joining rows that already hold KV."""
+    bos = Prompt((engine.loaded.tokenizer.bos_token_id,))
+    jobs: dict[Hashable, tuple[Prompt, SamplingParams]] = {
+        "bos": (bos, GREEDY),
+        "bos again": (bos, GREEDY),
+        "question": (prompts(engine)[1], GREEDY),
+        "late bos": (bos, GREEDY),
+    }
+    run = drive(engine, jobs, join_at={"late bos": 4})
+    assert run.tokens_after_step[0] == {"bos": 1, "bos again": 1, "question": 0}
+    assert_same_as_alone(engine, run, jobs)
+
+
+def test_seeded_sampling_in_a_batch_matches_the_same_seed_alone(engine: Engine) -> None:
+    jobs: dict[Hashable, tuple[Prompt, SamplingParams]] = {
+        i: (p, SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=100 + i))
+        for i, p in enumerate(prompts(engine))
+    }
+    run = drive(engine, jobs)
+    assert len(set(run.text.values())) == len(jobs), "different seeds and prompts, different texts"
+    assert_same_as_alone(engine, run, jobs)
+
+
+def test_nf4_on_cpu_quantizes_and_batches_like_alone(random_llama3: Path, model_cache: Path) -> None:
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    loaded = load_model(
+        str(random_llama3),
+        engine="transformers",
+        device="cpu",
+        dtype="float32",
+        use_4bit=True,
+        slots=SLOTS,
+        cache_dir=model_cache,
+        quantize_on_cpu=True,
+    )
+    assert loaded.quantization == "bnb-nf4"
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules())
+    engine = Engine(loaded)
+    jobs: dict[Hashable, tuple[Prompt, SamplingParams]] = {
+        i: (p, GREEDY) for i, p in enumerate(prompts(engine))
+    }
+    run = drive(engine, jobs)
+    assert_same_as_alone(engine, run, jobs)
+
+
+def test_use_4bit_without_the_test_switch_stays_unquantized_on_cpu(
+    random_llama3: Path, model_cache: Path
+) -> None:
+    loaded = load_model(
+        str(random_llama3),
+        engine="transformers",
+        device="cpu",
+        dtype="float32",
+        use_4bit=True,
+        slots=1,
+        cache_dir=model_cache,
+    )
+    assert loaded.quantization is None
