@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,12 +26,11 @@ from model.types import SamplingParams, StepOutput
 log = logging.getLogger(__name__)
 
 
-
-
 def load(source: ModelSource, *, device: str, threads: int, slots: int, cache_dir: Path) -> LoadedModel:
     """Memory-map the GGUF as it is (no conversion) and take the tokenizer from the same file."""
     started = time.perf_counter()
     gpu_layers, where = _placement(device)
+    tuned = threads == 0 and gpu_layers == 0  # "auto" on a CPU: the loop picks by measurement
     threads = threads or _physical_cores()
     tokenizer = ChatTokenizer(tokenizer_folder(source, cache_dir))
     model, ctx = _open(source.gguf_path, threads=threads, gpu_layers=gpu_layers, slots=slots)
@@ -39,7 +39,7 @@ def load(source: ModelSource, *, device: str, threads: int, slots: int, cache_di
         backend="llama.cpp",
         model=model,
         tokenizer=tokenizer,
-        runner=LlamaCppBatch(ctx, slots),
+        runner=LlamaCppBatch(ctx, slots, ThreadTuner(ctx, threads) if tuned and threads > 1 else None),
         eos_token_ids=frozenset({model.token_eos()}),
         device=where,
         dtype=weights,
@@ -109,6 +109,52 @@ def _physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+class ThreadTuner:
+    """Decode threads chosen by measurement, again and again, because the machine is shared.
+
+    llama.cpp's threads meet at a spinning barrier after every operation, so one thread that the
+    OS puts aside (for the API, Redis, another worker, a backup job) stalls all of them: on 2
+    cores with one kept busy by another process, 2 threads decoded 4 sequences at 59 tok/s and 1
+    thread at 130, while on an idle machine 2 threads gave 204 and 1 gave 122. So every
+    PROBE_EVERY decode steps the loop tries the other counts for PROBE_STEPS steps each and keeps
+    whichever decoded a batch token fastest. COMPUTE_THREADS set to a number fixes the count.
+    """
+
+    PROBE_EVERY = 200
+    PROBE_STEPS = 6
+    FIRST_PROBE = 20  # soon after start, so a worker started on a busy machine adapts at once
+
+    def __init__(self, ctx: Any, threads: int) -> None:
+        self._ctx = ctx
+        self._choices = sorted({threads, max(1, threads // 2), 1}, reverse=True)
+        self.current = threads
+        self._plan: list[int] = []  # thread counts still to try in this probe, one per step
+        self._timings: dict[int, list[float]] = {}
+        self._steps = 0
+
+    def before_step(self) -> None:
+        self._steps += 1
+        if not self._plan and self._steps % self.PROBE_EVERY == self.FIRST_PROBE:
+            self._timings = {}
+            self._plan = [n for n in self._choices for _ in range(self.PROBE_STEPS)]
+        if self._plan:
+            self._use(self._plan[0])
+
+    def after_step(self, seconds: float, tokens: int) -> None:
+        if not self._plan:
+            return
+        self._timings.setdefault(self._plan.pop(0), []).append(seconds / max(tokens, 1))
+        if not self._plan:
+            best = min(self._timings, key=lambda n: statistics.median(self._timings[n]))
+            if best != self.current:
+                log.info("decoding with %d thread(s) from now on (measured faster here)", best)
+            self._use(best)
+            self.current = best
+
+    def _use(self, threads: int) -> None:
+        llama_cpp.llama_set_n_threads(self._ctx.ctx, threads, threads)
+
+
 @dataclass
 class _Slot:
     """One sequence's place in the shared context (its llama.cpp seq_id is the slot's index)."""
@@ -140,8 +186,9 @@ class LlamaCppBatch:
     recently used first, when a new sequence needs their room in the pool.
     """
 
-    def __init__(self, ctx: Any, slots: int) -> None:
+    def __init__(self, ctx: Any, slots: int, tuner: ThreadTuner | None = None) -> None:
         self._ctx = ctx
+        self._tuner = tuner
         self._mem = llama_cpp.llama_get_memory(ctx.ctx)
         self._pool = ctx.n_ctx()
         self._batch_cap = max(ctx.params.n_batch, slots)
@@ -197,7 +244,14 @@ class LlamaCppBatch:
                 self._put(token, slot.pos + j, slot.id, logits=False)
         if batch.n_tokens == 0:
             return out
+        # Only decode-only steps are timed for the thread choice: prompt chunks cost differently.
+        tuner = None if fed else self._tuner
+        if tuner is not None:
+            tuner.before_step()
+        started = time.perf_counter()
         rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if tuner is not None:
+            tuner.after_step(time.perf_counter() - started, batch.n_tokens)
         if rc != 0:
             # The plan keeps the batch within the pool, so this is llama.cpp refusing it for
             # another reason; the newest sequence ends, so the others can go on.
