@@ -75,7 +75,7 @@ test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install-dev
-	$(VENV)/bin/ruff check api tasks model tests celeryconfig.py
+	$(VENV)/bin/ruff check api tasks model tests bench celeryconfig.py
 	$(VENV)/bin/mypy api tasks model celeryconfig.py
 
 $(VENV)/.installed-bench: $(VENV)/.installed

@@ -37,7 +37,9 @@ class WorkerRuntime:
     redis: redis.Redis
     scripts: Scripts
     settings: Settings
-    running: set[str] = field(default_factory=set)  # job ids holding a slot (the loop keeps it)
+    # Job ids holding a slot: changed by the decode loop only; other threads read copies
+    # (`list(set)` copies in one step under the GIL).
+    running: set[str] = field(default_factory=set)
     # Set once the shutdown grace period is over: running generations stop with what they have.
     draining: threading.Event = field(default_factory=threading.Event)
 
@@ -79,7 +81,7 @@ def load_engine(settings: Settings) -> Engine:
 
 def describe(rt: WorkerRuntime) -> dict[str, Any]:
     loaded = rt.engine.loaded
-    running = sorted(rt.running)
+    running = sorted(list(rt.running))
     return {
         "name": rt.name,
         "model": rt.settings.model_name,
@@ -118,6 +120,8 @@ def _heartbeat(rt: WorkerRuntime, stop: threading.Event) -> None:
                 log.warning("reaper ended %s job(s) of dead workers or past their queue deadline", ended)
         except redis.RedisError as exc:  # Redis away: keep trying; readers see us expire
             log.warning("heartbeat failed: %s", exc)
+        except Exception:  # anything else must not stop the heartbeat: its jobs would be reaped
+            log.exception("heartbeat failed")
         stop.wait(HEARTBEAT_SECONDS)
 
 

@@ -113,9 +113,19 @@ def build_scripted_llama3(path: Path, text: str, end_token: str = "<|eot_id|>") 
     return Script(text=text, token_ids=script_ids, end_id=end_id)
 
 
-def random_llama3(path: Path, context_length: int = 512, seed: int = 1) -> LlamaForCausalLM:
+def random_llama3(
+    path: Path,
+    context_length: int = 512,
+    seed: int = 1,
+    initializer_range: float = 0.02,
+    gguf: bool = True,
+) -> LlamaForCausalLM:
     """Save a tiny Llama with random weights (its attention really mixes positions, unlike the
-    scripted one) at `path`, with the real Llama-3 tokenizer and its F32 GGUF export."""
+    scripted one) at `path`, with the real Llama-3 tokenizer and (`gguf`) its F32 GGUF export.
+
+    At the default init (std 0.02) attention is so flat that a decode position shifted by a
+    padded row's padding left the greedy tokens unchanged; batching tests use 0.1, where it
+    does not."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=128256,
@@ -125,17 +135,26 @@ def random_llama3(path: Path, context_length: int = 512, seed: int = 1) -> Llama
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=context_length,
+        initializer_range=initializer_range,
     )
     model = LlamaForCausalLM(config).eval()
-    save_with_gguf(model, path)
+    if gguf:
+        save_with_gguf(model, path)
+    else:
+        save_with_tokenizer(model, path)
     return model
+
+
+def save_with_tokenizer(model: LlamaForCausalLM, path: Path) -> None:
+    """The model as a Hugging Face directory with the real Llama-3 tokenizer."""
+    model.save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        shutil.copy(llama3_tokenizer_path() / name, path / name)
 
 
 def save_with_gguf(model: LlamaForCausalLM, path: Path) -> None:
     """The model as a Hugging Face directory with the real Llama-3 tokenizer, plus its GGUF export."""
-    model.save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        shutil.copy(llama3_tokenizer_path() / name, path / name)
+    save_with_tokenizer(model, path)
     export_gguf(path, path / GGUF_NAME)
 
 

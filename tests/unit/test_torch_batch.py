@@ -4,22 +4,18 @@ it says alone, whoever joins or leaves, however long a newcomer's prompt, in flo
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from model.engine import Engine
 from model.generation import Generation
 from model.loading import load_model
-from model.scheduler import Failure
-from model.torch_backend import PREFILL_CHUNK_TOKENS
+from model.scheduler import PREFILL_CHUNK_TOKENS, Failure
 from model.types import ChatMessage, Completion, Prompt, SamplingParams, TextDelta
-from tests.unit.conftest import TOKENIZER_FILES, llama3_tokenizer_path
+from tests.unit.conftest import random_llama3 as build_random_llama3
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,25 +33,10 @@ QUESTIONS = (
 @pytest.fixture(scope="module")
 def random_llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama with random weights and the real Llama-3 tokenizer: its attention really mixes
-    positions, so a wrong mask, position or padded row changes the greedy tokens.
-
-    At the default init (std 0.02) attention is so flat that shifting every decode position by a
-    row's padding left the greedy tokens unchanged; at 0.1 that bug changes them."""
+    positions, so a wrong mask, position or padded row changes the greedy tokens."""
     path = tmp_path_factory.mktemp("random-llama3-batch")
-    torch.manual_seed(2)
-    config = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,  # room for a prompt of several prefill chunks
-        initializer_range=0.1,
-    )
-    LlamaForCausalLM(config).eval().save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        shutil.copy(llama3_tokenizer_path() / name, path / name)
+    # 1024 positions: room for a prompt of several prefill chunks.
+    build_random_llama3(path, context_length=1024, seed=2, initializer_range=0.1, gguf=False)
     return path
 
 
