@@ -7,7 +7,7 @@ import time
 
 from bench import workload
 from bench.metrics import BatchResult, RequestSample
-from model.types import Completion, TextDelta
+from model.types import ChatMessage, Completion, TextDelta
 from tasks.settings import Settings
 from tasks.worker import load_engine
 
@@ -18,6 +18,7 @@ class InProcessEngine:
     """One stream at a time through `Engine.stream`, timed like a client would time it."""
 
     name = "engine in-process"
+    clients = (1,)  # one stream at a time
 
     def __init__(self, settings: Settings) -> None:
         # The workers' own loader, so engine, dtype and weights match theirs.
@@ -32,6 +33,10 @@ class InProcessEngine:
             self.loaded.dtype,
             self.prompt_tokens,
         )
+
+    def prompt_tokens_of(self, text: str) -> int:
+        """The rendered prompt's length for one user message, chat template included."""
+        return len(self.engine.prepare([ChatMessage("user", text)]).token_ids)
 
     def one(self) -> RequestSample:
         started = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import statistics
 import sys
 from dataclasses import asdict, dataclass
@@ -17,21 +18,36 @@ log = logging.getLogger(__name__)
 
 ENGINE = "engine in-process"
 SEED_LIKE = "seed-like (1 process)"
-LLAMA_SERVER = "llama.cpp server"
-SERVICE = "service, "  # then "1 worker", "2 workers", ...
+LLAMA_SERVER = "llama.cpp server"  # then " --parallel 4", ...
+SERVICE = "service"  # then ", 1 worker", ", 1 worker x 4 slots", " (transformers), 1 worker x 1 slot"
+BUSY = " + 1 busy core"  # a system measured while another process keeps one core busy
+_SERVICE_NAME = re.compile(
+    r"service(?: \((?P<engine>[^)]+)\))?, (?P<workers>\d+) workers?(?: x (?P<slots>\d+) slots?)?"
+)
 
 
-def service_name(workers: int) -> str:
-    return f"{SERVICE}{workers} worker{'s' if workers > 1 else ''}"
+def service_name(workers: int, slots: int | None = None, engine: str | None = None) -> str:
+    """E.g. "service, 2 workers"; with slots "service, 1 worker x 4 slots"; engines in brackets."""
+    name = f"{SERVICE}{f' ({engine})' if engine else ''}, {workers} worker{'s' if workers > 1 else ''}"
+    return name if slots is None else f"{name} x {slots} slot{'s' if slots > 1 else ''}"
 
 
-def _order(system: str) -> tuple[int, int, str]:
-    """Engine, the service by worker count, the seed-like design, then anything else (llama.cpp)."""
-    if system == ENGINE:
-        return 0, 0, system
-    if system.startswith(SERVICE):
-        return 1, int(system.removeprefix(SERVICE).split()[0]), system
-    return (2 if system == SEED_LIKE else 3), 0, system
+def llama_server_name(slots: int) -> str:
+    return f"{LLAMA_SERVER} --parallel {slots}"
+
+
+def _order(system: str) -> tuple[int, int, int, str]:
+    """Engine, the service (llama.cpp by workers then slots, then other engines), the seed-like
+    design, llama.cpp's server, then each of those measured with a busy core."""
+    base = system.removesuffix(BUSY)
+    busy = 10 if base != system else 0
+    if base == ENGINE:
+        return busy, 0, 0, system
+    if m := _SERVICE_NAME.fullmatch(base):
+        return busy + (2 if m["engine"] else 1), int(m["workers"]), int(m["slots"] or 0), system
+    if base.startswith(LLAMA_SERVER):
+        return busy + 4, int(base.split()[-1]) if base[-1].isdigit() else 0, 0, system
+    return busy + 3, 0, 0, system
 
 
 def summarize(batches: list[BatchResult]) -> list[Summary]:
@@ -93,12 +109,27 @@ def _ratio(name: str, num: float | None, den: float | None, floor: float) -> Tar
 
 
 def _services(summaries: list[Summary]) -> list[str]:
-    return sorted({s.system for s in summaries if s.system.startswith(SERVICE)}, key=_order)
+    """Every service row measured on a quiet machine."""
+    names = {s.system for s in summaries if _SERVICE_NAME.fullmatch(s.system)}
+    return sorted(names, key=_order)
 
 
-def targets(summaries: list[Summary], startup_s: list[float]) -> list[Target]:
-    """The performance issue's targets, each a ratio of two systems measured side by side."""
+def _worker_services(summaries: list[Summary]) -> list[str]:
+    """The llama.cpp service stacks with one slot per worker: "service, N workers"."""
+    return [n for n in _services(summaries) if (m := _SERVICE_NAME.fullmatch(n)) and not m["slots"]]
+
+
+def _ttft_ratio(name: str, mine: float | None, theirs: float | None, ceiling: float) -> Target:
+    if mine is None or not theirs:
+        return Target(name, "not measured", None)
+    measured = f"{mine / theirs:.2f}× ({mine * 1000:.0f} vs {theirs * 1000:.0f} ms)"
+    return Target(name, measured, mine <= ceiling * theirs)
+
+
+def targets(summaries: list[Summary], run: dict[str, Any]) -> list[Target]:
+    """The performance issues' targets, each a ratio of two systems measured side by side."""
     one = service_name(1)
+    peer_name = llama_server_name(4)
     out = [
         _ratio(
             "streamed decode, service (1 worker, 1 client) ≥ 0.95× engine in-process",
@@ -117,31 +148,30 @@ def targets(summaries: list[Summary], startup_s: list[float]) -> list[Target]:
 
     out.append(
         _ratio(
-            "single-stream decode, service (1 worker) ≥ 1.0× llama.cpp server",
+            f"single-stream decode, service (1 worker) ≥ 1.0× {peer_name}",
             _median(_find(summaries, one, 1), "decode_tps"),
-            _median(_find(summaries, LLAMA_SERVER, 1), "decode_tps"),
+            _median(_find(summaries, peer_name, 1), "decode_tps"),
             1.0,
         )
     )
-    peer = _find(summaries, LLAMA_SERVER, 4)
-    for system in _services(summaries):
+    peer = _find(summaries, peer_name, 4)
+    for system in _worker_services(summaries):
         ours = _find(summaries, system, 4)
         agg = _ratio(
-            f"aggregate at 4 clients, {system} ≥ 1.0× llama.cpp server --parallel 4",
+            f"aggregate at 4 clients, {system} ≥ 1.0× {peer_name}",
             _median(ours, "aggregate_tps"),
             _median(peer, "aggregate_tps"),
             1.0,
         )
-        name = f"TTFT p50 at 4 clients, {system} ≤ 2× llama.cpp server's"
-        mine, theirs = _median(ours, "ttft_s"), _median(peer, "ttft_s")
-        if mine is None or not theirs:
-            ttft = Target(name, "not measured", None)
-        else:
-            measured = f"{mine / theirs:.1f}× ({mine * 1000:.0f} vs {theirs * 1000:.0f} ms)"
-            ttft = Target(name, measured, mine <= 2 * theirs)
+        ttft = _ttft_ratio(
+            f"TTFT p50 at 4 clients, {system} ≤ 2× {peer_name}'s",
+            _median(ours, "ttft_s"),
+            _median(peer, "ttft_s"),
+            2.0,
+        )
         out += [agg, ttft]
 
-    if startup_s:
+    if startup_s := run["worker_startup_s"]:
         ready = Spread.of(startup_s)
         assert ready is not None
         out.append(
@@ -164,6 +194,89 @@ def targets(summaries: list[Summary], startup_s: list[float]) -> list[Target]:
                 1.0,
             )
         )
+    return out + slot_targets(summaries, run)
+
+
+def _agg(summaries: list[Summary], system: str, clients: int) -> float | None:
+    return _median(_find(summaries, system, clients), "aggregate_tps")
+
+
+def _worker_rss(run: dict[str, Any], system: str) -> float | None:
+    parts = run.get("rss_mib", {}).get(system)
+    return parts.get("worker1") if isinstance(parts, dict) else None
+
+
+def interference_medians(run: dict[str, Any], system: str) -> tuple[float, float] | None:
+    """The scenario's largest and median gap (s) for one system, each the median over rounds."""
+    rows = [r for r in run.get("interference", []) if r["system"] == system and not r["errors"]]
+    if not rows:
+        return None
+    return statistics.median(r["max_gap_s"] for r in rows), statistics.median(r["median_gap_s"] for r in rows)
+
+
+def _interference_target(run: dict[str, Any]) -> Target:
+    x4 = service_name(1, 4)
+    name = f"prefill interference, {x4}: largest SSE gap ≤ 5× median gap"
+    ours = interference_medians(run, x4)
+    if ours is None or ours[1] <= 0:
+        return Target(name, "not measured", None)
+    measured = f"{ours[0] / ours[1]:.1f}× ({ours[0] * 1000:.0f} / {ours[1] * 1000:.0f} ms)"
+    if (theirs := interference_medians(run, llama_server_name(4))) is not None and theirs[1] > 0:
+        measured += (
+            f"; {llama_server_name(4)}: {theirs[0] / theirs[1]:.0f}× "
+            f"({theirs[0] * 1000:.0f} / {theirs[1] * 1000:.0f} ms)"
+        )
+    return Target(name, measured, ours[0] <= 5 * ours[1])
+
+
+def slot_targets(summaries: list[Summary], run: dict[str, Any]) -> list[Target]:
+    """Continuous batching's targets (issue #11): slots against llama.cpp's server and 1 slot."""
+    x1, x4, x8 = service_name(1), service_name(1, 4), service_name(1, 8)
+    p4, p8 = llama_server_name(4), llama_server_name(8)
+    t1, t4 = service_name(1, 1, "transformers"), service_name(1, 4, "transformers")
+    out = [
+        _ratio(
+            f"aggregate at 4 clients, {x4} ≥ 1.05× {p4}", _agg(summaries, x4, 4), _agg(summaries, p4, 4), 1.05
+        ),
+        _ttft_ratio(
+            f"TTFT p50 at 4 clients, {x4} ≤ 1.5× {p4}'s",
+            _median(_find(summaries, x4, 4), "ttft_s"),
+            _median(_find(summaries, p4, 4), "ttft_s"),
+            1.5,
+        ),
+        _ratio(
+            f"aggregate at 8 clients, {x8} ≥ 1.05× {p8}", _agg(summaries, x8, 8), _agg(summaries, p8, 8), 1.05
+        ),
+        _ratio(
+            f"decode at 1 client, {x4} ≥ 0.95× {x1} (1 slot)",
+            _median(_find(summaries, x4, 1), "decode_tps"),
+            _median(_find(summaries, x1, 1), "decode_tps"),
+            0.95,
+        ),
+    ]
+    name = f"worker RSS, {x4} ≤ 1.3× {x1} (1 slot)"
+    four, single = _worker_rss(run, x4), _worker_rss(run, x1)
+    if four and single:
+        out.append(
+            Target(name, f"{four / single:.2f}× ({four:.0f} vs {single:.0f} MiB)", four <= 1.3 * single)
+        )
+    else:
+        out.append(Target(name, "not measured", None))
+    out += [
+        _interference_target(run),
+        _ratio(
+            "transformers: aggregate at 4 clients, 4 slots ≥ 2.5× 1 slot",
+            _agg(summaries, t4, 4),
+            _agg(summaries, t1, 4),
+            2.5,
+        ),
+        _ratio(
+            f"contention: aggregate at 4 clients, {x4}{BUSY} ≥ 0.6× without",
+            _agg(summaries, x4 + BUSY, 4),
+            _agg(summaries, x4, 4),
+            0.6,
+        ),
+    ]
     return out
 
 
@@ -174,9 +287,38 @@ def targets_table(items: list[Target]) -> str:
     return "\n".join(rows)
 
 
+INTERFERENCE_NOTE = (
+    "Prefill interference: 3 streams decode (the workload's prompt, up to 1,000 tokens), then a "
+    "{tokens}-token prompt arrives (16 new tokens); the streams are closed 1 s after it ends. Gaps are "
+    "between SSE chunks that carry text, as the client sees them: the service coalesces text within "
+    "STREAM_COALESCE_SECONDS (30 ms) of its last event into one chunk, llama.cpp's server sends one "
+    'chunk per token. "While waiting": the largest gap overlapping the long prompt\'s wait for its '
+    'first token. "Outlasted": all 3 streams still decoding when the long prompt\'s first token came.'
+)
+
+
+def interference_table(rows: list[dict[str, Any]]) -> str:
+    out = [
+        "| system | round | largest gap ms | median gap ms | p99 gap ms | largest gap while waiting ms "
+        "| gaps > 5× median | long prompt TTFT s | outlasted | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (_order(r["system"]), r["round"])):
+        out.append(
+            f"| {r['system']} | {r['round']} | {r['max_gap_s'] * 1000:.0f} | {r['median_gap_s'] * 1000:.0f} "
+            f"| {r['p99_gap_s'] * 1000:.0f} | {r['max_gap_during_prefill_s'] * 1000:.0f} "
+            f"| {r.get('gaps_over_5x_median', '–')} of {r.get('gaps', '–')} "
+            f"| {r['long_ttft_s']:.2f} | {'yes' if r['outlasted'] else 'no'} | {len(r['errors'])} |"
+        )
+    return "\n".join(out)
+
+
 def markdown(run: dict[str, Any], summaries: list[Summary], goals: list[Target]) -> str:
     startup = Spread.of(run["worker_startup_s"])
-    rss = ", ".join(f"{k} {v:.0f}" for k, v in run["rss_mib"].items())
+    rss = "; ".join(
+        f"{k}: " + (", ".join(f"{p} {m:.0f}" for p, m in v.items()) if isinstance(v, dict) else f"{v:.0f}")
+        for k, v in run["rss_mib"].items()
+    )
     lines = [
         f"Machine: {one_line(run['machine'])}.",
         f"Workload: {run['prompt_tokens']}-token prompt, {run['new_tokens']} new tokens (EOS ignored), "
@@ -196,7 +338,11 @@ def markdown(run: dict[str, Any], summaries: list[Summary], goals: list[Target])
             f"median {startup.median:.1f} s ({startup.low:.1f}–{startup.high:.1f}, n={startup.n}), "
             f"of which loading the model {statistics.median(run['worker_load_s'] or [0.0]):.1f} s."
         )
-    lines += [f"RSS MiB (process + children): {rss}.", ""]
+    lines += [f"RSS MiB after the runs (process + children): {rss}.", ""]
+    lines += [f"{note}" for note in run.get("notes", [])]
+    if run.get("interference"):
+        lines += ["", interference_table(run["interference"]), ""]
+        lines += [INTERFERENCE_NOTE.format(tokens=run["interference"][0]["prompt_tokens"]), ""]
     for skipped in run.get("skipped", []):
         lines.append(f"Skipped: {skipped}.")
     lines += ["", targets_table(goals)]
@@ -214,29 +360,47 @@ def chart(summaries: list[Summary], path: Path, title: str) -> None:
         ("decode_tps", "decode tok/s per stream", 1.0),
         ("ttft_s", "TTFT p50 (ms)", 1000.0),
     ]
-    systems = list(dict.fromkeys(s.system for s in summaries))
+    systems = sorted({s.system for s in summaries}, key=_order)
     clients = sorted({s.concurrency for s in summaries})
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.5))
-    width = 0.8 / len(systems)
+    # Each client count's group holds only the systems measured there, each in its own colour.
+    groups = {c: [name for name in systems if _find(summaries, name, c)] for c in clients}
+    colours = plt.get_cmap("tab20").colors
+    colour = {name: colours[i % len(colours)] for i, name in enumerate(systems)}
+    width = 0.85 / max(len(g) for g in groups.values())
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 5))
+    labelled: set[str] = set()  # one legend entry per system, from the first panel
     for ax, (field, label, scale) in zip(axes, panels, strict=True):
-        for i, system in enumerate(systems):
-            xs, ys, lo, hi = [], [], [], []
-            for j, c in enumerate(clients):
+        for j, c in enumerate(clients):
+            for k, system in enumerate(groups[c]):
                 spread = getattr(_find(summaries, system, c), field, None)
                 if spread is None:
                     continue
-                xs.append(j + (i - (len(systems) - 1) / 2) * width)
-                ys.append(spread.median * scale)
-                lo.append((spread.median - spread.low) * scale)
-                hi.append((spread.high - spread.median) * scale)
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=system)
+                legend = system if ax is axes[0] and system not in labelled else None
+                labelled.add(system)
+                ax.bar(
+                    j + (k - (len(groups[c]) - 1) / 2) * width,
+                    spread.median * scale,
+                    width,
+                    yerr=[[(spread.median - spread.low) * scale], [(spread.high - spread.median) * scale]],
+                    capsize=2,
+                    color=colour[system],
+                    label=legend,
+                )
         ax.set_xticks(range(len(clients)), [f"{c} client{'s' if c > 1 else ''}" for c in clients])
         ax.set_title(label)
         if field == "ttft_s":
             ax.set_yscale("log")  # queued requests wait seconds, in-process ones tens of ms
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(systems), fontsize=8)
+    handles, names = axes[0].get_legend_handles_labels()
+    ordered = sorted(zip(names, handles, strict=True), key=lambda pair: _order(pair[0]))
+    fig.legend(
+        [h for _, h in ordered],
+        [n for n, _ in ordered],
+        loc="lower center",
+        ncol=min(len(systems), 4),
+        fontsize=8,
+    )
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.045 * (1 + len(systems) // 4), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -245,7 +409,7 @@ def write(out_dir: Path, run: dict[str, Any], batches: list[BatchResult]) -> str
     """Write results.json, results.md and results.png; return the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries = summarize(batches)
-    goals = targets(summaries, run["worker_startup_s"])
+    goals = targets(summaries, run)
     text = markdown(run, summaries, goals)
     raw = {
         **run,

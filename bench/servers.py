@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 import httpx
@@ -13,25 +15,42 @@ from bench import workload
 from bench.clients import run_clients
 from bench.memory import tree_rss_mib
 from bench.metrics import BatchResult
-from bench.report import LLAMA_SERVER, SEED_LIKE
+from bench.report import SEED_LIKE, llama_server_name
 from model.loading import resolve_source
 from tests.processes import BIN, Service, free_port
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 300.0
+# llama.cpp's server gets one KV pool of SmolLM2's trained context shared by its slots
+# (`--kv-unified`), as a worker sizes its own (model/llamacpp_backend.py): any one request may
+# then use the whole context, as the interference scenario's 3,500-token prompt needs, instead of
+# ctx-size / parallel tokens per slot.
+LLAMA_SERVER_CTX = 8192
+
+
+def log_name(system: str) -> str:
+    """A file name for a system's name: "llama.cpp server --parallel 4" -> "llama.cpp-server-parallel-4"."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", system).strip("-")
 
 
 class HttpServer:
     """One server process on a free port, driven with the same streamed chat request."""
 
     def __init__(
-        self, name: str, argv: list[str], port: int, log_dir: Path, model: str | None = None
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        log_dir: Path,
+        model: str | None = None,
+        clients: Collection[int] | None = None,
     ) -> None:
         self.name = name
         self.url = f"http://127.0.0.1:{port}"
         self.model = model
-        self.proc = Service(name.split()[0], argv, {}, log_dir)
+        self.clients = clients  # the client counts it is measured at; None: all
+        self.proc = Service(log_name(name), argv, {}, log_dir)
         self.proc.start_or_stop(self._ready, timeout=READY_TIMEOUT_S)
 
     def _ready(self) -> bool:
@@ -77,7 +96,9 @@ def llama_server_unavailable(model_id: str) -> str | None:
     return None
 
 
-def start_llama_server(model_id: str, log_dir: Path, slots: int, threads: int) -> HttpServer:
+def start_llama_server(
+    model_id: str, log_dir: Path, slots: int, threads: int, clients: Collection[int] | None = None
+) -> HttpServer:
     """llama.cpp's server on the same GGUF the workers convert, with a slot per client."""
     source = resolve_source(model_id)
     assert source.gguf_file is not None
@@ -90,7 +111,8 @@ def start_llama_server(model_id: str, log_dir: Path, slots: int, threads: int) -
         "--port", str(port),
         "--parallel", str(slots),
         "--cont-batching",
-        "--ctx-size", str(1024 * slots),
+        "--ctx-size", str(LLAMA_SERVER_CTX),
+        "--kv-unified",
         "--threads", str(threads),
     ]  # fmt: skip
-    return HttpServer(LLAMA_SERVER, argv, port, log_dir)
+    return HttpServer(llama_server_name(slots), argv, port, log_dir, clients=clients)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,7 @@ from bench.clients import run_clients
 from bench.memory import tree_rss_mib
 from bench.metrics import BatchResult, RequestSample
 from bench.report import service_name
+from bench.servers import log_name
 from tasks import keys
 from tests.processes import Service, start_api, start_redis, start_worker
 
@@ -26,11 +28,26 @@ WORKER_READY_TIMEOUT_S = 300.0
 
 class ServiceStack:
     """redis-server + API + `workers` workers, started in that order; workers one at a time so
-    each start-up is timed on an otherwise idle machine."""
+    each start-up is timed on an otherwise idle machine.
 
-    def __init__(self, workers: int, log_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.name = service_name(workers)
-        self.log_dir = log_dir / f"service-{workers}w"
+    `slots` sets WORKER_SLOTS (default 1; given, it names the system "... x N slots"); `engine`
+    sets ENGINE; `env`
+    overrides any other setting. `clients`: the client counts it is measured at (None: all).
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        *,
+        slots: int | None = None,
+        engine: str | None = None,
+        clients: Collection[int] | None = None,
+    ) -> None:
+        self.name = service_name(workers, slots, engine)
+        self.clients = clients
+        self.log_dir = log_dir / log_name(self.name)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.services: list[Service] = []
         self.workers: list[Service] = []
@@ -39,15 +56,16 @@ class ServiceStack:
         redis_svc, self.redis_url = start_redis(self.log_dir)
         self.services.append(redis_svc)
         try:
-            # Workers on one machine split its cores (README, COMPUTE_THREADS); more workers than
-            # cores get one thread each and the OS shares the cores between them, as slots.
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            self.env = {
-                "REDIS_URL": self.redis_url,
-                "STREAM_PING_SECONDS": "15",
-                "COMPUTE_THREADS": str(threads),
-                **(env or {}),
-            }
+            self.env = {"REDIS_URL": self.redis_url, "STREAM_PING_SECONDS": "15"}
+            if workers > 1:
+                # Workers on one machine split its cores (README, COMPUTE_THREADS); more workers
+                # than cores get one thread each and the OS shares the cores between them. One
+                # worker keeps the default (COMPUTE_THREADS=0: chosen by measurement).
+                self.env["COMPUTE_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+            self.env["WORKER_SLOTS"] = str(slots or 1)
+            if engine is not None:
+                self.env["ENGINE"] = engine
+            self.env |= env or {}
             self.api, self.url = start_api(self.env, self.log_dir)
             self.services.append(self.api)
             for i in range(workers):
