@@ -115,44 +115,97 @@ class ThreadTuner:
     llama.cpp's threads meet at a spinning barrier after every operation, so one thread that the
     OS puts aside (for the API, Redis, another worker, a backup job) stalls all of them: on 2
     cores with one kept busy by another process, 2 threads decoded 4 sequences at 59 tok/s and 1
-    thread at 130, while on an idle machine 2 threads gave 204 and 1 gave 122. So every
-    PROBE_EVERY decode steps the loop tries the other counts for PROBE_STEPS steps each and keeps
-    whichever decoded a batch token fastest. COMPUTE_THREADS set to a number fixes the count.
+    thread at 130, while on an idle machine 2 threads gave 204 and 1 gave 122. What is best also
+    depends on the batch: one stream beside the API's own work did better on 1 thread, eight on
+    2. So for each batch size (in powers of two) the loop tries each thread count for
+    PROBE_STEPS steps, after FIRST_PROBE steps of that size and then every PROBE_EVERY, and keeps
+    the fastest per batch token unless the one it has is within MARGIN of it.
+    COMPUTE_THREADS set to a number fixes the count instead.
     """
 
     PROBE_EVERY = 200
-    PROBE_STEPS = 6
+    PROBE_STEPS = 8
     FIRST_PROBE = 20  # soon after start, so a worker started on a busy machine adapts at once
+    MARGIN = 0.08  # a switch must be this much faster: probes of a few steps are noisy
 
     def __init__(self, ctx: Any, threads: int) -> None:
         self._ctx = ctx
+        self._default = threads
         self._choices = sorted({threads, max(1, threads // 2), 1}, reverse=True)
-        self.current = threads
-        self._plan: list[int] = []  # thread counts still to try in this probe, one per step
-        self._timings: dict[int, list[float]] = {}
-        self._steps = 0
+        self._best: dict[int, int] = {}  # by batch-size bucket
+        self._steps: dict[int, int] = {}
+        self._plans: dict[int, list[int]] = {}  # thread counts still to try, one per step
+        self._timings: dict[int, dict[int, list[float]]] = {}
+        self._applied = threads
 
-    def before_step(self) -> None:
-        self._steps += 1
-        if not self._plan and self._steps % self.PROBE_EVERY == self.FIRST_PROBE:
-            self._timings = {}
-            self._plan = [n for n in self._choices for _ in range(self.PROBE_STEPS)]
-        if self._plan:
-            self._use(self._plan[0])
+    def before_step(self, tokens: int) -> None:
+        bucket = tokens.bit_length()
+        steps = self._steps[bucket] = self._steps.get(bucket, 0) + 1
+        if bucket not in self._plans and steps % self.PROBE_EVERY == self.FIRST_PROBE:
+            self._plans[bucket] = [n for n in self._choices for _ in range(self.PROBE_STEPS)]
+            self._timings[bucket] = {}
+        plan = self._plans.get(bucket)
+        self._use(plan[0] if plan else self._best.get(bucket, self._default))
 
-    def after_step(self, seconds: float, tokens: int) -> None:
-        if not self._plan:
+    def after_step(self, tokens: int, seconds: float) -> None:
+        bucket = tokens.bit_length()
+        plan = self._plans.get(bucket)
+        if not plan:
             return
-        self._timings.setdefault(self._plan.pop(0), []).append(seconds / max(tokens, 1))
-        if not self._plan:
-            best = min(self._timings, key=lambda n: statistics.median(self._timings[n]))
-            if best != self.current:
-                log.info("decoding with %d thread(s) from now on (measured faster here)", best)
-            self._use(best)
-            self.current = best
+        timings = self._timings[bucket]
+        timings.setdefault(plan.pop(0), []).append(seconds / tokens)
+        if plan:
+            return
+        del self._plans[bucket]
+        median = {n: statistics.median(t) for n, t in timings.items()}
+        have = self._best.get(bucket, self._default)
+        fastest = min(median, key=median.__getitem__)
+        if median[fastest] < median[have] * (1 - self.MARGIN):
+            log.info(
+                "batches of %d-%d tokens: %d thread(s) from now on", 2 ** (bucket - 1), 2**bucket - 1, fastest
+            )
+            self._best[bucket] = fastest
 
     def _use(self, threads: int) -> None:
-        llama_cpp.llama_set_n_threads(self._ctx.ctx, threads, threads)
+        if threads != self._applied:
+            llama_cpp.llama_set_n_threads(self._ctx.ctx, threads, threads)
+            self._applied = threads
+
+
+class PrefillPace:
+    """How many prompt tokens a step may add while other sequences decode, from measured speed.
+
+    A step that also prefills holds every running stream for its whole length, so the chunk is
+    sized for a step to take at most STALL + 1 times a decode-only step: on a 2-core CPU, where
+    this llama.cpp prefills about 200-300 tokens a second in such mixed steps, a fixed chunk of
+    256 stalled three streams for 1.4-1.8 s against a 47 ms median gap; on a GPU the measured
+    speed lets the chunk grow to PREFILL_CHUNK_TOKENS.
+    """
+
+    STALL = 3.0
+    MIN_CHUNK = 16
+    SMOOTHING = 0.2
+
+    def __init__(self) -> None:
+        self._decode_s: float | None = None  # a decode-only step
+        self._prefill_token_s: float | None = None  # one prompt token's share of a step
+
+    def observe(self, seconds: float, *, decoded: int, prefilled: int) -> None:
+        if prefilled == 0:
+            self._decode_s = self._smooth(self._decode_s, seconds)
+            return
+        decode_share = self._decode_s if decoded and self._decode_s is not None else 0.0
+        per_token = max(seconds - decode_share, 0.0) / prefilled
+        self._prefill_token_s = self._smooth(self._prefill_token_s, per_token)
+
+    def chunk(self) -> int:
+        if self._decode_s is None or not self._prefill_token_s:
+            return PREFILL_CHUNK_TOKENS
+        tokens = int(self.STALL * self._decode_s / self._prefill_token_s)
+        return max(self.MIN_CHUNK, min(PREFILL_CHUNK_TOKENS, tokens))
+
+    def _smooth(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.SMOOTHING * (new - old)
 
 
 @dataclass
@@ -174,7 +227,7 @@ class LlamaCppBatch:
     """Every running sequence in one llama_decode per step, each sampled by its own sampler chain.
 
     Per step: one token for each sequence that is decoding, then prompt tokens of sequences
-    being prefilled, at most PREFILL_CHUNK_TOKENS while anything decodes (a whole prompt batch
+    being prefilled, a chunk sized by PrefillPace while anything decodes (a whole prompt batch
     when nothing does). A prompt's last token is fed as the first decode step, never inside a
     prefill chunk.
 
@@ -189,6 +242,7 @@ class LlamaCppBatch:
     def __init__(self, ctx: Any, slots: int, tuner: ThreadTuner | None = None) -> None:
         self._ctx = ctx
         self._tuner = tuner
+        self._pace = PrefillPace()
         self._mem = llama_cpp.llama_get_memory(ctx.ctx)
         self._pool = ctx.n_ctx()
         self._batch_cap = max(ctx.params.n_batch, slots)
@@ -244,14 +298,16 @@ class LlamaCppBatch:
                 self._put(token, slot.pos + j, slot.id, logits=False)
         if batch.n_tokens == 0:
             return out
-        # Only decode-only steps are timed for the thread choice: prompt chunks cost differently.
-        tuner = None if fed else self._tuner
-        if tuner is not None:
-            tuner.before_step()
+        tokens = batch.n_tokens
+        if self._tuner is not None:
+            self._tuner.before_step(tokens)
         started = time.perf_counter()
         rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
-        if tuner is not None:
-            tuner.after_step(time.perf_counter() - started, batch.n_tokens)
+        seconds = time.perf_counter() - started
+        if self._tuner is not None:
+            self._tuner.after_step(tokens, seconds)
+        if rc == 0:
+            self._pace.observe(seconds, decoded=len(decoding), prefilled=tokens - len(decoding))
         if rc != 0:
             # The plan keeps the batch within the pool, so this is llama.cpp refusing it for
             # another reason; the newest sequence ends, so the others can go on.
@@ -281,7 +337,7 @@ class LlamaCppBatch:
             decoding = [s for s in busy if not s.pending]
             budget = self._batch_cap - len(decoding)
             if decoding:
-                budget = min(budget, PREFILL_CHUNK_TOKENS)
+                budget = min(budget, self._pace.chunk())
             fed: list[tuple[_Slot, list[int]]] = []
             for slot in sorted((s for s in busy if s.pending), key=lambda s: s.admitted):
                 if budget <= 0:
