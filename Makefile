@@ -28,7 +28,7 @@ help:
 	@echo "make run       Redis (if none answers), one worker and the API on $(HOST):$(PORT)"
 	@echo "make test      unit and integration tests (real Redis, worker and API processes)"
 	@echo "make lint      ruff and mypy"
-	@echo "make bench     engine, service (1, 2, 4 workers), seed-like and llama.cpp servers, side by side"
+	@echo "make bench     engine, service (workers, slots), seed-like and llama.cpp servers, side by side"
 	@echo "make llama-server  build llama.cpp's server for make bench (once, ~8 min)"
 
 $(VENV)/.installed: pyproject.toml
