@@ -49,9 +49,9 @@ class _SnapshotCollector(Collector):
         running.add_metric(model, s.running)
         yield from (waiting, running)
 
-        for name, hist in metrics.histograms(s.fields).items():
-            if name == metrics.BATCH_SIZE_HISTOGRAM:
-                continue
+        histograms = metrics.histograms(s.fields)
+        batch = histograms.pop(metrics.BATCH_SIZE_HISTOGRAM)
+        for name, hist in histograms.items():
             family = HistogramMetricFamily(f"vllm:{name}", _HELP[name], labels=["model_name"])
             family.add_metric(model, hist.buckets, hist.sum)
             yield family
@@ -60,7 +60,6 @@ class _SnapshotCollector(Collector):
             "Histogram of sequences decoded together in one step of a worker's loop.",
             labels=["model_name"],
         )
-        batch = metrics.histograms(s.fields)[metrics.BATCH_SIZE_HISTOGRAM]
         per_step.add_metric(model, batch.buckets, batch.sum)
         yield per_step
 

@@ -269,11 +269,11 @@ class LlamaCppBatch:
         slot = max(free, key=lambda s: (_shared_prefix(s.cached, head), -s.last_used))
         keep = _shared_prefix(slot.cached, head)
         self._forget(slot, keep)
-        self._make_room(positions, exclude=slot)
+        self._evict_idle(self._busy_cells() + positions, exclude=slot)
         self._clock += 1
         slot.chain = _sampler_chain(sampling)
         slot.busy, slot.pending, slot.next_token = True, head[keep:], last
-        slot.pos, slot.admitted = keep, self._clock
+        slot.admitted = self._clock
         return slot.id
 
     def drop(self, slot_id: int) -> None:
@@ -283,7 +283,7 @@ class LlamaCppBatch:
         self._forget(slot, len(slot.cached))  # generated tokens go; the prefilled prompt stays
         self._clock += 1
         slot.busy, slot.pending, slot.next_token, slot.chain = False, [], None, None
-        slot.pos, slot.last_used = len(slot.cached), self._clock
+        slot.last_used = self._clock
 
     def step(self) -> StepOutput:
         out = StepOutput()
@@ -306,8 +306,6 @@ class LlamaCppBatch:
         seconds = time.perf_counter() - started
         if self._tuner is not None:
             self._tuner.after_step(tokens, seconds)
-        if rc == 0:
-            self._pace.observe(seconds, decoded=len(decoding), prefilled=tokens - len(decoding))
         if rc != 0:
             # The plan keeps the batch within the pool, so this is llama.cpp refusing it for
             # another reason; the newest sequence ends, so the others can go on.
@@ -317,6 +315,7 @@ class LlamaCppBatch:
             out.failed[newest.id] = f"llama_decode returned {rc}"
             log.warning("llama_decode returned %d with %d tokens; failing one sequence", rc, batch.n_tokens)
             return out
+        self._pace.observe(seconds, decoded=len(decoding), prefilled=tokens - len(decoding))
         for slot, chunk in fed:
             slot.cached += chunk
             slot.pending = slot.pending[len(chunk) :]
@@ -345,12 +344,10 @@ class LlamaCppBatch:
                 fed.append((slot, slot.pending[:budget]))
                 budget -= len(fed[-1][1])
             needed = sum(s.pos for s in busy) + len(decoding) + sum(len(c) for _, c in fed)
-            self._evict_idle(needed)
-            if needed + sum(len(s.cached) for s in self._slots if not s.busy) <= self._pool or len(busy) <= 1:
+            if self._evict_idle(needed) or len(busy) <= 1:
                 return decoding, fed
             newest = max(busy, key=lambda s: s.admitted)
             self._forget(newest, 0)  # its cells free now, for this very step
-            newest.pos = 0
             out.preempted.add(newest.id)
 
     def _busy_cells(self) -> int:
@@ -369,20 +366,19 @@ class LlamaCppBatch:
         """Drop the slot's KV from position `keep` on."""
         llama_cpp.llama_memory_seq_rm(self._mem, slot.id, keep, -1)
         del slot.cached[keep:]
+        slot.pos = keep
 
-    def _make_room(self, positions: int, exclude: _Slot) -> None:
-        """Evict idle caches (not `exclude`'s) until a new sequence's positions fit beside the rest."""
-        self._evict_idle(self._busy_cells() + positions, exclude)
-
-    def _evict_idle(self, busy_cells: int, exclude: _Slot | None = None) -> None:
+    def _evict_idle(self, busy_cells: int, exclude: _Slot | None = None) -> bool:
+        """Evict idle caches (not `exclude`'s), least recently used first, until `busy_cells`
+        fit beside the rest; whether they do."""
         idle = sorted((s for s in self._slots if not s.busy and s is not exclude), key=lambda s: s.last_used)
         used = busy_cells + sum(len(s.cached) for s in idle)
         for slot in idle:
             if used <= self._pool:
-                return
+                break
             used -= len(slot.cached)
             self._forget(slot, 0)
-            slot.pos = 0
+        return used <= self._pool
 
 
 def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -51,16 +51,8 @@ class Scheduler:
         self.last_batch_size = 0  # sequences in the most recent step (for the metrics)
 
     @property
-    def capacity(self) -> int:
-        return self._runner.capacity
-
-    @property
     def running(self) -> int:
         return len(self._running)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
 
     @property
     def idle(self) -> bool:

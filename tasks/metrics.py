@@ -88,37 +88,33 @@ def bucket_index(bounds: Sequence[float], value: float) -> int:
     return bisect.bisect_left(bounds, value)
 
 
+def _observe(pipe: redis.client.Pipeline, name: str, value: float, times: int = 1) -> None:
+    """Count `value` into histogram `name`, `times` times over."""
+    pipe.hincrby(keys.METRICS, f"{name}:bucket:{bucket_index(HISTOGRAMS[name], value)}", times)
+    pipe.hincrbyfloat(keys.METRICS, f"{name}:sum", value * times)
+    pipe.hincrby(keys.METRICS, f"{name}:count", times)
+
+
 def record(client: redis.Redis, timings: JobTimings) -> None:
     """Add one job's figures to the shared hash (one round trip)."""
     pipe = client.pipeline(transaction=False)
-
-    def observe(name: str, value: float) -> None:
-        pipe.hincrby(keys.METRICS, f"{name}:bucket:{bucket_index(HISTOGRAMS[name], value)}", 1)
-        pipe.hincrbyfloat(keys.METRICS, f"{name}:sum", value)
-        pipe.hincrby(keys.METRICS, f"{name}:count", 1)
-
-    observe("request_queue_time_seconds", timings.queue_seconds)
-    observe("e2e_request_latency_seconds", timings.e2e_seconds)
+    _observe(pipe, "request_queue_time_seconds", timings.queue_seconds)
+    _observe(pipe, "e2e_request_latency_seconds", timings.e2e_seconds)
     if timings.ttft_seconds is not None:
-        observe("time_to_first_token_seconds", timings.ttft_seconds)
+        _observe(pipe, "time_to_first_token_seconds", timings.ttft_seconds)
         if timings.generation_tokens > 1:
             per_token = (timings.e2e_seconds - timings.ttft_seconds) / (timings.generation_tokens - 1)
-            observe("time_per_output_token_seconds", per_token)
+            _observe(pipe, "time_per_output_token_seconds", per_token)
     pipe.hincrby(keys.METRICS, "prompt_tokens", timings.prompt_tokens)
     pipe.hincrby(keys.METRICS, "generation_tokens", timings.generation_tokens)
     pipe.execute()
-
-
 
 
 def record_batch_sizes(client: redis.Redis, counts: Mapping[int, int]) -> None:
     """Add a worker's count of steps by batch size to the shared hash (one round trip)."""
     pipe = client.pipeline(transaction=False)
     for size, steps in counts.items():
-        bucket = bucket_index(HISTOGRAMS[BATCH_SIZE_HISTOGRAM], size)
-        pipe.hincrby(keys.METRICS, f"{BATCH_SIZE_HISTOGRAM}:bucket:{bucket}", steps)
-        pipe.hincrbyfloat(keys.METRICS, f"{BATCH_SIZE_HISTOGRAM}:sum", size * steps)
-        pipe.hincrby(keys.METRICS, f"{BATCH_SIZE_HISTOGRAM}:count", steps)
+        _observe(pipe, BATCH_SIZE_HISTOGRAM, size, times=steps)
     pipe.execute()
 
 

@@ -233,8 +233,6 @@ class SlotLoop:
             job.done.set()
 
     def _record_metrics(self, job: SlotJob, done: Completion) -> None:
-        if done.finish_reason == "cancelled":
-            return
         spec = job.spec
         timings = metrics.JobTimings(
             queue_seconds=job.claimed_at - spec.created_at,
