@@ -16,9 +16,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import redis.exceptions
-
 from api import errors, limits, sse
+from api.following import Follow
 from api.responses_protocol import (
     IncompleteDetails,
     OutputMessage,
@@ -30,7 +29,7 @@ from api.responses_protocol import (
     ResponseUsage,
 )
 from tasks import events, jobs, logs
-from tasks.client import EventFollower, JobClient, JobNotFound
+from tasks.client import JobClient, JobNotFound
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -172,6 +171,19 @@ def _sse(event: dict[str, Any]) -> str:
     return f"event: {event['type']}\n" + sse.data(json.dumps(event, ensure_ascii=False))
 
 
+def validate(request: ResponseCreateRequest, settings: Settings) -> None:
+    """Everything checked before a job exists; the batch API checks its lines with this too."""
+    if (param := request.unsupported_param()) is not None:
+        raise errors.InvalidRequest(
+            f"'{param}' is not supported by this server.", param=param, code="unsupported_parameter"
+        )
+    if request.model is not None and request.model != settings.model_name:
+        raise errors.ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
+    if isinstance(request.input, list):
+        limits.check_messages(settings, "input", len(request.input))
+    limits.check_max_tokens(settings, max_output_tokens=request.max_output_tokens)
+
+
 class ResponsesService:
     def __init__(self, client: JobClient, settings: Settings, owner: str | None = None) -> None:
         self._client = client
@@ -179,17 +191,14 @@ class ResponsesService:
         self._owner = owner  # the caller's owner tag (api.auth); jobs of other owners are 404
 
     def validate(self, request: ResponseCreateRequest) -> None:
-        if (param := request.unsupported_param()) is not None:
-            raise errors.InvalidRequest(
-                f"'{param}' is not supported by this server.", param=param, code="unsupported_parameter"
-            )
-        if request.model is not None and request.model != self._settings.model_name:
-            raise errors.ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
-        if isinstance(request.input, list):
-            limits.check_messages(self._settings, "input", len(request.input))
-        limits.check_max_tokens(self._settings, max_output_tokens=request.max_output_tokens)
+        validate(request, self._settings)
 
-    async def create(self, request: ResponseCreateRequest) -> Response | AsyncIterator[str]:
+    async def create(
+        self, request: ResponseCreateRequest, gone: asyncio.Event | None = None
+    ) -> Response | AsyncIterator[str]:
+        """Background: enqueue and answer at once. Streamed: the events as they come. Blocking:
+        the finished Response; `gone` (api.following.ClientWatch) cancels it if the client leaves.
+        """
         spec = request.to_job_spec(
             jobs.new_job_id("resp_"),
             self._settings.model_name,
@@ -198,18 +207,15 @@ class ResponsesService:
         )
         logs.job_id_var.set(spec.id)
         if request.background and not request.stream:
-            await self._enqueue(spec)
+            with errors.queue_errors():
+                await self._client.create(spec)
             return ResponseView(spec).snapshot()
-        follower = self._client.subscribe(spec.id)
-        try:
-            await follower.__aenter__()
-            await self._enqueue(spec)
-        except BaseException:
-            await follower.__aexit__(None, None, None)
-            raise
+        # A background job outlives its stream: a client that leaves resumes it later.
+        follow = self._follow(spec.id, gone=gone, cancel_on_close=not request.background)
+        await follow.submit(spec)
         if request.stream:
-            return self._stream(spec, follower, after=-1, cancel_on_disconnect=not request.background)
-        return await self._collect(spec, follower)
+            return self._stream(spec, follow, after=-1)
+        return await self._collect(spec, follow)
 
     async def retrieve(self, job_id: str) -> Response:
         spec = await self._spec(job_id)
@@ -220,9 +226,10 @@ class ResponsesService:
 
     async def resume(self, job_id: str, starting_after: int) -> AsyncIterator[str]:
         spec = await self._spec(job_id)
-        follower = self._client.subscribe(job_id)
-        await follower.__aenter__()
-        return self._stream(spec, follower, after=starting_after, cancel_on_disconnect=False)
+        follow = self._follow(job_id)
+        with errors.queue_errors():
+            await follow.attach()
+        return self._stream(spec, follow, after=starting_after)
 
     async def cancel(self, job_id: str) -> Response:
         await self._spec(job_id)
@@ -251,50 +258,43 @@ class ResponsesService:
         logs.job_id_var.set(job_id)  # this request's logs and x-request-id name the job
         return record.spec
 
-    async def _enqueue(self, spec: jobs.JobSpec) -> None:
-        with errors.queue_errors():
-            await self._client.create(spec)
+    def _follow(
+        self, job_id: str, gone: asyncio.Event | None = None, cancel_on_close: bool = True
+    ) -> Follow:
+        timeout = self._settings.request_timeout_seconds
+        return Follow(
+            self._client, job_id, timeout_seconds=timeout, gone=gone, cancel_on_close=cancel_on_close
+        )
 
-    async def _collect(self, spec: jobs.JobSpec, follower: EventFollower) -> Response:
+    async def _collect(self, spec: jobs.JobSpec, follow: Follow) -> Response:
         view = ResponseView(spec)
-        deadline = time.monotonic() + self._settings.request_timeout_seconds
-        ended = False
         try:
-            while not ended:
-                event = await follower.next(deadline - time.monotonic())
-                if event is None:
-                    raise errors.Timeout("The response did not finish within the request timeout.")
-                view.apply(event)
-                ended = events.is_terminal(event)
+            while not follow.ended:
+                event = await follow.next()
+                if event is not None:
+                    view.apply(event)
             return view.snapshot()
         finally:
-            if not ended:
-                await asyncio.shield(self._client.cancel(spec.id))
-            await follower.__aexit__(None, None, None)
+            await asyncio.shield(follow.close())
 
-    async def _stream(
-        self, spec: jobs.JobSpec, follower: EventFollower, after: int, cancel_on_disconnect: bool
-    ) -> AsyncIterator[str]:
+    async def _stream(self, spec: jobs.JobSpec, follow: Follow, after: int) -> AsyncIterator[str]:
         view = ResponseView(spec)
-        ended = False
         try:
             for out in view.opening():
                 if out["sequence_number"] > after:
                     yield _sse(out)
-            while not ended:
-                event = await follower.next(self._settings.stream_ping_seconds)
+            while not follow.ended:
+                try:
+                    event = await follow.next(self._settings.stream_ping_seconds)
+                except errors.APIError as exc:  # the deadline, or Redis lost
+                    yield sse.data(errors.sse_error(exc))
+                    break
                 if event is None:
                     yield sse.comment("ping")
                     continue
-                ended = events.is_terminal(event)
                 for out in view.apply(event):
                     if out["sequence_number"] > after:
                         yield _sse(out)
-        except redis.exceptions.RedisError:
-            log.warning("lost Redis while streaming %s", spec.id)
-            error = errors.ServiceUnavailable("Lost the connection to the queue.")
-            yield sse.data(errors.sse_error(error))
         finally:
-            if not ended and cancel_on_disconnect:
-                await asyncio.shield(self._client.cancel(spec.id))
-            await asyncio.shield(follower.__aexit__(None, None, None))
+            # Runs on normal end and when the client disconnects (the generator is cancelled).
+            await asyncio.shield(follow.close())

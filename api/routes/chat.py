@@ -7,8 +7,9 @@ from fastapi.responses import StreamingResponse
 
 from api import sse
 from api.body import StrictJSONRoute
-from api.chat import ChatRun
+from api.chat import ChatRun, validate
 from api.deps import JobsDep, SettingsDep
+from api.following import ClientWatch
 from api.protocol import ChatCompletion, ChatCompletionRequest
 
 router = APIRouter(route_class=StrictJSONRoute)
@@ -18,9 +19,13 @@ router = APIRouter(route_class=StrictJSONRoute)
 async def create_chat_completion(
     request: ChatCompletionRequest, http_request: Request, jobs: JobsDep, settings: SettingsDep
 ) -> ChatCompletion | StreamingResponse:
-    ChatRun.validate(request, settings)
-    run = ChatRun(request, jobs, settings, is_disconnected=http_request.is_disconnected)
-    await run.start()
-    if not request.stream:
+    validate(request, settings)
+    if request.stream:
+        # Once streaming, Starlette's StreamingResponse notices a hang-up and stops the stream.
+        run = ChatRun(request, jobs, settings)
+        await run.start()
+        return StreamingResponse(run.stream(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+    with ClientWatch(http_request.receive) as watch:
+        run = ChatRun(request, jobs, settings, gone=watch.gone)
+        await run.start()
         return await run.complete()
-    return StreamingResponse(run.stream(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from api import sse
 from api.body import StrictJSONRoute
 from api.deps import CallerDep, JobsDep, SettingsDep
+from api.following import ClientWatch
 from api.responses import ResponsesService
 from api.responses_protocol import Response, ResponseCreateRequest
 
@@ -28,10 +29,17 @@ def _sse_response(stream: object) -> StreamingResponse:
 
 
 @router.post("/v1/responses", response_model=None)
-async def create_response(request: ResponseCreateRequest, svc: ServiceDep) -> Response | StreamingResponse:
+async def create_response(
+    request: ResponseCreateRequest, http_request: Request, svc: ServiceDep
+) -> Response | StreamingResponse:
     svc.validate(request)
-    result = await svc.create(request)
-    return result if isinstance(result, Response) else _sse_response(result)
+    if request.stream or request.background:
+        result = await svc.create(request)
+        return result if isinstance(result, Response) else _sse_response(result)
+    with ClientWatch(http_request.receive) as watch:
+        result = await svc.create(request, gone=watch.gone)
+        assert isinstance(result, Response)
+        return result
 
 
 @router.get("/v1/responses/{response_id}", response_model=None)

@@ -281,3 +281,36 @@ def test_queued_stream_gets_keepalive_pings(stack: Stack, client: openai.OpenAI,
                 if pings == 2:
                     break
     assert pings == 2
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/responses", {"input": LONG_PROMPT, "max_output_tokens": 2000}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 2000}),
+    ],
+    ids=["responses", "chat"],
+)
+def test_blocking_request_whose_client_goes_away_is_cancelled(
+    stack: Stack, path: str, body: dict[str, Any]
+) -> None:
+    import redis
+
+    from tasks import keys
+
+    r = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    before = set(r.keys(keys.job("*")))
+    # The client gives up after 3 s and closes the connection; 2,000 tokens take far longer.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{stack.api_url}{path}",
+            json={**body, "ignore_eos": True, "temperature": 0},
+            timeout=httpx.Timeout(30, read=3),
+        )
+    (key,) = {k for k in set(r.keys(keys.job("*"))) - before if k.count(":") == 2}
+    deadline = time.monotonic() + 30  # a bound on a hang, not a performance figure
+    while r.hget(key, "status") in ("queued", "in_progress") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    record = r.hgetall(key)
+    assert record["status"] == "cancelled", record
+    assert int(record["completion_tokens"]) < 2000
