@@ -107,6 +107,9 @@ def _heartbeat(rt: WorkerRuntime, stop: threading.Event) -> None:
     not the decode loop, renews them, so a long prefill does not look like a dead worker.
     """
     settings = rt.settings
+    # Renew well within the lease: a lease shorter than the usual beat would otherwise run out
+    # under a live worker, and its jobs would be reaped as lost.
+    interval = min(HEARTBEAT_SECONDS, settings.job_lease_seconds / 3)
     while not stop.is_set():
         try:
             pipe = rt.redis.pipeline(transaction=False)
@@ -122,7 +125,7 @@ def _heartbeat(rt: WorkerRuntime, stop: threading.Event) -> None:
             log.warning("heartbeat failed: %s", exc)
         except Exception:  # anything else must not stop the heartbeat: its jobs would be reaped
             log.exception("heartbeat failed")
-        stop.wait(HEARTBEAT_SECONDS)
+        stop.wait(interval)
 
 
 _stop_heartbeat = threading.Event()
