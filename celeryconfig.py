@@ -10,7 +10,14 @@ broker_connection_retry_on_startup = True
 broker_connection_max_retries = None
 # Redis redelivers a message not acknowledged within this time. A generation may outlast it:
 # the claim in tasks/jobs.py makes a second delivery a no-op, so it never runs twice.
-broker_transport_options = {"visibility_timeout": settings.broker_visibility_timeout_seconds}
+# Priorities: kombu keeps one Redis list per priority step and pops the highest step first, so a
+# worker that frees a slot always takes an interactive job (priority 0, the default) before a
+# batch line (keys.BATCH_PRIORITY). Reserving nothing ahead (below) keeps that order exact.
+broker_transport_options = {
+    "visibility_timeout": settings.broker_visibility_timeout_seconds,
+    "priority_steps": [0, keys.BATCH_PRIORITY],
+    "queue_order_strategy": "priority",
+}
 
 # One process, one model copy, one decode loop (tasks/slots.py), and a pool of threads, one per
 # slot: each thread takes one task from Redis, claims the job, renders its prompt and hands it to

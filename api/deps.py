@@ -7,7 +7,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from api.auth import caller
+from tasks.batches import BatchStore
 from tasks.client import JobClient
+from tasks.files import FileStore
 from tasks.settings import Settings, get_settings
 
 
@@ -16,7 +18,19 @@ def job_client(request: Request) -> JobClient:
     return client
 
 
+def file_store(request: Request) -> FileStore:
+    store: FileStore = request.app.state.files
+    return store
+
+
+def batch_store(request: Request) -> BatchStore:
+    store: BatchStore = request.app.state.batches
+    return store
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 JobsDep = Annotated[JobClient, Depends(job_client)]
+FilesDep = Annotated[FileStore, Depends(file_store)]
+BatchesDep = Annotated[BatchStore, Depends(batch_store)]
 # The caller's owner tag (api.auth); None when API_KEYS is empty.
 CallerDep = Annotated[str | None, Depends(caller)]

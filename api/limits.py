@@ -8,6 +8,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import errors
 from tasks.settings import Settings
 
+# Room for a multipart upload's boundaries and part headers around the file itself.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
 # What a request that names no max_tokens gets, unless MAX_TOKENS_LIMIT is lower.
 DEFAULT_MAX_TOKENS = 512
 
@@ -22,17 +25,19 @@ class BodySizeLimit:
     only once the app reads the body; here an oversized declared body never reaches the app.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, uploads: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.uploads = uploads or {}  # path -> its own limit (file uploads: MAX_FILE_BYTES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.uploads.get(scope["path"], self.max_bytes)
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await self._reject(scope, receive, send)
+        if declared is not None and declared > max_bytes:
+            await self._reject(scope, receive, send, max_bytes)
             return
 
         received = 0
@@ -46,9 +51,9 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > max_bytes:
                     if not started:
-                        await self._reject(scope, receive, send)
+                        await self._reject(scope, receive, send, max_bytes)
                         answered = True
                     # To the app the client has gone; its reaction (an error) is never sent.
                     return {"type": "http.disconnect"}
@@ -63,8 +68,8 @@ class BodySizeLimit:
 
         await self.app(scope, counting_receive, guarded_send)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = errors.RequestTooLarge(f"The request body is larger than {self.max_bytes} bytes.")
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, max_bytes: int) -> None:
+        error = errors.RequestTooLarge(f"The request body is larger than {max_bytes} bytes.")
         await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
 
 

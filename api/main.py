@@ -15,11 +15,14 @@ from redis.backoff import NoBackoff
 
 from api import errors
 from api.auth import caller
-from api.limits import BodySizeLimit
+from api.batch_runner import BatchRunner
+from api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
 from api.request_ids import RequestId
-from api.routes import chat, health, metrics, models, page, responses
+from api.routes import batches, chat, files, health, metrics, models, page, responses
 from tasks import logs
+from tasks.batches import BatchStore
 from tasks.client import JobClient
+from tasks.files import FileStore
 from tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -43,13 +46,29 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client_name="llmq-api",
         max_connections=1000,
     )
+    # File contents are bytes, whatever was uploaded: they get a client that does not decode.
+    file_client = aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=1,
+        socket_timeout=30,
+        retry=Retry(NoBackoff(), 1),
+        client_name="llmq-api-files",
+    )
     app.state.jobs = JobClient(client, settings)
-    reaper = asyncio.create_task(_reap_forever(app.state.jobs))
+    app.state.files = FileStore(file_client, settings.file_ttl_seconds)
+    app.state.batches = BatchStore(client, settings.file_ttl_seconds)
+    runner = BatchRunner(app.state.batches, app.state.files, app.state.jobs, settings)
+    background = [
+        asyncio.create_task(_reap_forever(app.state.jobs)),
+        asyncio.create_task(runner.run_forever()),
+    ]
     try:
         yield
     finally:
-        reaper.cancel()
+        for task in background:
+            task.cancel()
         await client.aclose()
+        await file_client.aclose()
 
 
 async def _reap_forever(jobs: JobClient) -> None:
@@ -70,13 +89,17 @@ def create_app() -> FastAPI:
         title="llmq: queue-backed chat for Llama-3 models", lifespan=lifespan, redirect_slashes=False
     )
     errors.install(app)
-    app.add_middleware(BodySizeLimit, max_bytes=get_settings().max_request_bytes)
+    settings = get_settings()
+    uploads = {"/v1/files": settings.max_file_bytes + MULTIPART_OVERHEAD_BYTES}
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, uploads=uploads)
     app.add_middleware(RequestId)  # added last, so it is outermost: even a 413 carries the id
     # Every /v1 route needs an API key when API_KEYS is set; /health (and /docs) stay open.
     v1 = [Depends(caller)]
     app.include_router(chat.router, dependencies=v1)
     app.include_router(responses.router, dependencies=v1)
     app.include_router(models.router, dependencies=v1)
+    app.include_router(files.router, dependencies=v1)
+    app.include_router(batches.router, dependencies=v1)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(page.router)

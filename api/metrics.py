@@ -30,6 +30,9 @@ class Snapshot:
     waiting: int
     running: int
     workers: list[dict[str, Any]]
+    batch_waiting: int = 0
+    batch_running: int = 0
+    batches: dict[str, int] | None = None  # batches not yet ended, by status
 
 
 class _SnapshotCollector(Collector):
@@ -48,6 +51,19 @@ class _SnapshotCollector(Collector):
         )
         running.add_metric(model, s.running)
         yield from (waiting, running)
+        batch_waiting = GaugeMetricFamily(
+            "llmq_batch_lines_waiting", "Batch lines queued (behind every interactive request)."
+        )
+        batch_waiting.add_metric([], s.batch_waiting)
+        batch_running = GaugeMetricFamily("llmq_batch_lines_running", "Batch lines being generated.")
+        batch_running.add_metric([], s.batch_running)
+        batches = GaugeMetricFamily("llmq_batches", "Batches not yet ended, by status.", labels=["status"])
+        for status in ("validating", "in_progress", "finalizing", "cancelling"):
+            batches.add_metric([status], (s.batches or {}).get(status, 0))
+        ended = CounterMetricFamily("llmq_batches_ended", "Batches that ended, by status.", labels=["status"])
+        for status in ("completed", "failed", "expired", "cancelled"):
+            ended.add_metric([status], float(s.fields.get(f"batches_ended:{status}", 0)))
+        yield from (batch_waiting, batch_running, batches, ended)
 
         histograms = metrics.histograms(s.fields)
         batch = histograms.pop(metrics.BATCH_SIZE_HISTOGRAM)

@@ -77,10 +77,52 @@ class JobClient:
             await pipe.execute()
             raise EnqueueFailed("the queue did not accept the job") from exc
 
+    async def create_batch_lines(self, specs: list[jobs.JobSpec]) -> None:
+        """Queue lines of a batch behind every interactive job, outside MAX_QUEUED.
+
+        Idempotent: a line whose job exists is not recorded again, and a second message for it
+        is skipped by the worker's claim, so a restarted API can repeat an enqueue it may or may
+        not have finished.
+        """
+        ttl = self._ttl
+        await self._scripts.run_many(self._redis, [jobs.admit_batch_line(s, ttl=ttl) for s in specs])
+
+        def send_all() -> None:
+            for spec in specs:
+                app.send_task(
+                    keys.GENERATE_TASK,
+                    args=[spec.model_dump(mode="json")],
+                    task_id=spec.id,
+                    queue=keys.GENERATE_QUEUE,
+                    priority=keys.BATCH_PRIORITY,
+                    argsrepr=f"<job {spec.id} of {spec.batch}>",
+                )
+
+        try:
+            await asyncio.to_thread(send_all)
+        except Exception as exc:
+            raise EnqueueFailed("the queue did not accept the batch lines") from exc
+
+    async def cancel_many(self, job_ids: list[str]) -> None:
+        """Cancel jobs in one round trip (a batch winding down)."""
+        await self._scripts.run_many(self._redis, [jobs.cancel(i, ttl=self._ttl) for i in job_ids])
+
+    async def batch_queue_depth(self) -> tuple[int, int]:
+        """(queued, running) batch lines."""
+        pipe = self._redis.pipeline()
+        pipe.zcard(keys.BATCH_QUEUED)
+        pipe.scard(keys.BATCH_RUNNING)
+        queued, running = await pipe.execute()
+        return int(queued), int(running)
+
     async def reap(self) -> int:
         """End jobs whose worker died or whose queue deadline passed; how many were ended."""
         call = jobs.reap(ttl=self._ttl, queue_timeout=self._settings.queue_timeout_seconds)
         return int(await self._scripts.run(call))
+
+    async def count(self, counter: str) -> None:
+        """Add one to a counter of the shared metrics hash."""
+        await self._redis.hincrby(keys.METRICS, counter, 1)  # type: ignore[misc]
 
     async def metrics_fields(self) -> dict[str, str]:
         """The shared metrics hash (tasks/metrics.py)."""

@@ -26,10 +26,12 @@ END_WAIT_MARGIN_SECONDS = 60.0
 @app.task(name=keys.GENERATE_TASK)
 def generate(spec_json: dict[str, object]) -> None:
     spec = jobs.JobSpec.model_validate(spec_json)
-    logs.job_id_var.set(spec.id)
+    # A batch line's log lines name its batch too.
+    logs.job_id_var.set(spec.id if spec.batch is None else f"{spec.batch}/{spec.id}")
     rt = runtime()
     settings = rt.settings
-    if time.time() - spec.created_at > settings.queue_timeout_seconds:
+    # Batch lines have no queue deadline: their batch's completion window bounds them.
+    if spec.batch is None and time.time() - spec.created_at > settings.queue_timeout_seconds:
         # The reaper ends such jobs too; this covers a message that reaches us first.
         rt.scripts.run(jobs.reap(ttl=settings.job_ttl_seconds, queue_timeout=settings.queue_timeout_seconds))
         return

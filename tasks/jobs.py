@@ -71,6 +71,11 @@ class JobSpec(BaseModel):
     # The creating API key's owner tag (api.auth.owner_tag), never the key; None without API_KEYS.
     # Only callers with the same tag may read, resume or cancel the job.
     owner: str | None = None
+    # Set for a line of a batch (tasks/batches.py): its batch's id and the line's index. The job
+    # then queues outside MAX_QUEUED, behind every interactive job, and its end is reported to
+    # the batch's `done` list.
+    batch: str | None = None
+    batch_line: int | None = None
 
     def to_messages(self) -> list[ChatMessage]:
         return [ChatMessage(m.role, m.content) for m in self.messages]
@@ -126,8 +131,13 @@ def terminal_fields(event: events.Finished | events.Failed) -> dict[str, str]:
 
 _JOB_KEYS = "local job, log, channel, cancel, lease, running, queued = unpack(KEYS)\n"
 
+_CONSTANTS = (
+    f"local METRICS, BATCH_PREFIX = '{keys.METRICS}', '{keys.BATCH_PREFIX}'\n"
+    f"local BATCH_QUEUED, BATCH_RUNNING = '{keys.BATCH_QUEUED}', '{keys.BATCH_RUNNING}'\n"
+)
+
 _PRELUDE = (
-    f"local METRICS = '{keys.METRICS}'\n"
+    _CONSTANTS
     + """
 local function is_open(status)
   return status == 'queued' or status == 'in_progress'
@@ -149,6 +159,12 @@ local function end_job(job, log, channel, lease, running, queued, id, ttl, event
   redis.call('DEL', lease)
   redis.call('SREM', running, id)
   redis.call('ZREM', queued, id)
+  local batch = redis.call('HGET', job, 'batch')
+  if batch then
+    redis.call('SREM', BATCH_RUNNING, id)
+    redis.call('ZREM', BATCH_QUEUED, id)
+    redis.call('RPUSH', BATCH_PREFIX .. batch .. ':done', id)
+  end
   redis.call('PUBLISH', channel, seq .. ' ' .. event)
   return seq
 end
@@ -166,6 +182,20 @@ redis.call('EXPIRE', job, ARGV[2])
 redis.call('ZADD', queued, ARGV[4], ARGV[1])
 return 1
 """
+
+# ARGV: id, ttl, spec json, now, batch id. Records a queued batch line unless the job exists (a
+# second enqueue of the same line, after an API restart, changes nothing); 1 if recorded.
+ADMIT_BATCH_LINE = (
+    _CONSTANTS
+    + """
+local job = KEYS[1]
+if redis.call('EXISTS', job) == 1 then return 0 end
+redis.call('HSET', job, 'status', 'queued', 'spec', ARGV[3], 'batch', ARGV[5])
+redis.call('EXPIRE', job, ARGV[2])
+redis.call('ZADD', BATCH_QUEUED, ARGV[4], ARGV[1])
+return 1
+"""
+)
 
 # ARGV: id, ttl, event json, '1' if terminal, then field/value pairs for the record.
 # Appends the event unless the job already ended; returns its sequence number, or -1.
@@ -189,12 +219,17 @@ return seq
 # lease the worker keeps renewing; 1 if this caller got it, 0 if it was already taken, ended or
 # expired (a redelivered message, a cancelled or timed-out job).
 CLAIM = (
-    _JOB_KEYS
+    _CONSTANTS
+    + _JOB_KEYS
     + """
 if redis.call('HGET', job, 'status') ~= 'queued' then return 0 end
 redis.call('HSET', job, 'status', 'in_progress', 'worker', ARGV[3], 'started_at', ARGV[4])
 redis.call('ZREM', queued, ARGV[1])
 redis.call('SADD', running, ARGV[1])
+if redis.call('HEXISTS', job, 'batch') == 1 then
+  redis.call('ZREM', BATCH_QUEUED, ARGV[1])
+  redis.call('SADD', BATCH_RUNNING, ARGV[1])
+end
 redis.call('SET', lease, ARGV[3], 'EX', ARGV[5])
 return 1
 """
@@ -236,6 +271,7 @@ local function fail(id, event, code, message)
   else
     redis.call('SREM', running, id)
     redis.call('ZREM', queued, id)
+    redis.call('SREM', BATCH_RUNNING, id)
   end
 end
 for _, id in ipairs(redis.call('SMEMBERS', running)) do
@@ -289,6 +325,13 @@ def admit(spec: JobSpec, *, ttl: int, max_queued: int) -> ScriptCall:
     """Record a queued job; returns 1 if admitted, 0 if MAX_QUEUED jobs already wait."""
     args: list[str | int | float] = [spec.id, ttl, spec.model_dump_json(), repr(time.time()), max_queued]
     return ScriptCall(ADMIT, [keys.job(spec.id), keys.QUEUED], args)
+
+
+def admit_batch_line(spec: JobSpec, *, ttl: int) -> ScriptCall:
+    """Record a queued line of batch `spec.batch`, unless its job exists; 1 if recorded."""
+    assert spec.batch is not None
+    args: list[str | int | float] = [spec.id, ttl, spec.model_dump_json(), repr(time.time()), spec.batch]
+    return ScriptCall(ADMIT_BATCH_LINE, [keys.job(spec.id)], args)
 
 
 def claim(job_id: str, *, ttl: int, worker: str, lease_seconds: int) -> ScriptCall:

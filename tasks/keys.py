@@ -12,6 +12,14 @@ WORKERS = f"{NAMESPACE}:workers"  # set of worker names ever registered; pruned 
 QUEUED = f"{NAMESPACE}:queued"  # sorted set: waiting job ids by creation time (admission, deadlines)
 METRICS = f"{NAMESPACE}:metrics"  # hash: counters and histogram buckets (tasks/metrics.py)
 RUNNING = f"{NAMESPACE}:running"  # set: job ids a worker has claimed (the reaper checks their leases)
+# Batch lines (tasks/batches.py) wait in their own index: they never count against MAX_QUEUED
+# and have no queue deadline (their batch's completion window bounds them instead).
+BATCH_QUEUED = f"{NAMESPACE}:batch-queued"  # sorted set: queued batch-line job ids by enqueue time
+BATCH_RUNNING = f"{NAMESPACE}:batch-running"  # set: claimed batch-line job ids
+BATCHES_ACTIVE = f"{NAMESPACE}:batches:active"  # set: ids of batches not yet ended
+# Celery priority of batch lines on the generate queue. On Redis 0 is the highest and messages
+# without one get 0, so every interactive job is taken before any batch line (celeryconfig.py).
+BATCH_PRIORITY = 9
 
 
 def job(job_id: str) -> str:
@@ -44,3 +52,34 @@ def job_lease(job_id: str) -> str:
 def worker(name: str) -> str:
     """String with TTL: a ready worker's heartbeat and description."""
     return f"{NAMESPACE}:worker:{name}"
+
+
+def file(file_id: str) -> str:
+    """Hash: an uploaded or generated file, `meta` (JSON) and `content` (bytes)."""
+    return f"{NAMESPACE}:file:{file_id}"
+
+
+def files_of(owner: str | None) -> str:
+    """Sorted set: one owner's file ids by creation time."""
+    return f"{NAMESPACE}:files:{owner or '-'}"
+
+
+BATCH_PREFIX = f"{NAMESPACE}:batch:"  # jobs.py's end-of-job script builds batch_done() from it
+
+
+def batch(batch_id: str) -> str:
+    """Hash: the batch record (spec, status, timestamps, cursors, counts)."""
+    return f"{BATCH_PREFIX}{batch_id}"
+
+
+def batch_part(batch_id: str, part: str) -> str:
+    """The batch's working sets, dropped when it ends: `lines` (list: each input line as parsed),
+    `jobs` (hash: line -> current job id), `attempts` (hash: line -> tries), `results` and
+    `errors` (hash: line -> output line), `done` (list: ids of its jobs that ended, appended
+    by the job scripts), `lease` (string: the API instance driving it)."""
+    return f"{BATCH_PREFIX}{batch_id}:{part}"
+
+
+def batches_of(owner: str | None) -> str:
+    """Sorted set: one owner's batch ids by creation time."""
+    return f"{NAMESPACE}:batches:{owner or '-'}"

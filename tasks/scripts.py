@@ -11,7 +11,7 @@ from redis.commands.core import AsyncScript, Script
 
 from tasks import jobs
 
-_ALL = (jobs.ADMIT, jobs.CLAIM, jobs.APPEND_EVENT, jobs.CANCEL, jobs.REAP)
+_ALL = (jobs.ADMIT, jobs.ADMIT_BATCH_LINE, jobs.CLAIM, jobs.APPEND_EVENT, jobs.CANCEL, jobs.REAP)
 
 
 class Scripts:
@@ -37,3 +37,10 @@ class AsyncScripts:
 
     async def run(self, call: jobs.ScriptCall) -> Any:
         return await self._scripts[call.script](keys=call.keys, args=call.args)
+
+    async def run_many(self, client: aioredis.Redis, calls: list[jobs.ScriptCall]) -> list[Any]:
+        """The calls in one round trip (a pipeline), their results in order."""
+        pipe = client.pipeline(transaction=False)
+        for call in calls:
+            await self._scripts[call.script](keys=call.keys, args=call.args, client=pipe)
+        return list(await pipe.execute())

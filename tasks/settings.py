@@ -65,6 +65,16 @@ class Settings(BaseSettings):
     job_lease_seconds: int = Field(15, ge=3, description="Running job with no live worker this long fails")
     broker_visibility_timeout_seconds: int = Field(3600, ge=5, description="Redis broker redelivery")
 
+    # The Batch API (README "Batch API").
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="Largest file upload")
+    max_batch_lines: int = Field(50_000, ge=1, description="Most requests in one batch")
+    batch_completion_window_seconds: int = Field(
+        86_400, ge=1, description='What a batch\'s "24h" completion window means here'
+    )
+    file_ttl_seconds: int = Field(
+        30 * 86_400, ge=60, description="How long files (and ended batches) are kept"
+    )
+
     @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]

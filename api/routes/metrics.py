@@ -6,17 +6,26 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from api import metrics
-from api.deps import JobsDep, SettingsDep
+from api.deps import BatchesDep, JobsDep, SettingsDep
 
 router = APIRouter()
 
 
 @router.get("/metrics", include_in_schema=False)
-async def prometheus_metrics(jobs: JobsDep, settings: SettingsDep) -> Response:
+async def prometheus_metrics(jobs: JobsDep, batches: BatchesDep, settings: SettingsDep) -> Response:
     fields, (waiting, running), workers = (
         await jobs.metrics_fields(),
         await jobs.queue_depth(),
         await jobs.workers(),
     )
-    snapshot = metrics.Snapshot(fields=fields, waiting=waiting, running=running, workers=workers)
+    batch_waiting, batch_running = await jobs.batch_queue_depth()
+    snapshot = metrics.Snapshot(
+        fields=fields,
+        waiting=waiting,
+        running=running,
+        workers=workers,
+        batch_waiting=batch_waiting,
+        batch_running=batch_running,
+        batches=await batches.active_statuses(),
+    )
     return Response(metrics.render(snapshot, settings.model_name), media_type=CONTENT_TYPE_LATEST)

@@ -30,11 +30,12 @@ class Stack:
 
 
 @contextmanager
-def running_stack(log_dir: Path, **overrides: str) -> Iterator[Stack]:
-    """Its own redis-server, one worker and one API; settings overridden by keyword (env names)."""
+def running_stack(log_dir: Path, redis_conf: Path | None = None, **overrides: str) -> Iterator[Stack]:
+    """Its own redis-server (persisting as `redis_conf` says, if given), one worker and one API;
+    settings overridden by keyword (env names)."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server); .ci/run installs it")
-    redis_svc, redis_url = start_redis(log_dir)
+    redis_svc, redis_url = start_redis(log_dir, conf=redis_conf)
     # The default model cache (~/.cache) is kept between runs, as it is between worker restarts.
     env = {
         "REDIS_URL": redis_url,

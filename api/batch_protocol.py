@@ -1,0 +1,126 @@
+"""OpenAI wire models for the Files and Batch APIs, as `client.files.*` and `client.batches.*`
+send and expect them (openai-python `types/file_object.py`, `types/batch.py`)."""
+
+from __future__ import annotations
+
+from typing import Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tasks.batches import BatchRecord, BatchStatus, Endpoint, LineError
+from tasks.files import FileRecord, Purpose
+
+T = TypeVar("T")
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    expires_at: int | None
+    filename: str
+    purpose: Purpose
+    # Deprecated in OpenAI's API, still sent (and typed as required by older SDKs).
+    status: Literal["uploaded", "processed", "error"] = "processed"
+
+    @classmethod
+    def of(cls, record: FileRecord) -> FileObject:
+        return cls(**record.model_dump(exclude={"owner"}))
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class Page(BaseModel, Generic[T]):
+    object: Literal["list"] = "list"
+    data: list[T]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class BatchCreateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input_file_id: str = Field(max_length=64)
+    endpoint: Endpoint
+    completion_window: Literal["24h"]
+    # OpenAI's limits: at most 16 pairs, keys up to 64 characters, values up to 512.
+    metadata: dict[str, str] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None:
+            if len(value) > 16:
+                raise ValueError("at most 16 key-value pairs")
+            if any(len(k) > 64 or len(v) > 512 for k, v in value.items()):
+                raise ValueError("keys are at most 64 characters and values at most 512")
+        return value
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LineError]
+
+
+class Batch(BaseModel):
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: Endpoint
+    model: str | None = None
+    errors: BatchErrors | None = None
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None = None
+
+    @classmethod
+    def of(cls, record: BatchRecord, model: str) -> Batch:
+        spec = record.spec
+        return cls(
+            id=spec.id,
+            endpoint=spec.endpoint,
+            model=model,
+            errors=BatchErrors(data=record.errors) if record.errors else None,
+            input_file_id=spec.input_file_id,
+            completion_window=spec.completion_window,
+            status=record.status,
+            output_file_id=record.output_file_id,
+            error_file_id=record.error_file_id,
+            created_at=spec.created_at,
+            in_progress_at=record.in_progress_at,
+            expires_at=spec.expires_at,
+            finalizing_at=record.finalizing_at,
+            completed_at=record.completed_at,
+            failed_at=record.failed_at,
+            expired_at=record.expired_at,
+            cancelling_at=record.cancelling_at,
+            cancelled_at=record.cancelled_at,
+            request_counts=RequestCounts(
+                total=record.total, completed=record.completed, failed=record.failed
+            ),
+            metadata=spec.metadata,
+        )
