@@ -75,12 +75,17 @@ def _envelope_problem(raw: bytes, endpoint: str, seen: set[str]) -> LineError | 
     """What fails the batch about this line, or its custom_id if nothing does."""
     try:
         line = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, a huge integer, nesting too deep
         return LineError(code="invalid_json_line", message="This line is not valid JSON.")
     if not isinstance(line, dict):
         return LineError(code="invalid_json_line", message="This line is not a JSON object.")
     custom_id = line.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID_CHARS:
+    if (
+        not isinstance(custom_id, str)
+        or not custom_id
+        or len(custom_id) > MAX_CUSTOM_ID_CHARS
+        or not strict_json.is_text(custom_id)  # a lone surrogate cannot be written out again
+    ):
         message = f"'custom_id' must be a string of 1 to {MAX_CUSTOM_ID_CHARS} characters."
         return LineError(code="invalid_custom_id", message=message, param="custom_id")
     if custom_id in seen:

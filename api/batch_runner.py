@@ -32,11 +32,13 @@ from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 
-TICK_SECONDS = 0.5
+TICK_SECONDS = 0.2  # how soon an ended line is collected, and a new batch validated
 LEASE_SECONDS = 15  # a dead instance's batches move to another within this
 ENQUEUE_CHUNK = 500  # lines handed to the queue per step
 COLLECT_CHUNK = 1000  # ended jobs collected per step
 MAX_ATTEMPTS = 2  # a line whose worker died runs at most twice
+# Failures that say nothing about the request, only that its worker went: the line runs again.
+RETRIED_FAILURES = frozenset({"worker_lost", "worker_shutdown"})
 
 _ENDING_MESSAGES = {
     "cancelled": ("batch_cancelled", "The batch was cancelled before this request ran to the end."),
@@ -63,13 +65,34 @@ class BatchRunner:
         while True:
             await asyncio.sleep(TICK_SECONDS)
             try:
-                for batch_id in await self._store.active():
-                    if await self._store.lease(batch_id, self._holder, LEASE_SECONDS):
-                        await self.step(batch_id)
-            except (redis.exceptions.RedisError, OSError, queue.EnqueueFailed) as exc:
+                active = await self._store.active()
+            except (redis.exceptions.RedisError, OSError) as exc:
                 log.warning("batches paused: %s", exc)
-            except Exception:  # a bug: log it, and keep carrying the other batches
-                log.exception("batch step failed")
+                continue
+            for batch_id in active:  # one at a time, each on its own: one failing stops no other
+                try:
+                    if await self._store.lease(batch_id, self._holder, LEASE_SECONDS):
+                        await self._step_holding_lease(batch_id)
+                except (redis.exceptions.RedisError, OSError, queue.EnqueueFailed) as exc:
+                    log.warning("batch %s paused: %s", batch_id, exc)
+                except Exception:  # a bug: log it, and carry the other batches on
+                    log.exception("batch %s: step failed", batch_id)
+
+    async def _step_holding_lease(self, batch_id: str) -> None:
+        """One step, with the lease renewed while it runs; a step whose lease is lost stops (every
+        step can be cut anywhere and done again, by this instance or the next holder)."""
+        step = asyncio.create_task(self.step(batch_id))
+        try:
+            while True:
+                done, _ = await asyncio.wait({step}, timeout=LEASE_SECONDS / 3)
+                if done:
+                    step.result()
+                    return
+                if not await self._store.lease(batch_id, self._holder, LEASE_SECONDS):
+                    log.warning("batch %s: lease lost mid-step; another instance carries it on", batch_id)
+                    return
+        finally:
+            step.cancel()
 
     async def step(self, batch_id: str) -> None:
         logs.job_id_var.set(batch_id)  # every log line about the batch names it
@@ -78,13 +101,20 @@ class BatchRunner:
             await self._store.close(batch_id)
             return
         if record.status == "validating":
-            await self._validate(record)
+            if not await self._validate(record):
+                return
+            # Straight on to enqueueing: the first lines should not wait for the next tick.
+            record = await self._store.get(batch_id)
+            if record is None or record.is_terminal:
+                return
+            await self._advance(record)
         elif record.status == "finalizing":
             await self._finalize(record)
         else:
             await self._advance(record)
 
-    async def _validate(self, record: BatchRecord) -> None:
+    async def _validate(self, record: BatchRecord) -> bool:
+        """Check the input file; True if the batch went on to in_progress (or cancelling)."""
         spec = record.spec
         meta = await self._files.get(spec.input_file_id, spec.owner)
         content = await self._files.content(spec.input_file_id) if meta else None
@@ -93,13 +123,19 @@ class BatchRunner:
                 code="file_not_found", message="The input file was deleted before it was read."
             )
             await self._fail(record, [problem])
-            return
-        parsed = await asyncio.to_thread(
-            batch_lines.parse_input, content, spec.endpoint, self._settings, spec.owner
-        )
+            return False
+        try:
+            parsed = await asyncio.to_thread(
+                batch_lines.parse_input, content, spec.endpoint, self._settings, spec.owner
+            )
+        except Exception:  # a bug in validation must fail this batch, not wedge it
+            log.exception("batch input could not be validated")
+            problem = LineError(code="invalid_file", message="The input file could not be read as JSONL.")
+            await self._fail(record, [problem])
+            return False
         if parsed.errors:
             await self._fail(record, parsed.errors)
-            return
+            return False
         await self._store.write_lines(spec.id, parsed.lines, parsed.refused)
         moved = await self._store.transition(spec.id, ("validating",), "in_progress", in_progress_at=_now())
         log.info(
@@ -108,6 +144,7 @@ class BatchRunner:
             len(parsed.refused),
             "" if moved else " (cancelled meanwhile)",
         )
+        return True
 
     async def _fail(self, record: BatchRecord, problems: list[LineError]) -> None:
         errors_json = "[" + ",".join(p.model_dump_json() for p in problems) + "]"
@@ -139,31 +176,37 @@ class BatchRunner:
             await self._all_lines_ended(record)
 
     async def _enqueue(self, record: BatchRecord) -> None:
+        """The next lines onto the queue. Their jobs exist before they are recorded as the lines'
+        jobs, and ids follow from (batch, line, attempt), so a step repeated after a crash
+        enqueues the same jobs again, which changes nothing."""
         batch_id = record.spec.id
         start = record.enqueued
         lines = await self._store.lines(batch_id, start, ENQUEUE_CHUNK)
-        assigned = await self._store.jobs_of(batch_id)
-        specs: dict[int, jobs.JobSpec] = {}
-        for offset, line in enumerate(lines):
-            if line.job is not None:
-                index = start + offset
-                # A line enqueued before a restart keeps its job; enqueueing it again is a no-op.
-                specs[index] = self._line_job(record, index, line.job, assigned.get(index))
-        new = {i: s.id for i, s in specs.items() if i not in assigned}
-        if new:
-            await self._store.assign(batch_id, new)
+        specs = {
+            start + offset: self._line_job(record, start + offset, line.job, attempt=1)
+            for offset, line in enumerate(lines)
+            if line.job is not None
+        }
         if specs:
-            await self._jobs.create_batch_lines(list(specs.values()))
+            await self._jobs.create_batch_lines(list(specs.values()), ttl=self._line_ttl(record))
+            await self._store.assign(batch_id, {i: (s.id, 1) for i, s in specs.items()})
         await self._store.update(batch_id, enqueued=start + len(lines))
 
+    def _line_ttl(self, record: BatchRecord) -> int:
+        """A line's job record must outlive the batch's window, not only JOB_TTL_SECONDS."""
+        window_left = max(0, int(record.spec.expires_at - time.time()))
+        return window_left + self._settings.job_ttl_seconds
+
     def _line_job(
-        self, record: BatchRecord, index: int, job: dict[str, object], job_id: str | None
+        self, record: BatchRecord, index: int, job: dict[str, object], attempt: int
     ) -> jobs.JobSpec:
         prefix = "chatcmpl-" if record.spec.endpoint == "/v1/chat/completions" else "resp_"
+        # Unguessable as the batch id is, and the same on every instance for this attempt.
+        digest = hashlib.sha256(f"{record.spec.id}:{index}:{attempt}".encode()).hexdigest()[:32]
         return jobs.JobSpec.model_validate(
             {
                 **job,
-                "id": job_id or jobs.new_job_id(prefix),
+                "id": prefix + digest,
                 "created_at": time.time(),
                 "batch": record.spec.id,
                 "batch_line": index,
@@ -175,67 +218,79 @@ class BatchRunner:
         ended_ids = await self._store.done(batch_id, record.collected, COLLECT_CHUNK)
         if not ended_ids:
             return
-        current = await self._store.jobs_of(batch_id)
-        lines_by_index: dict[int, Line] = {}
+        line_of = await self._store.lines_of(batch_id, ended_ids)
+        current = await self._store.current_jobs(
+            batch_id, sorted({i for i in line_of.values() if i is not None})
+        )
         results: dict[int, str] = {}
         failures: dict[int, str] = {}
         retries: dict[int, jobs.JobSpec] = {}
         for job_id in ended_ids:
-            try:
-                job = await self._jobs.record(job_id)
-            except JobNotFound:
-                log.warning("job %s of the batch has no record left", job_id)
-                continue
-            index = job.spec.batch_line
+            index = line_of[job_id]
             if index is None or current.get(index) != job_id:
                 continue  # an earlier attempt at a line that was retried
-            if index not in lines_by_index:
-                (lines_by_index[index],) = await self._store.lines(batch_id, index, 1)
-            custom_id = lines_by_index[index].custom_id
-            if job.status == "cancelled" or (job.status == "failed" and record.ending is not None):
-                code, message = _ENDING_MESSAGES.get(
-                    record.ending or "cancelled", _ENDING_MESSAGES["cancelled"]
-                )
-                failures[index] = batch_lines.unanswered_line(custom_id, code, message)
-            elif job.status == "failed" and job.error_code == "worker_lost":
-                if await self._store.attempts(batch_id, index) < MAX_ATTEMPTS:
-                    job_json = lines_by_index[index].job or {}
-                    retries[index] = self._line_job(record, index, job_json, None)
-                else:
-                    message = "The worker running this request stopped, on every attempt."
-                    failures[index] = batch_lines.unanswered_line(custom_id, "worker_lost", message)
+            (line,) = await self._store.lines(batch_id, index, 1)
+            outcome = await self._outcome(record, index, line, job_id)
+            if isinstance(outcome, jobs.JobSpec):
+                retries[index] = outcome
             else:
-                status, body = batch_lines.answer(
-                    record.spec.endpoint, job.spec, await self._jobs.log(job_id)
-                )
-                line = batch_lines.output_line(custom_id, job_id, status, body)
-                (results if status == 200 else failures)[index] = line
+                status, text = outcome
+                (results if status == 200 else failures)[index] = text
         await self._store.record_results(batch_id, results, failures)
         if retries:
             log.warning("retrying %d line(s) whose worker was lost", len(retries))
-            await self._store.assign(batch_id, {i: s.id for i, s in retries.items()})
-            await self._jobs.create_batch_lines(list(retries.values()))
+            await self._jobs.create_batch_lines(list(retries.values()), ttl=self._line_ttl(record))
+            await self._store.assign(
+                batch_id, {i: (s.id, await self._store.attempts(batch_id, i) + 1) for i, s in retries.items()}
+            )
         await self._store.update(batch_id, collected=record.collected + len(ended_ids))
+
+    async def _outcome(
+        self, record: BatchRecord, index: int, line: Line, job_id: str
+    ) -> tuple[int, str] | jobs.JobSpec:
+        """What an ended job means for its line: the output or error line (with its status code;
+        200 goes to the output file), or the job to run next when its worker was lost."""
+        try:
+            job = await self._jobs.record(job_id)
+        except JobNotFound:
+            message = "The record of this request's job was lost."
+            return 500, batch_lines.unanswered_line(line.custom_id, "job_lost", message)
+        lost = job.status == "failed" and job.error_code in RETRIED_FAILURES
+        if job.status == "cancelled" or (lost and record.ending is not None):
+            code, message = _ENDING_MESSAGES[record.ending or "cancelled"]
+            return 500, batch_lines.unanswered_line(line.custom_id, code, message)
+        if lost:
+            attempts = await self._store.attempts(record.spec.id, index)
+            if attempts < MAX_ATTEMPTS and line.job is not None:
+                return self._line_job(record, index, line.job, attempt=attempts + 1)
+            message = "The worker running this request stopped, on every attempt."
+            return 500, batch_lines.unanswered_line(line.custom_id, job.error_code or "worker_lost", message)
+        status, body = batch_lines.answer(record.spec.endpoint, job.spec, await self._jobs.log(job_id))
+        return status, batch_lines.output_line(line.custom_id, job_id, status, body)
 
     async def _wind_down(self, record: BatchRecord) -> None:
         """Stop every open line: queued ones end at once, running ones between tokens; lines never
-        enqueued end here. Their error lines come as their jobs report the end."""
+        enqueued, or whose job no longer exists, end here. The others' error lines come as their
+        jobs report the end."""
         batch_id = record.spec.id
         ended = await self._store.ended_lines(batch_id)
         assigned = await self._store.jobs_of(batch_id)
-        open_jobs = [job_id for index, job_id in assigned.items() if index not in ended]
-        for start in range(0, len(open_jobs), 1000):
-            await self._jobs.cancel_many(open_jobs[start : start + 1000])
+        open_lines = sorted(index for index in assigned if index not in ended)
+        missing: list[int] = []
+        for start in range(0, len(open_lines), 1000):
+            chunk = open_lines[start : start + 1000]
+            statuses = await self._jobs.cancel_many([assigned[i] for i in chunk])
+            missing += [i for i, status in zip(chunk, statuses, strict=True) if status is None]
         code, message = _ENDING_MESSAGES[record.ending or "cancelled"]
         never_ran: dict[int, str] = {}
-        for start in range(record.enqueued, record.total, 1000):
+        for start in range(0, record.total, 1000):
             for offset, line in enumerate(await self._store.lines(batch_id, start, 1000)):
                 index = start + offset
-                if index not in ended and index not in assigned:
+                if index not in ended and (index not in assigned or index in missing):
                     never_ran[index] = batch_lines.unanswered_line(line.custom_id, code, message)
         await self._store.record_results(batch_id, {}, never_ran)
         await self._store.update(batch_id, wound_down=1, enqueued=record.total)
-        log.info("batch wound down: %d open line(s) stopped, %d never ran", len(open_jobs), len(never_ran))
+        log.info("batch wound down: %d open line(s) stopped, %d never ran", len(open_lines), len(never_ran))
 
     async def _all_lines_ended(self, record: BatchRecord) -> None:
         if record.ending is None:

@@ -73,7 +73,7 @@ def _object(pairs: list[tuple[str, Any]]) -> _Object:
     return obj
 
 
-def _is_text(value: str) -> bool:
+def is_text(value: str) -> bool:
     """Whether the string is Unicode text (no lone surrogates), so it can be encoded as UTF-8."""
     if value.isascii():
         return True
@@ -97,7 +97,7 @@ def _check(document: Any) -> None:
         value, path = stack.pop()
         if isinstance(value, _Refused):
             raise _refuse(path, value.code, value.reason)
-        if isinstance(value, str) and not _is_text(value):
+        if isinstance(value, str) and not is_text(value):
             raise _refuse(path, "invalid_value", "contains a lone UTF-16 surrogate (not Unicode text)")
         if isinstance(value, dict | list) and len(path) >= MAX_DEPTH:
             # Named by its outermost field: the full path would be the nesting itself.
@@ -106,10 +106,10 @@ def _check(document: Any) -> None:
             stack += [(item, (*path, i)) for i, item in reversed(list(enumerate(value)))]
         elif isinstance(value, _Object):
             if value.duplicate is not None:
-                key_path = (*path, value.duplicate) if _is_text(value.duplicate) else path
+                key_path = (*path, value.duplicate) if is_text(value.duplicate) else path
                 raise _refuse(key_path, "invalid_json", "appears twice as a key")
             for key in value:
-                if not _is_text(key):
+                if not is_text(key):
                     raise _refuse(path, "invalid_value", "has a key with a lone UTF-16 surrogate")
             stack += [(item, (*path, key)) for key, item in reversed(value.items())]
 

@@ -14,7 +14,7 @@ official SDKs raise their typed exceptions (BadRequestError, NotFoundError, ...)
     +-- ModelNotFound             404 code=model_not_found
     +-- NotFound                  404 code=not_found (unknown route or id, or another key's job)
     +-- (Starlette's HTTPException) 405 code=method_not_allowed, any other status its phrase
-    +-- Conflict                  409 code=batch_not_cancellable (a batch that has already ended)
+    +-- Conflict                  409 code=batch_not_cancellable (a batch finalizing or ended)
     +-- RequestTooLarge           413 code=request_too_large (body over MAX_REQUEST_BYTES)
     +-- UnsupportedMediaType      415 code=unsupported_media_type (a body that is not JSON)
     +-- QueueFull                 429 code=queue_full (MAX_QUEUED jobs waiting); sets Retry-After

@@ -253,7 +253,8 @@ class ResponsesService:
             raise not_found from None
         # A chat completion's job is not a Response; another key's job is not there for this
         # caller: the same 404 as an unknown id, so its existence is not revealed either.
-        if record.spec.response is None or record.spec.owner != self._owner:
+        # A batch line is its batch's: it is read, and cancelled, through /v1/batches only.
+        if record.spec.response is None or record.spec.owner != self._owner or record.spec.batch:
             raise not_found
         logs.job_id_var.set(job_id)  # this request's logs and x-request-id name the job
         return record.spec

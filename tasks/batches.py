@@ -110,7 +110,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
 
-_PARTS = ("lines", "jobs", "attempts", "results", "errors", "done", "lease")
+_PARTS = ("lines", "jobs", "line_of", "attempts", "results", "errors", "done", "lease")
 
 
 class BatchStore:
@@ -125,7 +125,10 @@ class BatchStore:
 
     async def create(self, spec: BatchSpec) -> None:
         pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(keys.batch(spec.id), mapping={"spec": spec.model_dump_json(), "status": "validating"})
+        # expires_at on its own too: the claim script reads it to keep lines of an expired batch
+        # from starting.
+        record = {"spec": spec.model_dump_json(), "status": "validating", "expires_at": str(spec.expires_at)}
+        pipe.hset(keys.batch(spec.id), mapping=record)  # type: ignore[arg-type]
         pipe.zadd(keys.batches_of(spec.owner), {spec.id: spec.created_at})
         pipe.sadd(keys.BATCHES_ACTIVE, spec.id)
         await pipe.execute()
@@ -188,15 +191,17 @@ class BatchStore:
         return keys.batch_part(batch_id, name)
 
     async def write_lines(self, batch_id: str, lines: list[Line], refused: dict[int, str]) -> None:
-        """The validated lines and the error lines of those the endpoint refused, in one go."""
+        """The validated lines and the error lines of those the endpoint refused, in one go.
+
+        Repeatable: a second validation of the same file writes the same lines, and error lines
+        are only added (HSETNX), so nothing another instance collected meanwhile is lost."""
         pipe = self._redis.pipeline(transaction=True)
-        pipe.delete(self.part(batch_id, "lines"), self.part(batch_id, "errors"))
+        pipe.delete(self.part(batch_id, "lines"))
         for start in range(0, len(lines), 1000):
-            pipe.rpush(
-                self.part(batch_id, "lines"), *[x.model_dump_json() for x in lines[start : start + 1000]]
-            )
-        if refused:
-            pipe.hset(self.part(batch_id, "errors"), mapping={str(k): v for k, v in refused.items()})
+            chunk = lines[start : start + 1000]
+            pipe.rpush(self.part(batch_id, "lines"), *[x.model_dump_json() for x in chunk])
+        for line, text in refused.items():
+            pipe.hsetnx(self.part(batch_id, "errors"), str(line), text)
         pipe.hset(keys.batch(batch_id), "total", str(len(lines)))
         await pipe.execute()
 
@@ -209,18 +214,33 @@ class BatchStore:
         return cast(list[str], ids)
 
     async def jobs_of(self, batch_id: str) -> dict[int, str]:
-        """line -> the job now running it."""
+        """line -> the job now running it (every line assigned so far: for winding down)."""
         raw: dict[str, str] = await self._redis.hgetall(self.part(batch_id, "jobs"))  # type: ignore[misc,assignment]
         return {int(k): v for k, v in raw.items()}
 
-    async def assign(self, batch_id: str, jobs: dict[int, str]) -> dict[int, int]:
-        """Record the jobs for these lines, counting an attempt each; line -> attempts so far."""
+    async def current_jobs(self, batch_id: str, lines: list[int]) -> dict[int, str | None]:
+        """For these lines, the job now running each (None: none assigned yet)."""
+        if not lines:
+            return {}
+        values = await self._redis.hmget(self.part(batch_id, "jobs"), [str(i) for i in lines])  # type: ignore[misc]
+        return dict(zip(lines, cast(list[str | None], values), strict=True))
+
+    async def lines_of(self, batch_id: str, job_ids: list[str]) -> dict[str, int | None]:
+        """For these jobs, the line each was assigned to (None: not a job of this batch)."""
+        if not job_ids:
+            return {}
+        values = await self._redis.hmget(self.part(batch_id, "line_of"), job_ids)  # type: ignore[misc]
+        return {j: (int(v) if v is not None else None) for j, v in zip(job_ids, values, strict=True)}
+
+    async def assign(self, batch_id: str, jobs: dict[int, tuple[str, int]]) -> None:
+        """Record the job (and which attempt it is) now running each of these lines."""
+        if not jobs:
+            return
         pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(self.part(batch_id, "jobs"), mapping={str(k): v for k, v in jobs.items()})
-        for line in jobs:
-            pipe.hincrby(self.part(batch_id, "attempts"), str(line), 1)
-        results = await pipe.execute()
-        return dict(zip(jobs, (int(x) for x in results[1:]), strict=True))
+        pipe.hset(self.part(batch_id, "jobs"), mapping={str(k): v[0] for k, v in jobs.items()})
+        pipe.hset(self.part(batch_id, "line_of"), mapping={v[0]: str(k) for k, v in jobs.items()})
+        pipe.hset(self.part(batch_id, "attempts"), mapping={str(k): str(v[1]) for k, v in jobs.items()})
+        await pipe.execute()
 
     async def attempts(self, batch_id: str, line: int) -> int:
         value = await self._redis.hget(self.part(batch_id, "attempts"), str(line))  # type: ignore[misc]
@@ -243,11 +263,14 @@ class BatchStore:
         await pipe.execute()
 
     async def outputs(self, batch_id: str) -> tuple[dict[int, str], dict[int, str]]:
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.hgetall(self.part(batch_id, "results"))
-        pipe.hgetall(self.part(batch_id, "errors"))
-        results, errors = await pipe.execute()
-        return {int(k): v for k, v in results.items()}, {int(k): v for k, v in errors.items()}
+        """Every line's output or error line; read in pages, as a batch may hold 50,000."""
+        out: list[dict[int, str]] = []
+        for part in ("results", "errors"):
+            lines: dict[int, str] = {}
+            async for key, value in self._redis.hscan_iter(self.part(batch_id, part), count=1000):
+                lines[int(key)] = value
+            out.append(lines)
+        return out[0], out[1]
 
     async def close(self, batch_id: str) -> None:
         """The batch has ended: drop its working sets, keep its record as long as its files."""

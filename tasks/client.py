@@ -77,14 +77,13 @@ class JobClient:
             await pipe.execute()
             raise EnqueueFailed("the queue did not accept the job") from exc
 
-    async def create_batch_lines(self, specs: list[jobs.JobSpec]) -> None:
+    async def create_batch_lines(self, specs: list[jobs.JobSpec], *, ttl: int) -> None:
         """Queue lines of a batch behind every interactive job, outside MAX_QUEUED.
 
         Idempotent: a line whose job exists is not recorded again, and a second message for it
         is skipped by the worker's claim, so a restarted API can repeat an enqueue it may or may
         not have finished.
         """
-        ttl = self._ttl
         await self._scripts.run_many(self._redis, [jobs.admit_batch_line(s, ttl=ttl) for s in specs])
 
         def send_all() -> None:
@@ -103,9 +102,11 @@ class JobClient:
         except Exception as exc:
             raise EnqueueFailed("the queue did not accept the batch lines") from exc
 
-    async def cancel_many(self, job_ids: list[str]) -> None:
-        """Cancel jobs in one round trip (a batch winding down)."""
-        await self._scripts.run_many(self._redis, [jobs.cancel(i, ttl=self._ttl) for i in job_ids])
+    async def cancel_many(self, job_ids: list[str]) -> list[str | None]:
+        """Cancel jobs in one round trip (a batch winding down); the status each had (None: no
+        such job)."""
+        statuses = await self._scripts.run_many(self._redis, [jobs.cancel(i, ttl=self._ttl) for i in job_ids])
+        return [s if isinstance(s, str) else None for s in statuses]
 
     async def batch_queue_depth(self) -> tuple[int, int]:
         """(queued, running) batch lines."""

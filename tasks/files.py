@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from tasks import keys
 
 Purpose = Literal["batch", "batch_output"]
+CHUNK_BYTES = 8 * 1024 * 1024
 
 
 def new_file_id() -> str:
@@ -56,11 +57,18 @@ class FileStore:
         )
 
     async def put(self, record: FileRecord, content: bytes) -> None:
-        """Store the file (replacing one with the same id: batch outputs are rewritten whole)."""
+        """Store the file (replacing one with the same id: batch outputs are rewritten whole).
+
+        In pieces of CHUNK_BYTES: one Redis value holds at most 512 MB (proto-max-bulk-len), and
+        smaller values keep any one command short."""
         key = keys.file(record.id)
+        pieces: dict[str | bytes, bytes | str | int] = {
+            f"c{i}": content[start : start + CHUNK_BYTES]
+            for i, start in enumerate(range(0, len(content), CHUNK_BYTES))
+        }
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(key)
-        pipe.hset(key, mapping={"meta": record.model_dump_json(), "content": content})
+        pipe.hset(key, mapping={"meta": record.model_dump_json(), "chunks": len(pieces), **pieces})  # type: ignore[dict-item]
         pipe.expireat(key, record.expires_at)
         pipe.zadd(keys.files_of(record.owner), {record.id: record.created_at})
         await pipe.execute()
@@ -74,8 +82,16 @@ class FileStore:
         return record if record.owner == owner else None
 
     async def content(self, file_id: str) -> bytes | None:
-        content = await self._redis.hget(keys.file(file_id), "content")  # type: ignore[misc]
-        return cast(bytes | None, content)
+        key = keys.file(file_id)
+        chunks = await self._redis.hget(key, "chunks")  # type: ignore[misc]
+        if chunks is None:
+            return None
+        if int(chunks) == 0:
+            return b""
+        pieces = cast(list[bytes | None], await self._redis.hmget(key, [f"c{i}" for i in range(int(chunks))]))  # type: ignore[misc]
+        if any(p is None for p in pieces):
+            return None  # deleted or expired while being read
+        return b"".join(cast(list[bytes], pieces))
 
     async def delete(self, record: FileRecord) -> None:
         pipe = self._redis.pipeline(transaction=True)

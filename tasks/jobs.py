@@ -163,7 +163,12 @@ local function end_job(job, log, channel, lease, running, queued, id, ttl, event
   if batch then
     redis.call('SREM', BATCH_RUNNING, id)
     redis.call('ZREM', BATCH_QUEUED, id)
-    redis.call('RPUSH', BATCH_PREFIX .. batch .. ':done', id)
+    -- Reported to its batch while that is being carried; an ended batch has no working sets.
+    local batch_status = redis.call('HGET', BATCH_PREFIX .. batch, 'status')
+    if batch_status and batch_status ~= 'completed' and batch_status ~= 'failed'
+        and batch_status ~= 'expired' and batch_status ~= 'cancelled' then
+      redis.call('RPUSH', BATCH_PREFIX .. batch .. ':done', id)
+    end
   end
   redis.call('PUBLISH', channel, seq .. ' ' .. event)
   return seq
@@ -215,14 +220,28 @@ return seq
 """
 )
 
-# ARGV: id, ttl, worker name, now, lease seconds. Moves a queued job to in_progress under a
-# lease the worker keeps renewing; 1 if this caller got it, 0 if it was already taken, ended or
-# expired (a redelivered message, a cancelled or timed-out job).
+# ARGV: id, ttl, worker name, now, lease seconds, cancelled-event json. Moves a queued job to
+# in_progress under a lease the worker keeps renewing; 1 if this caller got it, 0 if it was
+# already taken, ended or expired (a redelivered message, a cancelled or timed-out job), or if
+# it is a line of a batch that is being cancelled or has expired (it then ends cancelled).
 CLAIM = (
-    _CONSTANTS
+    _PRELUDE
     + _JOB_KEYS
     + """
 if redis.call('HGET', job, 'status') ~= 'queued' then return 0 end
+local batch = redis.call('HGET', job, 'batch')
+if batch then
+  -- A line of a batch that is being cancelled or whose window has closed never starts, even
+  -- if its batch has not yet been wound down.
+  local b = BATCH_PREFIX .. batch
+  local b_status, b_expires = unpack(redis.call('HMGET', b, 'status', 'expires_at'))
+  if b_status == 'cancelling' or b_status == 'cancelled'
+      or (b_expires and tonumber(ARGV[4]) >= tonumber(b_expires)) then
+    end_job(job, log, channel, lease, running, queued, ARGV[1], ARGV[2], ARGV[6],
+            {'status', 'cancelled', 'finish_reason', 'cancelled', 'finished_at', ARGV[4]})
+    return 0
+  end
+end
 redis.call('HSET', job, 'status', 'in_progress', 'worker', ARGV[3], 'started_at', ARGV[4])
 redis.call('ZREM', queued, ARGV[1])
 redis.call('SADD', running, ARGV[1])
@@ -272,6 +291,7 @@ local function fail(id, event, code, message)
     redis.call('SREM', running, id)
     redis.call('ZREM', queued, id)
     redis.call('SREM', BATCH_RUNNING, id)
+    redis.call('ZREM', BATCH_QUEUED, id)
   end
 end
 for _, id in ipairs(redis.call('SMEMBERS', running)) do
@@ -336,7 +356,15 @@ def admit_batch_line(spec: JobSpec, *, ttl: int) -> ScriptCall:
 
 def claim(job_id: str, *, ttl: int, worker: str, lease_seconds: int) -> ScriptCall:
     """Move a queued job to in_progress under this worker's lease; returns 1 if it got the job."""
-    return ScriptCall(CLAIM, _job_keys(job_id), [job_id, ttl, worker, repr(time.time()), lease_seconds])
+    args: list[str | int | float] = [
+        job_id,
+        ttl,
+        worker,
+        repr(time.time()),
+        lease_seconds,
+        events.encode(cancelled_event()),
+    ]
+    return ScriptCall(CLAIM, _job_keys(job_id), args)
 
 
 def append(job_id: str, event: events.AnyEvent, *, ttl: int) -> ScriptCall:

@@ -92,3 +92,15 @@ def test_a_responses_line_never_runs_in_the_background() -> None:
 def test_an_empty_file_fails() -> None:
     assert [e.code for e in parse("", "  ").errors] == ["empty_file"]
     assert batch_lines.count_lines(b"\n a \n\n b\n") == 2
+
+
+def test_lines_that_cannot_be_carried_fail_the_file_instead_of_the_service() -> None:
+    deep = '{"custom_id": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    surrogate_id = json.dumps({"custom_id": "\ud800", "method": "POST", "url": CHAT, "body": {}})
+    huge = '{"custom_id": "h", "n": ' + "9" * 5000 + "}"
+    parsed = parse(deep, surrogate_id, huge, line("ok"))
+    assert [(e.code, e.line) for e in parsed.errors] == [
+        ("invalid_json_line", 1),
+        ("invalid_custom_id", 2),
+        ("invalid_json_line", 3),
+    ]
