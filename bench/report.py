@@ -194,7 +194,7 @@ def targets(summaries: list[Summary], run: dict[str, Any]) -> list[Target]:
                 1.0,
             )
         )
-    return out + slot_targets(summaries, run)
+    return out + slot_targets(summaries, run) + batch_targets(run)
 
 
 def _agg(summaries: list[Summary], system: str, clients: int) -> float | None:
@@ -280,6 +280,45 @@ def slot_targets(summaries: list[Summary], run: dict[str, Any]) -> list[Target]:
     return out
 
 
+def batch_targets(run: dict[str, Any]) -> list[Target]:
+    """The Batch API's targets (issue #12), each from batches and clients measured in one round."""
+    x4 = service_name(1, 4)
+    rows = [r for r in run.get("batch", []) if r["system"] == x4 and not r["errors"]]
+    name = f"batch API, {x4}: 64-line batch ≥ 0.95× aggregate of 4 interactive clients"
+    wait_name = f"batch API, {x4}: interactive queue wait p50 ≤ mean generation time of one batch line"
+    if not rows:
+        return [Target(name, "not measured", None), Target(wait_name, "not measured", None)]
+    batch_tps = statistics.median(r["batch_tps"] for r in rows)
+    clients_tps = statistics.median(r["interactive_tps"] for r in rows)
+    waits = [w for r in rows for w in r["probe_waits_s"]]
+    line_s = statistics.median(r["line_generation_mean_s"] for r in rows)
+    out = [_ratio(name, batch_tps, clients_tps, 0.95)]
+    if waits and line_s:
+        wait = statistics.median(waits)
+        measured = f"{wait:.2f} s vs {line_s:.2f} s ({len(waits)} requests)"
+        out.append(Target(wait_name, measured, wait <= line_s))
+    else:
+        out.append(Target(wait_name, "not measured", None))
+    return out
+
+
+def batch_table(rows: list[dict[str, Any]]) -> str:
+    out = [
+        "| system | round | lines | batch wall s | batch tok/s | 4 clients tok/s | ratio "
+        "| interactive wait p50 s | max s | line generation mean s | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (_order(r["system"]), r["round"])):
+        waits = r["probe_waits_s"] or [float("nan")]
+        ratio = r["batch_tps"] / r["interactive_tps"] if r["interactive_tps"] else float("nan")
+        out.append(
+            f"| {r['system']} | {r['round']} | {r['lines']} | {r['batch_wall_s']:.1f} | {r['batch_tps']:.1f} "
+            f"| {r['interactive_tps']:.1f} | {ratio:.2f} | {statistics.median(waits):.2f} | {max(waits):.2f} "
+            f"| {r['line_generation_mean_s']:.2f} | {len(r['errors'])} |"
+        )
+    return "\n".join(out)
+
+
 def targets_table(items: list[Target]) -> str:
     rows = ["| target | measured | met |", "|---|---|---|"]
     verdict = {True: "yes", False: "no", None: "–"}
@@ -343,6 +382,8 @@ def markdown(run: dict[str, Any], summaries: list[Summary], goals: list[Target])
     if run.get("interference"):
         lines += ["", interference_table(run["interference"]), ""]
         lines += [INTERFERENCE_NOTE.format(tokens=run["interference"][0]["prompt_tokens"]), ""]
+    if run.get("batch"):
+        lines += ["", batch_table(run["batch"]), ""]
     for skipped in run.get("skipped", []):
         lines.append(f"Skipped: {skipped}.")
     lines += ["", targets_table(goals)]

@@ -11,7 +11,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench import contention, interference, report, workload
+from bench import batch, contention, interference, report, workload
 from bench.inprocess import InProcessEngine
 from bench.machine import describe, load_average
 from bench.metrics import BatchResult
@@ -34,7 +34,7 @@ LLAMA_SERVER_SLOTS = 4
 # The slot count the scenarios and the 4-client targets are about.
 SCENARIO_SLOTS = 4
 SCENARIO_CLIENTS = 4
-SCENARIOS = ("interference", "contention")
+SCENARIOS = ("interference", "contention", "batch")
 
 
 class System(Protocol):
@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(SCENARIOS),
         help="after the rounds, with the 4-slot worker and llama.cpp's server --parallel 4: "
         "'interference' (a 3,500-token prompt arrives while 3 streams decode), 'contention' "
-        "(4 clients while another process keeps one core busy); default both, '' for none",
+        "(4 clients while another process keeps one core busy), 'batch' (a 64-line batch against 4 "
+        "interactive clients, and interactive queue waits while a batch runs); default all, '' for none",
     )
     p.add_argument("--quick", action="store_true", help="1 round at 1 and 4 clients: a smoke run")
     p.add_argument("--out", type=Path, default=RESULTS, help="output folder (default bench/results)")
@@ -226,6 +227,12 @@ def scenarios(
                     result.median_gap_s * 1000,
                     result.long_ttft_s,
                 )
+    if "batch" in args.scenarios:
+        stacks = [s for s in pair if isinstance(s, ServiceStack)]
+        for round_no in range(1, args.rounds + 1):
+            for stack in stacks:  # the Batch API is ours alone: no peer serves /v1/batches
+                run["batch"].append(batch.run(stack, round_no).to_json())
+    # Last: the busy core would skew anything measured after it.
     if "contention" in args.scenarios and SCENARIO_CLIENTS in args.clients:
         return contention.measure(pair, SCENARIO_CLIENTS, args.rounds)
     return []
@@ -259,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_slots": args.torch_slots,
         "scenarios": args.scenarios,
         "interference": [],
+        "batch": [],
         "notes": [
             f"llama.cpp server: `--parallel N --cont-batching --ctx-size {LLAMA_SERVER_CTX} --kv-unified "
             f"--threads {os.cpu_count()}` (one KV pool shared by its slots, as a worker's). Service "
