@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from api import errors, limits, sse
+from api import errors, limits, sse, structured
 from api.following import Follow
 from api.protocol import (
     AssistantMessage,
@@ -81,6 +81,7 @@ def validate(request: ChatCompletionRequest, settings: Settings) -> None:
             f"The model '{request.model}' does not exist; this server serves '{settings.model_name}'.",
             param="model",
         )
+    structured.chat_grammar(request.response_format)  # a schema it cannot follow is a 400 now
     limits.check_messages(settings, "messages", len(request.messages))
     limits.check_max_tokens(
         settings, max_tokens=request.max_tokens, max_completion_tokens=request.max_completion_tokens

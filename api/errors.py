@@ -165,6 +165,8 @@ class Timeout(APIError):
 _FAILURE_TYPES: dict[str, type[APIError]] = {
     "context_length_exceeded": ContextLengthExceeded,
     "model_not_found": ModelNotFound,
+    # The worker's llguidance refused a grammar the API's accepted (a version skew between them).
+    "invalid_grammar": InvalidRequest,
 }
 
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
+from api import structured
 from tasks import jobs
 
 
@@ -87,8 +88,6 @@ class ChatCompletionRequest(BaseModel):
         for name, neutral in _UNSUPPORTED.items():
             if name in extra and extra[name] not in (neutral, None, [], {}):
                 return name
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            return "response_format"
         if self.modalities and set(self.modalities) != {"text"}:
             return "modalities"
         return None
@@ -110,6 +109,7 @@ class ChatCompletionRequest(BaseModel):
                 seed=self.seed,
                 stop=stops,
                 ignore_eos=self.ignore_eos,
+                grammar=structured.chat_grammar(self.response_format),
             ),
         )
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from api import errors, limits, sse
+from api import errors, limits, sse, structured
 from api.following import Follow
 from api.responses_protocol import (
     IncompleteDetails,
@@ -179,6 +179,7 @@ def validate(request: ResponseCreateRequest, settings: Settings) -> None:
         )
     if request.model is not None and request.model != settings.model_name:
         raise errors.ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
+    structured.text_format_grammar(request.text.format if request.text else None)
     if isinstance(request.input, list):
         limits.check_messages(settings, "input", len(request.input))
     limits.check_max_tokens(settings, max_output_tokens=request.max_output_tokens)

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api import structured
 from tasks import jobs
 
 ResponseStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
@@ -72,9 +73,6 @@ class ResponseCreateRequest(BaseModel):
         for name in _UNSUPPORTED:
             if extra.get(name) not in (None, [], {}, "none", "auto"):
                 return name
-        fmt = (self.text.format if self.text else None) or {}
-        if fmt.get("type") not in (None, "text"):
-            return "text.format"
         if not self.store and self.background:
             return "store"  # a background response must be stored to be polled
         return None
@@ -96,6 +94,7 @@ class ResponseCreateRequest(BaseModel):
                 temperature=self.temperature,
                 top_p=self.top_p,
                 ignore_eos=self.ignore_eos,
+                grammar=structured.text_format_grammar(self.text.format if self.text else None),
             ),
             response=jobs.ResponseOptions(
                 instructions=self.instructions,

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from model.chat import end_of_turn_ids, render_prompt
 from model.generation import Generation
+from model.grammar import Grammars
 from model.loading import LoadedModel
 from model.scheduler import Failure, Scheduler
 from model.types import ChatMessage, Completion, ContextLengthExceeded, Prompt, SamplingParams, TextDelta
@@ -25,6 +26,7 @@ class Engine:
         self._tokenizer = loaded.tokenizer
         self._stop_ids = end_of_turn_ids(loaded.tokenizer, loaded.eos_token_ids)
         self.scheduler = Scheduler(loaded.runner)
+        self.grammars = Grammars(loaded.tokenizer, self._stop_ids)
 
     @property
     def context_length(self) -> int:
@@ -41,12 +43,16 @@ class Engine:
         return Prompt(tuple(ids))
 
     def generation(self, prompt: Prompt, sampling: SamplingParams) -> Generation:
+        """Its grammar, if any, is compiled here (cached): a grammar llguidance refuses raises
+        ValueError before the sequence takes a slot."""
+        constraint = self.grammars.constraint(sampling.grammar) if sampling.grammar else None
         return Generation(
             prompt,
             sampling,
             tokenizer=self._tokenizer,
             stop_ids=self._stop_ids,
             context_length=self.context_length,
+            constraint=constraint,
         )
 
     def stream(

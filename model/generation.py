@@ -10,6 +10,7 @@ from typing import Any
 
 from tokenizers.decoders import DecodeStream
 
+from model.grammar import Constraint
 from model.stopping import StopStringMatcher
 from model.types import Completion, FinishReason, Prompt, SamplingParams, TextDelta
 
@@ -27,8 +28,10 @@ class Generation:
         tokenizer: Any,
         stop_ids: frozenset[int],
         context_length: int,
+        constraint: Constraint | None = None,
     ) -> None:
         self.prompt = prompt
+        self.constraint = constraint  # the grammar its tokens follow; the backend applies it
         self.sampling = sampling
         self.budget = min(sampling.max_tokens, context_length - len(prompt.token_ids))
         self._tokenizer = tokenizer.backend_tokenizer

@@ -16,9 +16,11 @@ import gguf
 import llama_cpp
 import llama_cpp._internals as internals
 import llama_cpp._logger as llama_logger
+import numpy as np
 import psutil
 
 from model.chat_tokenizer import ChatTokenizer
+from model.grammar import Constraint
 from model.loading import LoadedModel, ModelNotAvailable, ModelSource, tokenizer_folder
 from model.scheduler import PREFILL_BATCH_TOKENS, PREFILL_CHUNK_TOKENS
 from model.types import SamplingParams, StepOutput
@@ -219,6 +221,7 @@ class _Slot:
     next_token: int | None = None  # the token to decode next: the prompt's last, then each sampled
     pos: int = 0  # the position of the next token fed: the KV cells the sequence holds
     chain: Any = None
+    constraint: Constraint | None = None
     admitted: int = 0  # admission order: prefill is first come, first served
     last_used: int = 0
 
@@ -249,6 +252,7 @@ class LlamaCppBatch:
         self._batch = llama_cpp.llama_batch_init(self._batch_cap, 0, 1)
         self._slots = [_Slot(i) for i in range(slots)]
         self._clock = 0
+        self._n_vocab = int(ctx.model.n_vocab())  # the width of a row of logits
 
     def __del__(self) -> None:
         if getattr(self, "_batch", None) is not None:
@@ -263,7 +267,13 @@ class LlamaCppBatch:
         # Idle slots' cached prompts do not count: they are evicted when the room is needed.
         return any(not s.busy for s in self._slots) and self._busy_cells() + positions <= self._pool
 
-    def add(self, prompt: Sequence[int], sampling: SamplingParams, positions: int) -> int:
+    def add(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        positions: int,
+        constraint: Constraint | None = None,
+    ) -> int:
         head, last = list(prompt[:-1]), int(prompt[-1])
         free = [s for s in self._slots if not s.busy]
         slot = max(free, key=lambda s: (_shared_prefix(s.cached, head), -s.last_used))
@@ -272,6 +282,7 @@ class LlamaCppBatch:
         self._evict_idle(self._busy_cells() + positions, exclude=slot)
         self._clock += 1
         slot.chain = _sampler_chain(sampling)
+        slot.constraint = constraint
         slot.busy, slot.pending, slot.next_token = True, head[keep:], last
         slot.admitted = self._clock
         return slot.id
@@ -283,6 +294,7 @@ class LlamaCppBatch:
         self._forget(slot, len(slot.cached))  # generated tokens go; the prefilled prompt stays
         self._clock += 1
         slot.busy, slot.pending, slot.next_token, slot.chain = False, [], None, None
+        slot.constraint = None
         slot.last_used = self._clock
 
     def step(self) -> StepOutput:
@@ -321,11 +333,25 @@ class LlamaCppBatch:
             slot.pending = slot.pending[len(chunk) :]
             slot.pos += len(chunk)
         for i, slot in enumerate(decoding):
-            token = int(llama_cpp.llama_sampler_sample(slot.chain, self._ctx.ctx, i))
+            token = self._sample(slot, i)
             slot.pos += 1
             slot.next_token = token
             out.tokens[slot.id] = token
         return out
+
+    def _sample(self, slot: _Slot, i: int) -> int:
+        """The slot's sample for batch row i, vetted by its grammar: only a refused token makes
+        the row's logits masked (in llama.cpp's own buffer) and the chain sample again."""
+        token = int(llama_cpp.llama_sampler_sample(slot.chain, self._ctx.ctx, i))
+        if slot.constraint is None or slot.constraint.accept(token):
+            return token
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self._ctx.ctx, i), shape=(self._n_vocab,)
+        )
+        logits[~slot.constraint.allowed(self._n_vocab)] = -np.inf
+        token = int(llama_cpp.llama_sampler_sample(slot.chain, self._ctx.ctx, i))
+        slot.constraint.commit(token)
+        return token
 
     def _plan(self, out: StepOutput) -> tuple[list[_Slot], list[tuple[_Slot, list[int]]]]:
         """This step's tokens: one for each decoding slot, then prompt chunks first come, first

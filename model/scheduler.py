@@ -115,7 +115,7 @@ class Scheduler:
                 break
             self._waiting.popleft()
             try:
-                slot = self._runner.add(gen.token_ids, gen.sampling, positions)
+                slot = self._runner.add(gen.token_ids, gen.sampling, positions, gen.constraint)
             except Exception as exc:  # refused by the backend: only this sequence fails
                 log.warning("could not start a sequence: %s", exc)
                 events.append((key, Failure("The generation could not be started.")))

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.generation.logits_process import TopPLogitsWarper
 
+from model.grammar import Constraint
 from model.loading import LoadedModel, ModelSource, gguf_conversion, load_tokenizer
 from model.scheduler import PREFILL_BATCH_TOKENS, PREFILL_CHUNK_TOKENS
 from model.types import SamplingParams, StepOutput
@@ -125,11 +126,10 @@ def _dequantize(source: ModelSource, staging: Path) -> None:
     model.save_pretrained(staging)
 
 
-
-
 @dataclass
 class _Seq:
     sampler: _Sampler
+    constraint: Constraint | None
     pending: list[int]  # prompt tokens still to prefill (all but the prompt's last)
     next_token: int  # the token fed at the next decode step: the prompt's last, then each sampled
     admitted: int  # admission order: prefill is first come, first served
@@ -180,11 +180,17 @@ class TorchBatch:
         # The cache grows as it is used (no preallocated pool), so only the slot count limits.
         return len(self._seqs) < self._capacity
 
-    def add(self, prompt: Sequence[int], sampling: SamplingParams, positions: int) -> int:
+    def add(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        positions: int,
+        constraint: Constraint | None = None,
+    ) -> int:
         slot = next(i for i in range(self._capacity) if i not in self._seqs)
         self._clock += 1
         self._seqs[slot] = _Seq(
-            _Sampler(sampling), list(prompt[:-1]), int(prompt[-1]), self._clock, DynamicCache()
+            _Sampler(sampling), constraint, list(prompt[:-1]), int(prompt[-1]), self._clock, DynamicCache()
         )
         return slot
 
@@ -235,7 +241,7 @@ class TorchBatch:
         self._cache = result.cache
         logits = result.logits[:, -1, :]
         for row, (slot, seq) in enumerate(zip(self._rows, seqs, strict=True)):
-            seq.next_token = seq.sampler(logits[row : row + 1])
+            seq.next_token = _constrained(seq, logits[row : row + 1])
             seq.length += 1
             out.tokens[slot] = seq.next_token
         return True
@@ -364,6 +370,17 @@ def _pad_left(kv: torch.Tensor, columns: int) -> torch.Tensor:
     if columns == 0:
         return kv
     return torch.nn.functional.pad(kv, (0, 0, columns, 0))
+
+
+def _constrained(seq: _Seq, logits: torch.Tensor) -> int:
+    """The sequence's sample, vetted by its grammar: masked and drawn again only if refused."""
+    token = seq.sampler(logits)
+    if seq.constraint is None or seq.constraint.accept(token):
+        return token
+    allowed = torch.from_numpy(seq.constraint.allowed(logits.shape[-1])).to(logits.device)
+    token = seq.sampler(logits.masked_fill(~allowed, float("-inf")))
+    seq.constraint.commit(token)
+    return token
 
 
 class _Sampler:

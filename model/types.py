@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from model.grammar import Constraint
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -30,6 +33,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep generating past end-of-turn tokens (benchmarks, soak tests)
+    # An llguidance grammar (structured outputs, model/grammar.py) every token must follow.
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -102,8 +107,15 @@ class BatchRunner(Protocol):
         can start at once."""
         ...
 
-    def add(self, prompt: Sequence[int], sampling: SamplingParams, positions: int) -> int:
-        """Start a sequence in a free slot (the one whose cache shares most of the prompt); its slot."""
+    def add(
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingParams,
+        positions: int,
+        constraint: Constraint | None = None,
+    ) -> int:
+        """Start a sequence in a free slot (the one whose cache shares most of the prompt); its slot.
+        A `constraint` (its grammar) vets every token the sequence samples."""
         ...
 
     def step(self) -> StepOutput: ...

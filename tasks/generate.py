@@ -66,6 +66,14 @@ def _prepare(rt: WorkerRuntime, spec: jobs.JobSpec) -> SlotJob | None:
     except ContextLengthExceeded as exc:
         _write(rt, spec.id, events.Failed(code="context_length_exceeded", message=str(exc)))
         return None
+    if spec.sampling.grammar:
+        # Compiled here, on this pool thread, not on the decode loop, where a complex schema's
+        # compile would stall every running sequence; the loop then finds it cached.
+        try:
+            rt.engine.grammars.constraint(spec.sampling.grammar)
+        except ValueError as exc:
+            _write(rt, spec.id, events.Failed(code="invalid_grammar", message=str(exc)[:300]))
+            return None
     claimed_at = time.time()
     _write(rt, spec.id, events.Started(prompt_tokens=len(prompt.token_ids), worker=rt.name))
     log.info(

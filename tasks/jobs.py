@@ -38,6 +38,7 @@ class Sampling(BaseModel):
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False
+    grammar: str | None = None  # structured outputs: an llguidance grammar (api/structured.py)
 
     def to_params(self) -> SamplingParams:
         return SamplingParams(
@@ -47,6 +48,7 @@ class Sampling(BaseModel):
             seed=self.seed,
             stop=tuple(self.stop),
             ignore_eos=self.ignore_eos,
+            grammar=self.grammar,
         )
 
 

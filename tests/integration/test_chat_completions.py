@@ -284,11 +284,11 @@ INVALID: list[tuple[str, Any, int, str | None, str | None]] = [
     ),
     ("logprobs", {"messages": MSG, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
     (
-        "json mode",
-        {"messages": MSG, "response_format": {"type": "json_object"}},
+        "unknown response format",
+        {"messages": MSG, "response_format": {"type": "xml"}},
         400,
         "response_format",
-        "unsupported_parameter",
+        "invalid_value",
     ),
     (
         "penalty",

@@ -202,7 +202,7 @@ def test_unknown_ids_are_404(stack: Stack, client: openai.OpenAI, model_name: st
     [
         ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
         ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
-        ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format"),
+        ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format"),
         ({"input": "x", "temperature": 9}, "temperature"),
         ({"input": 5}, "input"),
         ({}, "input"),

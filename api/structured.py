@@ -1,0 +1,115 @@
+"""Structured outputs: `response_format` (chat) and `text.format` (responses) as the llguidance
+grammar a worker constrains decoding with (model/grammar.py), checked before anything is queued.
+
+A schema may use only the keywords below (llguidance implements them faithfully); anything else
+is a 400 naming `response_format`, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+import llguidance
+
+from api import errors
+
+# What a schema may say, beyond annotations. README "Structured outputs" lists them.
+SUPPORTED_KEYWORDS = frozenset(
+    {
+        "type", "properties", "required", "additionalProperties", "enum", "const", "items",
+        "prefixItems", "minItems", "maxItems", "anyOf", "oneOf", "allOf", "$ref", "$defs",
+        "definitions", "format", "pattern", "minLength", "maxLength", "minimum", "maximum",
+        "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minProperties", "maxProperties",
+    }
+)  # fmt: skip
+ANNOTATIONS = frozenset(
+    {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
+     "readOnly", "writeOnly", "strict"}
+)  # fmt: skip
+# Keywords whose value is a map of names to schemas, or a schema, or a list of schemas.
+_SCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SCHEMA_VALUES = ("items", "additionalProperties")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+# Compact JSON, as OpenAI's structured outputs: flexible whitespace lets a small model pad an
+# object with newlines until it runs out of tokens.
+_COMPILE_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
+
+
+def _refuse(message: str, param: str) -> errors.InvalidRequest:
+    return errors.InvalidRequest(message, param=param, code="invalid_value")
+
+
+def check_schema(schema: Any, param: str) -> None:
+    """Every keyword supported, everywhere in the schema (iteratively: nesting is bounded by the
+    body's own depth limit)."""
+    stack: list[tuple[Any, str]] = [(schema, "schema")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, bool):
+            continue  # `true` / `false` are schemas too
+        if not isinstance(node, dict):
+            raise _refuse(f"The schema at '{where}' must be an object.", param)
+        for key, value in node.items():
+            if key in ANNOTATIONS:
+                continue
+            if key not in SUPPORTED_KEYWORDS:
+                raise _refuse(f"The schema keyword '{key}' (at '{where}') is not supported.", param)
+            if key in _SCHEMA_MAPS and isinstance(value, dict):
+                stack += [(v, f"{where}.{key}.{k}") for k, v in value.items()]
+            elif key in _SCHEMA_VALUES and isinstance(value, dict | bool):
+                stack.append((value, f"{where}.{key}"))
+            elif key in _SCHEMA_LISTS and isinstance(value, list):
+                stack += [(v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
+
+
+@lru_cache(maxsize=256)
+def _grammar(schema_json: str, param: str) -> str:
+    grammar: str = llguidance.LLMatcher.grammar_from_json_schema(schema_json, defaults=_COMPILE_OPTIONS)  # type: ignore[arg-type]
+    if problem := llguidance.LLMatcher.validate_grammar(grammar):
+        raise _refuse(f"The schema cannot be used: {problem[:300]}", param)
+    return grammar
+
+
+def grammar_for_schema(schema: Any, param: str) -> str:
+    check_schema(schema, param)
+    return _grammar(json.dumps(schema, sort_keys=True, ensure_ascii=False), param)
+
+
+def chat_grammar(response_format: dict[str, Any] | None) -> str | None:
+    """The grammar for a chat completion's `response_format`, or None for plain text."""
+    param = "response_format"
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return grammar_for_schema({"type": "object"}, param)
+    if kind == "json_schema":
+        spec = (response_format or {}).get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise _refuse("'response_format.json_schema' must be an object with a 'name'.", param)
+        schema = spec.get("schema", {"type": "object"})
+        return grammar_for_schema(schema, param)
+    raise _refuse(
+        f"'response_format.type' must be 'text', 'json_object' or 'json_schema', not '{str(kind)[:40]}'.",
+        param,
+    )
+
+
+def text_format_grammar(text_format: dict[str, Any] | None) -> str | None:
+    """The grammar for a response's `text.format` (its json_schema is flat: name, schema, strict)."""
+    param = "text.format"
+    kind = (text_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return grammar_for_schema({"type": "object"}, param)
+    if kind == "json_schema":
+        if not isinstance((text_format or {}).get("name"), str):
+            raise _refuse("'text.format' of type 'json_schema' needs a 'name'.", param)
+        return grammar_for_schema((text_format or {}).get("schema", {"type": "object"}), param)
+    raise _refuse(
+        f"'text.format.type' must be 'text', 'json_object' or 'json_schema', not '{str(kind)[:40]}'.",
+        param,
+    )

@@ -1,0 +1,96 @@
+"""Grammar-constrained decoding (structured outputs), the same on both backends: llguidance.
+
+A sequence with a grammar gets a Constraint. Each step its backend samples as usual, then asks
+the constraint whether the grammar allows that token: almost always it does, and that costs one
+check. Only when it does not is the full vocabulary mask computed, the forbidden logits set to
+-inf and the token sampled again from the same distribution (llama.cpp's common_sampler_sample
+does the same), so a 128k vocabulary does not cost a full mask per token.
+
+Grammars arrive as llguidance grammar text, made by the API from a JSON schema
+(api/structured.py); each is compiled once per worker and copied per sequence.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+# Compiled grammars kept per worker: a repeated schema costs a copy, not a compile.
+CACHE_SIZE = 64
+
+
+class Constraint:
+    """One sequence's grammar state: what it has accepted, and what it allows next."""
+
+    def __init__(self, matcher: Any, stop_ids: frozenset[int], grammars: Grammars | None = None) -> None:
+        self._matcher = matcher
+        self._stop_ids = stop_ids
+        self._grammars = grammars
+
+    def accept(self, token: int) -> bool:
+        """Take the token if the grammar allows it here; False (nothing taken) if not."""
+        if token in self._stop_ids:
+            # llguidance's try_consume_tokens counts an end-of-turn token as 0 consumed even where
+            # it ends the grammar, so those are checked against the grammar being complete.
+            return bool(self._matcher.is_accepting() and self._matcher.consume_token(token))
+        return bool(self._matcher.try_consume_tokens([token]) == 1)
+
+    def commit(self, token: int) -> None:
+        """Take a token sampled under the mask (so allowed by construction)."""
+        self._matcher.consume_token(token)
+
+    def allowed(self, vocab_size: int) -> npt.NDArray[np.bool_]:
+        """Which of the model's `vocab_size` tokens the grammar allows next (padding rows of a
+        larger embedding than the tokenizer's vocabulary never are)."""
+        if self._grammars is not None:
+            self._grammars.masks += 1
+        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = np.unpackbits(bits, bitorder="little").astype(bool)
+        if allowed.size >= vocab_size:
+            return allowed[:vocab_size]
+        return np.concatenate([allowed, np.zeros(vocab_size - allowed.size, dtype=bool)])
+
+    @property
+    def failed(self) -> str | None:
+        """Why the matcher gave up (a grammar it could not follow), or None."""
+        return str(self._matcher.get_error()) if self._matcher.is_error() else None
+
+
+class Grammars:
+    """The worker's grammar compiler: the tokenizer bridged once, grammars compiled once each."""
+
+    def __init__(self, tokenizer: Any, stop_ids: frozenset[int]) -> None:
+        self._tokenizer_json: str = tokenizer.backend_tokenizer.to_str()
+        self._stop_ids = stop_ids
+        self._lltokenizer: Any = None
+        self._compiled: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()  # pool threads prepare jobs while the loop decodes
+        self.compiled = 0  # grammars compiled so far (a cache miss each), for tests and metrics
+        self.masks = 0  # full-vocabulary masks computed (a refused sample each)
+
+    def constraint(self, grammar: str) -> Constraint:
+        """A fresh constraint for one sequence; raises ValueError for a grammar llguidance refuses."""
+        import llguidance  # only workers that see a grammar pay for loading it
+
+        with self._lock:
+            if self._lltokenizer is None:
+                # ~1 s for a 128k vocabulary, once per worker.
+                self._lltokenizer = llguidance.LLTokenizer(
+                    self._tokenizer_json, eos_token=sorted(self._stop_ids)
+                )
+            template = self._compiled.get(grammar)
+            if template is None:
+                template = llguidance.LLMatcher(self._lltokenizer, grammar, log_level=0)
+                if template.is_error():
+                    raise ValueError(f"the grammar could not be compiled: {template.get_error()}")
+                self.compiled += 1
+                self._compiled[grammar] = template
+                if len(self._compiled) > CACHE_SIZE:
+                    self._compiled.popitem(last=False)
+            else:
+                self._compiled.move_to_end(grammar)
+            return Constraint(template.deep_copy(), self._stop_ids, self)
