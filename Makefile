@@ -84,9 +84,10 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 
 # Starts its own redis-server, workers, API, a seed-like server and llama.cpp's server on free
 # ports; writes bench/results/ (results.md, results.json, results.png). BENCH_ARGS="--quick" or
-# "--rounds 5". The llama.cpp server is built first if missing (make llama-server).
+# "--rounds 5". Then what constrained decoding costs, in-process (bench/structured.py). The llama.cpp server is built first if missing (make llama-server).
 bench: $(VENV)/.installed-bench llama-server
 	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.structured
 
 llama-server: $(VENV)/.installed
 	PY=$(PY) bash bench/build_llama_server.sh

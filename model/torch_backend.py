@@ -377,8 +377,8 @@ def _constrained(seq: _Seq, logits: torch.Tensor) -> int:
     token = seq.sampler(logits)
     if seq.constraint is None or seq.constraint.accept(token):
         return token
-    allowed = torch.from_numpy(seq.constraint.allowed(logits.shape[-1])).to(logits.device)
-    token = seq.sampler(logits.masked_fill(~allowed, float("-inf")))
+    bias = torch.from_numpy(seq.constraint.bias(logits.shape[-1])).to(logits.device)
+    token = seq.sampler(logits.float() + bias)
     seq.constraint.commit(token)
     return token
 

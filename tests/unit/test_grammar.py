@@ -67,7 +67,7 @@ def generate(engine: Engine, sampling: SamplingParams) -> tuple[str, Completion]
 def test_sampled_output_always_follows_the_schema(engine: Engine, name: str, temperature: float) -> None:
     schema = SCHEMAS[name]
     grammar = structured.grammar_for_schema(schema, "response_format")
-    for seed in range(4):
+    for seed in range(3):
         sampling = SamplingParams(
             max_tokens=120, temperature=temperature, top_p=1.0, seed=seed, grammar=grammar
         )
