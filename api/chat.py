@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from api import errors, limits, sse, structured
+from api import errors, limits, sse, tools
 from api.following import Follow
 from api.protocol import (
     AssistantMessage,
@@ -21,6 +21,10 @@ from api.protocol import (
     Choice,
     ChunkChoice,
     Delta,
+    FinishReason,
+    FunctionCall,
+    ToolCallDelta,
+    ToolCallOut,
     Usage,
 )
 from tasks import events, jobs, logs
@@ -35,9 +39,10 @@ AnyEvent = events.AnyEvent
 class ChatView:
     """The chat completion a job's events describe (blocking mode, and batch output lines)."""
 
-    def __init__(self, job_id: str, created: int, model: str) -> None:
+    def __init__(self, job_id: str, created: int, model: str, *, tools: bool = False) -> None:
         self.job_id, self.created, self.model = job_id, created, model
         self._parts: list[str] = []
+        self._tools = tools  # the job's text may be tool calls (api/tools.py)
         self.completion: ChatCompletion | None = None
 
     def apply(self, event: AnyEvent) -> None:
@@ -45,16 +50,21 @@ class ChatView:
         if isinstance(event, events.Delta):
             self._parts.append(event.text)
         elif isinstance(event, events.Finished) and event.finish_reason != "cancelled":
+            text = "".join(self._parts)
+            content, calls = tools.read_whole(text) if self._tools else (text, [])
+            message = AssistantMessage(
+                content=content,
+                tool_calls=[
+                    ToolCallOut(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                    for c in calls
+                ]
+                or None,
+            )
             self.completion = ChatCompletion(
                 id=self.job_id,
                 created=self.created,
                 model=self.model,
-                choices=[
-                    Choice(
-                        message=AssistantMessage(content="".join(self._parts)),
-                        finish_reason=_finish_reason(event),
-                    )
-                ],
+                choices=[Choice(message=message, finish_reason=_finish_reason(event, called=bool(calls)))],
                 usage=Usage.of(event.prompt_tokens, event.completion_tokens),
             )
         elif events.is_terminal(event):
@@ -81,7 +91,12 @@ def validate(request: ChatCompletionRequest, settings: Settings) -> None:
             f"The model '{request.model}' does not exist; this server serves '{settings.model_name}'.",
             param="model",
         )
-    structured.chat_grammar(request.response_format)  # a schema it cannot follow is a 400 now
+    request.grammar()  # a schema or tool it cannot follow is a 400 now
+    for i, message in enumerate(request.messages):
+        for j, call in enumerate(message.tool_calls or []):
+            tools.check_arguments(
+                call.function.arguments, f"messages[{i}].tool_calls[{j}].function.arguments"
+            )
     limits.check_messages(settings, "messages", len(request.messages))
     limits.check_max_tokens(
         settings, max_tokens=request.max_tokens, max_completion_tokens=request.max_completion_tokens
@@ -108,6 +123,7 @@ class ChatRun:
         )
         self._ping_seconds = settings.stream_ping_seconds
         self._max_tokens_default = limits.default_max_tokens(settings)
+        self._tools = request.tool_plan().calls_possible
 
     async def start(self) -> events.Started | None:
         """Subscribe, enqueue, and wait a while for a worker to accept the prompt.
@@ -131,7 +147,7 @@ class ChatRun:
 
     async def complete(self) -> ChatCompletion:
         """Collect the whole answer (blocking mode)."""
-        view = ChatView(self.job_id, self.created, self.model)
+        view = ChatView(self.job_id, self.created, self.model, tools=self._tools)
         try:
             while view.completion is None:
                 event = await self._follow.next()
@@ -143,6 +159,7 @@ class ChatRun:
 
     async def stream(self) -> AsyncIterator[str]:
         """SSE lines: role chunk, content chunks, finish chunk, optional usage chunk, [DONE]."""
+        reader = tools.ToolCallReader() if self._tools else None
         try:
             yield sse.data(self._chunk(Delta(role="assistant", content="")))
             while True:
@@ -154,9 +171,11 @@ class ChatRun:
                 if event is None:
                     yield sse.comment("ping")
                 elif isinstance(event, events.Delta):
-                    yield sse.data(self._chunk(Delta(content=event.text)))
+                    for delta in _deltas(reader, event.text):
+                        yield sse.data(self._chunk(delta))
                 elif isinstance(event, events.Finished) and event.finish_reason != "cancelled":
-                    yield sse.data(self._chunk(Delta(), finish_reason=_finish_reason(event)))
+                    called = reader is not None and reader.called
+                    yield sse.data(self._chunk(Delta(), finish_reason=_finish_reason(event, called=called)))
                     if self.request.include_usage:
                         usage = Usage.of(event.prompt_tokens, event.completion_tokens)
                         yield sse.data(self._chunk(None, usage=usage))
@@ -180,6 +199,26 @@ class ChatRun:
         return chunk.model_dump_json(exclude=exclude)
 
 
-def _finish_reason(event: events.Finished) -> str:
-    # OpenAI's chat API knows "stop" and "length"; hitting the time limit is a budget, like length.
-    return "length" if event.finish_reason == "time_limit" else event.finish_reason
+def _deltas(reader: tools.ToolCallReader | None, text: str) -> list[Delta]:
+    """The chunks a piece of text makes: content, or tool calls (id and name, then arguments)."""
+    if reader is None:
+        return [Delta(content=text)]
+    out = []
+    for item in reader.feed(text):
+        if isinstance(item, tools.Content):
+            out.append(Delta(content=item.text))
+        elif isinstance(item, tools.CallStarted):
+            out.append(Delta(tool_calls=[ToolCallDelta(index=item.index, id=item.id, name=item.name)]))
+        else:
+            out.append(Delta(tool_calls=[ToolCallDelta(index=item.index, arguments=item.text)]))
+    return out
+
+
+def _finish_reason(event: events.Finished, *, called: bool = False) -> FinishReason:
+    # OpenAI's chat API knows "stop", "length" and "tool_calls"; hitting the time limit is a
+    # budget, like length. A generation that made calls and ended on its own ends in "tool_calls".
+    if event.finish_reason == "time_limit":
+        return "length"
+    if event.finish_reason == "stop" and called:
+        return "tool_calls"
+    return "length" if event.finish_reason == "length" else "stop"

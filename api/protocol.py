@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from api import structured
+from api import errors, structured
+from api.tools import FunctionTool, ToolCallIn, ToolPlan, plan_tools
 from tasks import jobs
 
 
@@ -19,14 +20,37 @@ class TextPart(BaseModel):
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None  # accepted and ignored, as Llama-3 templates have no place for it
+    tool_calls: list[ToolCallIn] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = Field(None, max_length=256)  # a tool turn: the call it answers
+
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessageIn:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required, except for an assistant turn that made tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs the 'tool_call_id' it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant turn has tool_calls")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def to_job_message(self) -> jobs.Message:
+        calls = [
+            jobs.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+            for c in self.tool_calls or []
+        ]
+        return jobs.Message(
+            role=self.role, content=self.text(), tool_calls=calls, tool_call_id=self.tool_call_id
+        )
 
 
 class StreamOptions(BaseModel):
@@ -37,9 +61,7 @@ class StreamOptions(BaseModel):
 # silently ignoring them; each maps to the value that means "not used".
 _UNSUPPORTED: dict[str, Any] = {
     "n": 1,
-    "tools": None,
-    "tool_choice": None,
-    "functions": None,
+    "functions": None,  # the deprecated forerunner of tools
     "function_call": None,
     "logprobs": False,
     "top_logprobs": None,
@@ -71,6 +93,9 @@ class ChatCompletionRequest(BaseModel):
     ignore_eos: bool = False  # generate max_tokens regardless of end-of-turn tokens
     response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -96,12 +121,28 @@ class ChatCompletionRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def tool_plan(self) -> ToolPlan:
+        return plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+
+    def grammar(self) -> str | None:
+        """What every token must follow: the tool-call grammar, else the response_format's."""
+        plan = self.tool_plan()
+        text_grammar = structured.chat_grammar(self.response_format)
+        if plan.calls_possible and text_grammar is not None:
+            raise errors.InvalidRequest(
+                "'response_format' cannot be combined with 'tools' unless tool_choice is 'none'.",
+                param="response_format",
+                code="unsupported_parameter",
+            )
+        return plan.grammar() or text_grammar
+
     def to_job_spec(self, job_id: str, model: str, max_tokens_default: int = 512) -> jobs.JobSpec:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return jobs.JobSpec(
             id=job_id,
             model=model,
-            messages=[jobs.Message(role=m.role, content=m.text()) for m in self.messages],
+            messages=[m.to_job_message() for m in self.messages],
+            tools=self.tool_plan().prompt_tools(),
             sampling=jobs.Sampling(
                 max_tokens=self.max_completion_tokens or self.max_tokens or max_tokens_default,
                 temperature=self.temperature,
@@ -109,7 +150,7 @@ class ChatCompletionRequest(BaseModel):
                 seed=self.seed,
                 stop=stops,
                 ignore_eos=self.ignore_eos,
-                grammar=structured.chat_grammar(self.response_format),
+                grammar=self.grammar(),
             ),
         )
 
@@ -128,16 +169,39 @@ class Usage(BaseModel):
         )
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _calls_when_made(self, handler: Any) -> dict[str, Any]:
+        # OpenAI's message has tool_calls only when calls were made.
+        data: dict[str, Any] = handler(self)
+        if self.tool_calls is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     logprobs: None = None
 
 
@@ -151,20 +215,38 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class ToolCallDelta(BaseModel):
+    """A streamed call: its first piece has the id and name, the next ones arguments only."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+    @model_serializer
+    def _wire(self) -> dict[str, Any]:
+        if self.id is None:
+            return {"index": self.index, "function": {"arguments": self.arguments}}
+        function = {"name": self.name, "arguments": self.arguments}
+        return {"index": self.index, "id": self.id, "type": "function", "function": function}
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer
     def _only_set(self) -> dict[str, Any]:
-        # OpenAI's deltas carry only the fields that changed: role once, then content.
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        # OpenAI's deltas carry only the fields that changed: role once, then content or calls.
+        fields = (("role", self.role), ("content", self.content), ("tool_calls", self.tool_calls))
+        return {k: v for k, v in fields if v is not None}
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
     logprobs: None = None
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from jinja2 import TemplateError
 
 from model.types import ChatMessage
 
@@ -27,17 +30,54 @@ ROLE_ALIASES = {"developer": "system"}
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>")
 
 
-def render_prompt(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
+# Tool calling as Meta's Llama-3.1 JSON format words it, for templates without a tool section (the
+# production Llama-3 8B's, SmolLM2's): tools go into the system turn, calls are written back as the
+# JSON the model was asked for, results come back in the turn Llama-3.1 gives them ("ipython").
+# The API constrains calls to exactly this shape (api/tools.py), so what a model reads in its
+# history is what it writes.
+TOOL_PROMPT = (
+    "You have access to the following functions. To call a function, respond with JSON for a "
+    'function call in the format {"name": function name, "parameters": dictionary of argument '
+    'name and its value}. To call several, separate the calls with "; ". Do not use variables.'
+)
+CALL_SEPARATOR = "; "
+
+
+def render_prompt(
+    tokenizer: Any, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] = ()
+) -> list[int]:
     """Token ids of the conversation followed by the assistant's generation header.
+
+    `tools` are OpenAI function tools ({"type": "function", "function": {...}}). A template with
+    its own tool section (Llama-3.1's and later) renders them and the history's calls and results
+    itself; any other template, or one that refuses the conversation (Llama-3.1's takes one call
+    per turn), gets them as plain turns written in TOOL_PROMPT's format.
 
     Text in a message that spells a control token (`<|eot_id|>`, `<|start_header_id|>`, ...) is
     encoded as plain text; only the tokens the template itself writes are control tokens, so a
-    user cannot forge turns. transformers does this with `sanitize_control_tokens`.
+    user cannot forge turns. transformers does this with `sanitize_control_tokens`; it marks
+    message content only, so tool definitions or call arguments that spell a control token take
+    the plain path, where they are content too.
     """
+    template = tokenizer.chat_template or LLAMA3_CHAT_TEMPLATE
+    uses_tools = bool(tools) or any(m.tool_calls or m.role == "tool" for m in messages)
+    if uses_tools and _has_tool_section(template) and not _spells_control_token(tokenizer, messages, tools):
+        try:
+            return _apply(tokenizer, template, [_native(m) for m in messages], list(tools))
+        except (TemplateError, ValueError):  # raise_exception raises one or the other per renderer
+            pass  # e.g. "This model only supports single tool-calls at once!"
+    if uses_tools:
+        return _apply(tokenizer, template, _plain(messages, tools, template), None)
     conversation = [{"role": ROLE_ALIASES.get(m.role, m.role), "content": m.content} for m in messages]
-    template = None if tokenizer.chat_template else LLAMA3_CHAT_TEMPLATE
+    return _apply(tokenizer, template, conversation, None)
+
+
+def _apply(
+    tokenizer: Any, template: str, conversation: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> list[int]:
     ids = tokenizer.apply_chat_template(
         conversation,
+        tools=tools,
         chat_template=template,
         add_generation_prompt=True,
         tokenize=True,
@@ -45,6 +85,65 @@ def render_prompt(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
         sanitize_control_tokens=True,
     )
     return [int(i) for i in ids]
+
+
+def _has_tool_section(template: str) -> bool:
+    return "tools" in template and "tool_calls" in template
+
+
+def _spells_control_token(tokenizer: Any, messages: Sequence[ChatMessage], tools: Sequence[Any]) -> bool:
+    text = json.dumps(
+        [list(tools), [[c.arguments for c in m.tool_calls] for m in messages]], ensure_ascii=False
+    )
+    return any(token in text for token in _control_tokens(tokenizer))
+
+
+def _control_tokens(tokenizer: Any) -> list[str]:
+    decoder = tokenizer.backend_tokenizer.get_added_tokens_decoder()
+    return [t.content for t in decoder.values() if t.special and not t.content.isspace()]
+
+
+def _native(message: ChatMessage) -> dict[str, Any]:
+    """A turn as Hugging Face chat templates take it (arguments as objects, not JSON text)."""
+    turn: dict[str, Any] = {"role": ROLE_ALIASES.get(message.role, message.role), "content": message.content}
+    if message.tool_calls:
+        turn["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": json.loads(c.arguments)},
+            }
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        turn["tool_call_id"] = message.tool_call_id
+    return turn
+
+
+def _plain(
+    messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]], template: str
+) -> list[dict[str, Any]]:
+    """The conversation with tools, calls and results as ordinary turns (TOOL_PROMPT's format)."""
+    result_role = "ipython" if "<|start_header_id|>" in template else "tool"
+    turns: list[dict[str, Any]] = []
+    for m in messages:
+        content = m.content
+        if m.tool_calls:
+            calls = CALL_SEPARATOR.join(
+                json.dumps({"name": c.name, "parameters": json.loads(c.arguments)}, ensure_ascii=False)
+                for c in m.tool_calls
+            )
+            content = f"{content}\n{calls}" if content else calls
+        role = result_role if m.role == "tool" else ROLE_ALIASES.get(m.role, m.role)
+        turns.append({"role": role, "content": content})
+    if tools:
+        listing = "\n\n".join(json.dumps(t, ensure_ascii=False, indent=4) for t in tools)
+        prompt = f"{TOOL_PROMPT}\n\n{listing}"
+        if turns and turns[0]["role"] == "system":
+            turns[0] = {"role": "system", "content": f"{turns[0]['content']}\n\n{prompt}"}
+        else:
+            turns.insert(0, {"role": "system", "content": prompt})
+    return turns
 
 
 def end_of_turn_ids(tokenizer: Any, declared: Iterable[int]) -> frozenset[int]:

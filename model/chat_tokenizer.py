@@ -52,9 +52,10 @@ class ChatTokenizer:
 
     def apply_chat_template(
         self,
-        conversation: Sequence[dict[str, str]],
+        conversation: Sequence[dict[str, Any]],
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
         **_: Any,  # tokenize/return_dict/sanitize_control_tokens: this always returns sanitized ids
     ) -> list[int]:
         template = chat_template or self.chat_template
@@ -63,7 +64,7 @@ class ChatTokenizer:
         control = self._control_tokens(template)
         marked = [{**m, "content": _mark(m["content"], control)} for m in conversation]
         render = _formatter(template, self.bos_token or "", self.eos_token or "", add_generation_prompt)
-        text = render(messages=marked).prompt  # type: ignore[arg-type]  # OpenAI-shaped role/content dicts
+        text = render(messages=marked, tools=tools).prompt  # type: ignore[arg-type]  # OpenAI-shaped dicts
         return self._encode_marked(text)
 
     def _control_tokens(self, template: str) -> re.Pattern[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from model.chat import end_of_turn_ids, render_prompt
 from model.generation import Generation
@@ -36,8 +37,8 @@ class Engine:
     def slots(self) -> int:
         return self.loaded.runner.capacity
 
-    def prepare(self, messages: Sequence[ChatMessage]) -> Prompt:
-        ids = render_prompt(self._tokenizer, messages)
+    def prepare(self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] = ()) -> Prompt:
+        ids = render_prompt(self._tokenizer, messages, tools)
         if len(ids) >= self.context_length:
             raise ContextLengthExceeded(len(ids), self.context_length)
         return Prompt(tuple(ids))

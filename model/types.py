@@ -17,9 +17,20 @@ Backend = Literal["transformers", "llama.cpp"]
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call an assistant turn made: `arguments` is JSON text, as OpenAI carries it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str | None = None  # a "tool" turn: the call it answers
 
 
 GREEDY_BELOW = 1e-5

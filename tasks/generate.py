@@ -62,7 +62,7 @@ def _prepare(rt: WorkerRuntime, spec: jobs.JobSpec) -> SlotJob | None:
         _write(rt, spec.id, events.Failed(code="model_not_found", message=message))
         return None
     try:
-        prompt = rt.engine.prepare(spec.to_messages())
+        prompt = rt.engine.prepare(spec.to_messages(), spec.tools)
     except ContextLengthExceeded as exc:
         _write(rt, spec.id, events.Failed(code="context_length_exceeded", message=str(exc)))
         return None

@@ -11,11 +11,12 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from model.types import ChatMessage, SamplingParams
+from model.types import ToolCall as ModelToolCall
 from tasks import events, keys
 
 JobStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
@@ -26,9 +27,17 @@ def new_job_id(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(16)}"
 
 
+class ToolCall(BaseModel):
+    id: str
+    name: str
+    arguments: str  # JSON text, as the client sent it (checked to be an object by the API)
+
+
 class Message(BaseModel):
     role: str
     content: str
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_call_id: str | None = None
 
 
 class Sampling(BaseModel):
@@ -78,9 +87,20 @@ class JobSpec(BaseModel):
     # the batch's `done` list.
     batch: str | None = None
     batch_line: int | None = None
+    # Function tools the prompt offers the model ({"type": "function", "function": {...}}); the
+    # API has already checked them and holds the grammar its calls follow in `sampling.grammar`.
+    tools: list[dict[str, Any]] = Field(default_factory=list)
 
     def to_messages(self) -> list[ChatMessage]:
-        return [ChatMessage(m.role, m.content) for m in self.messages]
+        return [
+            ChatMessage(
+                m.role,
+                m.content,
+                tuple(ModelToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
+                m.tool_call_id,
+            )
+            for m in self.messages
+        ]
 
 
 class JobRecord(BaseModel):

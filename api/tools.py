@@ -1,0 +1,335 @@
+"""Tool calling: the request's function tools and tool_choice, the grammar a call follows, and
+the reading of a generation's text back into OpenAI tool calls, whole or as it streams.
+
+The model writes calls in Meta's Llama-3.1 JSON format, `{"name": "f", "parameters": {...}}`,
+several separated by "; " (model/chat.py TOOL_PROMPT asks for it, and renders past calls the same
+way). Every mode but `none` is grammar-constrained (llguidance, as structured outputs are):
+
+    required / a named function   one call (or several, with parallel_tool_calls) of the allowed
+                                  functions, arguments valid against each one's `parameters`
+    auto                          that, or plain text that does not start with "{"
+    none                          no tools in the prompt, no grammar, plain text
+
+The grammar fixes the call's exact spelling (key order, ", " and ": " separators, as json.dumps
+writes them), so reading it back needs no guessing: ToolCallReader walks the text once, and
+streams a call's id and name first, then its arguments in pieces, as OpenAI streams them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+import llguidance
+from pydantic import BaseModel, ConfigDict, Field
+
+from api import errors, structured
+
+# OpenAI's rule for function names; it also keeps names free of JSON escapes in the grammar.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_TOOLS = 128  # OpenAI's limit
+CALL_PREFIX = '{"name": "'
+CALL_MIDDLE = '", "parameters": '
+CALL_END = "}"
+CALL_SEPARATOR = "; "  # model/chat.py CALL_SEPARATOR: the same text both ways
+# Arguments as json.dumps writes them, with no whitespace choice left to a model that could pad
+# an object with newlines until its tokens run out (as structured outputs, api/structured.py).
+_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # every call is grammar-constrained, strict or not
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+Mode = Literal["none", "auto", "required"]
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """What a request's tools mean for its job: the prompt's tools and the grammar calls follow."""
+
+    mode: Mode
+    tools: tuple[FunctionTool, ...]
+    allowed: tuple[str, ...]  # the functions a call may name (one, for a named tool_choice)
+    parallel: bool
+
+    @property
+    def calls_possible(self) -> bool:
+        return self.mode != "none" and bool(self.tools)
+
+    def prompt_tools(self) -> list[dict[str, Any]]:
+        """The tools as the prompt shows them (none under tool_choice "none", as vLLM does)."""
+        if not self.calls_possible:
+            return []
+        return [t.model_dump(exclude_none=True) for t in self.tools if t.function.name in self.allowed]
+
+    def grammar(self) -> str | None:
+        if not self.calls_possible:
+            return None
+        by_name = {t.function.name: t.function.parameters or EMPTY_PARAMETERS for t in self.tools}
+        schemas = tuple(
+            (name, json.dumps(by_name[name], sort_keys=True, ensure_ascii=False)) for name in self.allowed
+        )
+        return _grammar(schemas, self.parallel, self.mode == "auto")
+
+
+def _refuse(message: str, param: str) -> errors.InvalidRequest:
+    return errors.InvalidRequest(message, param=param, code="invalid_value")
+
+
+def plan_tools(
+    tools: list[FunctionTool] | None, tool_choice: Any, parallel_tool_calls: bool | None
+) -> ToolPlan:
+    """The request's tools checked (names, schemas, tool_choice) before anything is queued."""
+    tools = tools or []
+    if len(tools) > MAX_TOOLS:
+        raise _refuse(f"At most {MAX_TOOLS} tools are allowed; got {len(tools)}.", "tools")
+    names: list[str] = []
+    for i, tool in enumerate(tools):
+        name = tool.function.name
+        if not NAME_PATTERN.match(name):
+            raise _refuse(
+                f"tools[{i}].function.name must be 1-64 letters, digits, '_' or '-'; got '{name[:80]}'.",
+                "tools",
+            )
+        if name in names:
+            raise _refuse(f"The tool name '{name}' is used twice.", "tools")
+        names.append(name)
+        structured.check_schema(tool.function.parameters or EMPTY_PARAMETERS, "tools")
+    parallel = True if parallel_tool_calls is None else parallel_tool_calls
+    choice = "auto" if tool_choice is None and tools else tool_choice or "none"
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise _refuse(
+                f"tool_choice must be 'none', 'auto', 'required' or a function; got '{choice[:40]}'.",
+                "tool_choice",
+            )
+        if choice != "none" and not tools:
+            raise _refuse(f"tool_choice '{choice}' needs 'tools'.", "tool_choice")
+        result = ToolPlan(choice, tuple(tools), tuple(names), parallel)  # type: ignore[arg-type]
+    else:
+        name = _named_choice(choice)
+        if name not in names:
+            raise _refuse(f"tool_choice names '{str(name)[:64]}', which is not among 'tools'.", "tool_choice")
+        result = ToolPlan("required", tuple(tools), (name,), parallel)
+    result.grammar()  # compiled now, so a schema llguidance refuses is a 400 before queueing
+    return result
+
+
+def _named_choice(choice: Any) -> str:
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
+        raise _refuse(
+            "tool_choice must be 'none', 'auto', 'required' or "
+            '{"type": "function", "function": {"name": ...}}.',
+            "tool_choice",
+        )
+    return name
+
+
+@lru_cache(maxsize=256)
+def _grammar(schemas: tuple[tuple[str, str], ...], parallel: bool, text_allowed: bool) -> str:
+    """An llguidance Lark grammar: calls of the named functions, each `parameters` its own %json."""
+    rules = []
+    alternatives = []
+    for i, (name, schema) in enumerate(schemas):
+        options = {**json.loads(schema), "x-guidance": _JSON_STYLE}
+        rules.append(f"args{i}: %json {json.dumps(options, ensure_ascii=False)}")
+        alternatives.append(f"{json.dumps(CALL_PREFIX + name + CALL_MIDDLE)} args{i} {json.dumps(CALL_END)}")
+    calls = f"call ({json.dumps(CALL_SEPARATOR)} call)*" if parallel else "call"
+    # Text under "auto" is anything not opening with "{", so the first character decides.
+    start = "start: calls | TEXT\nTEXT: /[^{](.|\\n)*/" if text_allowed else "start: calls"
+    lark = "\n".join([start, f"calls: {calls}", "call: " + "\n    | ".join(alternatives), *rules])
+    grammar: str = llguidance.LLMatcher.grammar_from_lark(lark)
+    if problem := llguidance.LLMatcher.validate_grammar(grammar):
+        raise _refuse(f"The tools cannot be used: {problem[:300]}", "tools")
+    return grammar
+
+
+# --- reading calls back --------------------------------------------------------------------
+
+
+def new_call_id() -> str:
+    return f"call_{secrets.token_hex(12)}"
+
+
+@dataclass(frozen=True)
+class Content:
+    text: str
+
+
+@dataclass(frozen=True)
+class CallStarted:
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ArgumentsPiece:
+    index: int
+    text: str
+
+
+ToolEvent = Content | CallStarted | ArgumentsPiece
+
+
+@dataclass
+class Call:
+    id: str
+    name: str
+    arguments: str
+
+
+ReaderState = Literal["prefix", "name", "middle", "arguments", "end", "separator", "broken"]
+# The fixed text of each literal state, and the state after it.
+_LITERALS: dict[ReaderState, str] = {
+    "prefix": CALL_PREFIX, "middle": CALL_MIDDLE, "end": CALL_END, "separator": CALL_SEPARATOR
+}  # fmt: skip
+_AFTER: dict[ReaderState, ReaderState] = {
+    "prefix": "name", "middle": "arguments", "end": "separator", "separator": "prefix"
+}  # fmt: skip
+
+
+class ToolCallReader:
+    """A generation's text in, what it means out: content, or calls started and their arguments.
+
+    The first character decides: "{" opens calls (the grammar allows nothing else there), any
+    other is text to the end. Within a call the reader tracks the arguments' JSON nesting (and
+    strings, where braces do not count) to know where they end, so each piece of arguments goes
+    out as soon as it arrives.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self._mode: Literal["unknown", "text", "calls"] = "unknown"
+        self._pending = ""  # call text not yet consumed
+        self._state: ReaderState = "prefix"
+        self._name = ""
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+
+    @property
+    def called(self) -> bool:
+        return bool(self.calls)
+
+    def feed(self, text: str) -> list[ToolEvent]:
+        if self._mode == "unknown" and text:
+            self._mode = "calls" if text[0] == "{" else "text"
+        if self._mode == "text":
+            return [Content(text)] if text else []
+        self._pending += text
+        out: list[ToolEvent] = []
+        while self._pending and self._step(out):
+            pass
+        return out
+
+    def _step(self, out: list[ToolEvent]) -> bool:
+        """Consume what the current state can; False when it needs more text."""
+        if self._state in ("prefix", "middle", "end", "separator"):
+            literal = _LITERALS[self._state]
+            if len(self._pending) < len(literal):
+                if not literal.startswith(self._pending):
+                    self._state = "broken"
+                return False
+            if not self._pending.startswith(literal):
+                self._state = "broken"
+                return False
+            self._pending = self._pending[len(literal) :]
+            self._state = _AFTER[self._state]
+            if self._state == "arguments":
+                self.calls.append(Call(new_call_id(), self._name, ""))
+                out.append(CallStarted(len(self.calls) - 1, self.calls[-1].id, self._name))
+            return True
+        if self._state == "name":
+            end = self._pending.find('"')
+            if end < 0:
+                return False
+            self._name, self._pending = self._pending[:end], self._pending[end:]
+            self._state = "middle"
+            return True
+        if self._state == "arguments":
+            taken = self._scan_arguments()
+            piece, self._pending = self._pending[:taken], self._pending[taken:]
+            if piece:
+                self.calls[-1].arguments += piece
+                out.append(ArgumentsPiece(len(self.calls) - 1, piece))
+            return self._state != "arguments"
+        return False  # broken: the text left the grammar's form (it cannot, constrained); stop reading
+
+    def _scan_arguments(self) -> int:
+        """How much of the pending text belongs to the arguments; switches state at their end."""
+        for i, ch in enumerate(self._pending):
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif ch == "\\":
+                    self._escaped = True
+                elif ch == '"':
+                    self._in_string = False
+            elif ch == '"':
+                self._in_string = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    self._state = "end"
+                    return i + 1
+        return len(self._pending)
+
+
+def read_whole(text: str) -> tuple[str | None, list[Call]]:
+    """A finished generation's content and calls (content None when it made calls)."""
+    reader = ToolCallReader()
+    content = "".join(e.text for e in reader.feed(text) if isinstance(e, Content))
+    return (None if reader.called else content), reader.calls
+
+
+class ToolCallIn(BaseModel):
+    """An assistant turn's call in the history the client sends back."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    arguments: str
+
+
+ToolCallIn.model_rebuild()
+
+
+def check_arguments(arguments: str, param: str) -> None:
+    """Past calls are rendered back as JSON objects, so their arguments must be one."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        raise _refuse(f"{param} must be a JSON object; it is not valid JSON.", param) from None
+    if not isinstance(value, dict):
+        raise _refuse(f"{param} must be a JSON object.", param)

@@ -1,0 +1,236 @@
+"""Tool calling without a server: validation of tools and tool_choice (api/tools.py), the call
+grammar against the real 128k Llama-3 tokenizer, reading calls back whole and as they stream (in
+any split, Cyrillic arguments too), and rendering tools and tool history into the prompt
+(model/chat.py) on both tokenizers."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import llguidance
+import pytest
+from transformers import AutoTokenizer
+
+from api import errors, tools
+from api.tools import FunctionTool
+from model.chat import TOOL_PROMPT, render_prompt
+from model.chat_tokenizer import ChatTokenizer
+from model.types import ChatMessage, ToolCall
+from tests.unit.conftest import llama3_tokenizer_path
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Погода в городе",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}},
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+NOOP = {"type": "function", "function": {"name": "noop"}}
+
+
+def tool_list(*specs: dict[str, Any]) -> list[FunctionTool]:
+    return [FunctionTool.model_validate(s) for s in specs]
+
+
+@pytest.fixture(scope="module")
+def lltokenizer() -> tuple[Any, Any]:
+    hf = AutoTokenizer.from_pretrained(llama3_tokenizer_path())
+    return hf, llguidance.LLTokenizer(
+        hf.backend_tokenizer.to_str(), eos_token=[hf.convert_tokens_to_ids("<|eot_id|>")]
+    )
+
+
+def consumes(lltokenizer: tuple[Any, Any], grammar: str, text: str) -> bool:
+    """Whether the grammar takes the whole text and may end there."""
+    hf, lltok = lltokenizer
+    matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
+    ids = hf.encode(text, add_special_tokens=False)
+    return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+
+
+CALL = '{"name": "get_weather", "parameters": {"city": "Москва", "days": 3}}'
+NOOP_CALL = '{"name": "noop", "parameters": {}}'
+
+
+def test_required_grammar_takes_exactly_valid_calls(lltokenizer: tuple[Any, Any]) -> None:
+    grammar = tools.plan_tools(tool_list(WEATHER, NOOP), "required", None).grammar()
+    assert grammar is not None
+    assert consumes(lltokenizer, grammar, CALL)
+    assert consumes(lltokenizer, grammar, f"{CALL}; {NOOP_CALL}")
+    assert not consumes(lltokenizer, grammar, "Сейчас узнаю.")  # required: a call, never text
+    assert not consumes(lltokenizer, grammar, '{"name": "get_weather", "parameters": {"city": "Москва"}}')
+    assert not consumes(lltokenizer, grammar, '{"name": "other", "parameters": {}}')
+    assert not consumes(
+        lltokenizer, grammar, '{"name": "get_weather", "parameters": {"city": "X", "days": 0}}'
+    )
+
+
+def test_named_choice_and_no_parallel_calls(lltokenizer: tuple[Any, Any]) -> None:
+    choice = {"type": "function", "function": {"name": "noop"}}
+    grammar = tools.plan_tools(tool_list(WEATHER, NOOP), choice, False).grammar()
+    assert grammar is not None
+    assert consumes(lltokenizer, grammar, NOOP_CALL)
+    assert not consumes(lltokenizer, grammar, CALL)
+    assert not consumes(lltokenizer, grammar, f"{NOOP_CALL}; {NOOP_CALL}")
+
+
+def test_auto_takes_text_or_calls_and_none_has_no_grammar(lltokenizer: tuple[Any, Any]) -> None:
+    auto = tools.plan_tools(tool_list(WEATHER), None, None)  # tools without tool_choice: auto
+    assert auto.mode == "auto"
+    grammar = auto.grammar()
+    assert grammar is not None
+    assert consumes(lltokenizer, grammar, CALL)
+    assert consumes(lltokenizer, grammar, "Погода хорошая.\n{не вызов}")
+    assert not consumes(lltokenizer, grammar, "{не вызов}")
+    none = tools.plan_tools(tool_list(WEATHER), "none", None)
+    assert none.grammar() is None and none.prompt_tools() == []
+
+
+@pytest.mark.parametrize(
+    ("specs", "choice", "param", "words"),
+    [
+        ([{"type": "function", "function": {"name": "bad name"}}], None, "tools", "letters"),
+        ([NOOP, NOOP], None, "tools", "twice"),
+        ([WEATHER], "sometimes", "tool_choice", "must be"),
+        ([], "required", "tool_choice", "needs 'tools'"),
+        ([WEATHER], {"type": "function", "function": {"name": "noop"}}, "tool_choice", "not among"),
+        ([WEATHER], {"type": "function"}, "tool_choice", "must be"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "if": {}}}}],
+            None,
+            "tools",
+            "'if'",
+        ),
+    ],
+)
+def test_bad_tools_are_400_naming_the_param(
+    specs: list[dict[str, Any]], choice: Any, param: str, words: str
+) -> None:
+    with pytest.raises(errors.InvalidRequest) as caught:
+        tools.plan_tools(tool_list(*specs), choice, None)
+    assert caught.value.param == param
+    assert words in caught.value.message
+
+
+def test_arguments_of_past_calls_must_be_objects() -> None:
+    tools.check_arguments('{"a": 1}', "p")
+    for bad in ("[1]", "{", '"x"'):
+        with pytest.raises(errors.InvalidRequest):
+            tools.check_arguments(bad, "p")
+
+
+def reassemble(pieces: list[str]) -> tuple[str, list[tuple[str, str, str]]]:
+    """What an OpenAI client rebuilds from the stream: content, and (id, name, arguments) per call."""
+    reader = tools.ToolCallReader()
+    content, calls = "", {}
+    for piece in pieces:
+        for event in reader.feed(piece):
+            if isinstance(event, tools.Content):
+                content += event.text
+            elif isinstance(event, tools.CallStarted):
+                assert event.index == len(calls), "calls start in order, once each"
+                calls[event.index] = [event.id, event.name, ""]
+            else:
+                calls[event.index][2] += event.text
+    assert [(c.id, c.name, c.arguments) for c in reader.calls] == [tuple(c) for c in calls.values()]
+    return content, [tuple(c) for c in calls.values()]  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_streamed_calls_reassemble_in_any_split(seed: int) -> None:
+    rng = random.Random(seed)
+    tricky = '{"name": "get_weather", "parameters": {"city": "Нижний \\"Новгород\\" {}", "days": 2}}'
+    text = f"{tricky}; {NOOP_CALL}"
+    cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 30)))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    content, calls = reassemble(pieces)
+    assert content == ""
+    assert [(name, json.loads(args)) for _, name, args in calls] == [
+        ("get_weather", {"city": 'Нижний "Новгород" {}', "days": 2}),
+        ("noop", {}),
+    ]
+    assert all(call_id.startswith("call_") for call_id, _, _ in calls)
+
+
+def test_text_is_content_and_whole_reading_matches() -> None:
+    assert reassemble(["Пр", "ивет {", "}"]) == ("Привет {}", [])
+    assert tools.read_whole("Привет") == ("Привет", [])
+    content, calls = tools.read_whole(CALL)
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Москва", "days": 3})
+    ]
+
+
+HISTORY = [
+    ChatMessage("user", "Какая погода в Москве?"),
+    ChatMessage("assistant", "", (ToolCall("call_1", "get_weather", '{"city": "Москва", "days": 1}'),)),
+    ChatMessage("tool", '{"t": -5}', tool_call_id="call_1"),
+]
+
+# A minimal template with a tool section, in the shape of Llama-3.1's: tools as JSON in the
+# system turn, calls written back as {"name", "parameters"}, results in the "ipython" turn.
+TOOL_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|start_header_id|>system<|end_header_id|>\n\n"
+    "{% for t in tools %}{{ t | tojson }}{% endfor %}<|eot_id|>{% endif %}"
+    "{% for m in messages %}{% if m.tool_calls %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    '{% for c in m.tool_calls %}{"name": "{{ c.function.name }}", "parameters": '
+    "{{ c.function.arguments | tojson }}}{% endfor %}<|eot_id|>"
+    "{% elif m.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>\n\n{{ m.content }}<|eot_id|>"
+    "{% else %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{% endif %}"
+    "{% endfor %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    """The Llama-3 tokenizer as both backends load it: transformers', and the torch-free one."""
+    source = llama3_tokenizer_path()
+    folder: Path = tmp_path_factory.mktemp("tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    return [AutoTokenizer.from_pretrained(folder), ChatTokenizer(folder)]
+
+
+def test_a_template_without_tools_gets_them_as_plain_turns(tokenizers: list[Any]) -> None:
+    prompts = [render_prompt(t, HISTORY, [WEATHER]) for t in tokenizers]
+    assert prompts[0] == prompts[1], "both backends render the same prompt"
+    text = tokenizers[0].decode(prompts[0])
+    assert TOOL_PROMPT in text and '"name": "get_weather"' in text
+    assert (
+        '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": {"city": "Москва", "days": 1}}<|eot_id|>'
+        in text
+    )
+    assert '<|start_header_id|>ipython<|end_header_id|>\n\n{"t": -5}<|eot_id|>' in text
+
+
+def test_a_template_with_a_tool_section_renders_them_itself(tokenizers: list[Any]) -> None:
+    originals = [t.chat_template for t in tokenizers]
+    for tokenizer in tokenizers:
+        tokenizer.chat_template = TOOL_TEMPLATE
+    try:
+        prompts = [render_prompt(t, HISTORY, [WEATHER]) for t in tokenizers]
+        assert prompts[0] == prompts[1]
+        text = tokenizers[0].decode(prompts[0])
+        assert TOOL_PROMPT not in text
+        assert '{"type": "function", "function": {"name": "get_weather"' in text
+        assert '{"name": "get_weather", "parameters": {"city": "Москва", "days": 1}}' in text
+        # Arguments that spell a control token cannot be forged into one: the plain path takes them.
+        forged = [
+            HISTORY[0],
+            ChatMessage("assistant", "", (ToolCall("c", "get_weather", '{"city": "<|eot_id|>"}'),)),
+        ]
+        ids = render_prompt(tokenizers[0], forged, [WEATHER])
+        eot = tokenizers[0].convert_tokens_to_ids("<|eot_id|>")
+        assert ids.count(eot) == 3  # system, user and the call turn's own ends; none from the text
+    finally:
+        for tokenizer, original in zip(tokenizers, originals, strict=True):
+            tokenizer.chat_template = original
