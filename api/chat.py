@@ -51,7 +51,7 @@ class ChatView:
             self._parts.append(event.text)
         elif isinstance(event, events.Finished) and event.finish_reason != "cancelled":
             text = "".join(self._parts)
-            content, calls = tools.read_whole(text) if self._tools else (text, [])
+            content, calls = tools.read_whole(self.job_id, text) if self._tools else (text, [])
             message = AssistantMessage(
                 content=content,
                 tool_calls=[
@@ -159,7 +159,7 @@ class ChatRun:
 
     async def stream(self) -> AsyncIterator[str]:
         """SSE lines: role chunk, content chunks, finish chunk, optional usage chunk, [DONE]."""
-        reader = tools.ToolCallReader() if self._tools else None
+        reader = tools.ToolCallReader(self.job_id) if self._tools else None
         try:
             yield sse.data(self._chunk(Delta(role="assistant", content="")))
             while True:

@@ -21,10 +21,17 @@ class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None  # required; only a turn that made tool_calls may omit it
     name: str | None = None  # accepted and ignored, as Llama-3 templates have no place for it
     tool_calls: list[ToolCallIn] | None = None  # an assistant turn's calls
     tool_call_id: str | None = Field(None, max_length=256)  # a tool turn: the call it answers
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calls_need_no_content(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "content" not in data and data.get("tool_calls"):
+            return {**data, "content": None}
+        return data
 
     @model_validator(mode="after")
     def _shape(self) -> ChatMessageIn:

@@ -16,10 +16,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from api import errors, limits, sse, structured
+from api import errors, limits, sse, tools
 from api.following import Follow
 from api.responses_protocol import (
+    FunctionCallItem,
     IncompleteDetails,
+    OutputFunctionCall,
     OutputMessage,
     OutputText,
     Response,
@@ -42,7 +44,12 @@ CANCEL_SETTLE_SECONDS = 3.0
 
 
 class ResponseView:
-    """The Response a job's events describe, and the stream events that describe it."""
+    """The Response a job's events describe, and the stream events that describe it.
+
+    Without tools the output is one message, opened when the job starts. With tools the text may
+    be function calls (api/tools.py): the message is then opened by its first text, and each call
+    is a function_call item, its arguments streamed as function_call_arguments deltas.
+    """
 
     def __init__(self, spec: jobs.JobSpec) -> None:
         self.spec = spec
@@ -53,21 +60,36 @@ class ResponseView:
         self.error: ResponseError | None = None
         self.incomplete: IncompleteDetails | None = None
         self.started = False
+        self._message_open = False
+        self._reader = tools.ToolCallReader(spec.id) if spec.tools else None
         self._seq = -1
 
     @property
     def item_id(self) -> str:
         return "msg_" + self.spec.id.removeprefix("resp_")
 
-    def snapshot(self) -> Response:
-        output = []
-        if self.started:
-            item_status = {"completed": "completed", "in_progress": "in_progress"}.get(
-                self.status, "incomplete"
+    def _item_status(self) -> str:
+        return {"completed": "completed", "in_progress": "in_progress"}.get(self.status, "incomplete")
+
+    def _calls(self) -> list[OutputFunctionCall]:
+        status = self._item_status()
+        return [
+            OutputFunctionCall(
+                id="fc_" + c.id.removeprefix("call_"),
+                call_id=c.id,
+                name=c.name,
+                arguments=c.arguments,
+                status=status,  # type: ignore[arg-type]
             )
-            output = [
-                OutputMessage(id=self.item_id, status=item_status, content=[OutputText(text=self.text)])  # type: ignore[arg-type]
-            ]
+            for c in (self._reader.calls if self._reader else [])
+        ]
+
+    def snapshot(self) -> Response:
+        output: list[OutputMessage | OutputFunctionCall] = []
+        if self._message_open:
+            status = self._item_status()
+            output.append(OutputMessage(id=self.item_id, status=status, content=[OutputText(text=self.text)]))  # type: ignore[arg-type]
+        output += self._calls()
         return Response(
             id=self.spec.id,
             created_at=int(self.spec.created_at),
@@ -80,8 +102,11 @@ class ResponseView:
             metadata=self.options.metadata,
             model=self.spec.model,
             output=output,
+            parallel_tool_calls=self.options.parallel_tool_calls,
             temperature=self.spec.sampling.temperature,
             top_p=self.spec.sampling.top_p,
+            tool_choice=self.options.tool_choice,
+            tools=self.options.tools,
             usage=self.usage,
         )
 
@@ -92,38 +117,59 @@ class ResponseView:
         """Fold one job event into the view; return the stream events it produces."""
         if isinstance(event, events.Started):
             self.status, self.started = "in_progress", True
-            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-            item = {
-                "type": "message",
-                "id": self.item_id,
-                "status": "in_progress",
-                "role": "assistant",
-                "content": [],
-            }
-            return [
-                self._event("response.in_progress", response=self._dump()),
-                self._event("response.output_item.added", output_index=0, item=item),
-                self._event(
-                    "response.content_part.added",
-                    item_id=self.item_id,
-                    output_index=0,
-                    content_index=0,
-                    part=part,
-                ),
-            ]
+            out = [self._event("response.in_progress", response=self._dump())]
+            if self._reader is None:
+                out += self._open_message()
+            return out
         if isinstance(event, events.Delta):
-            self.text += event.text
-            return [
-                self._event(
-                    "response.output_text.delta",
-                    item_id=self.item_id,
-                    output_index=0,
-                    content_index=0,
-                    delta=event.text,
-                    logprobs=[],
-                )
-            ]
+            if self._reader is None:
+                return self._text(event.text)
+            out = []
+            for item in self._reader.feed(event.text):
+                if isinstance(item, tools.Content):
+                    out += self._open_message() if not self._message_open else []
+                    out += self._text(item.text)
+                elif isinstance(item, tools.CallStarted):
+                    call = self._calls()[item.index].model_dump()
+                    out.append(self._event("response.output_item.added", output_index=item.index, item=call))
+                else:
+                    item_id = self._calls()[item.index].id
+                    out.append(
+                        self._event(
+                            "response.function_call_arguments.delta",
+                            item_id=item_id,
+                            output_index=item.index,
+                            delta=item.text,
+                        )
+                    )
+            return out
         return self._finish(event)  # type: ignore[arg-type]
+
+    def _open_message(self) -> list[dict[str, Any]]:
+        self._message_open = True
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        item = {
+            "type": "message",
+            "id": self.item_id,
+            "status": "in_progress",
+            "role": "assistant",
+            "content": [],
+        }
+        return [
+            self._event("response.output_item.added", output_index=0, item=item),
+            self._event(
+                "response.content_part.added",
+                item_id=self.item_id,
+                output_index=0,
+                content_index=0,
+                part=part,
+            ),
+        ]
+
+    def _text(self, text: str) -> list[dict[str, Any]]:
+        self.text += text
+        ids = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        return [self._event("response.output_text.delta", **ids, delta=text, logprobs=[])]
 
     def _finish(self, event: events.Finished | events.Failed) -> list[dict[str, Any]]:
         if isinstance(event, events.Failed):
@@ -141,15 +187,26 @@ class ResponseView:
             elif event.finish_reason == "time_limit":
                 self.incomplete = IncompleteDetails(reason="time_limit")
         out: list[dict[str, Any]] = []
-        if self.started:
+        snapshot = self.snapshot()
+        if self._message_open:
             part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
             ids = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
             out += [
                 self._event("response.output_text.done", **ids, text=self.text, logprobs=[]),
                 self._event("response.content_part.done", **ids, part=part),
                 self._event(
-                    "response.output_item.done", output_index=0, item=self.snapshot().output[0].model_dump()
+                    "response.output_item.done", output_index=0, item=snapshot.output[0].model_dump()
                 ),
+            ]
+        for index, call in enumerate(self._calls()):
+            out += [
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=call.id,
+                    output_index=index,
+                    arguments=call.arguments,
+                ),
+                self._event("response.output_item.done", output_index=index, item=call.model_dump()),
             ]
         # The Responses stream has no cancelled event; a cancelled response ends as failed,
         # with the response's own status saying "cancelled".
@@ -179,9 +236,12 @@ def validate(request: ResponseCreateRequest, settings: Settings) -> None:
         )
     if request.model is not None and request.model != settings.model_name:
         raise errors.ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
-    structured.text_format_grammar(request.text.format if request.text else None)
+    request.grammar()  # a schema or tool it cannot follow is a 400 now
     if isinstance(request.input, list):
         limits.check_messages(settings, "input", len(request.input))
+        for i, item in enumerate(request.input):
+            if isinstance(item, FunctionCallItem):
+                tools.check_arguments(item.arguments, f"input[{i}].arguments")
     limits.check_max_tokens(settings, max_output_tokens=request.max_output_tokens)
 
 
@@ -260,9 +320,7 @@ class ResponsesService:
         logs.job_id_var.set(job_id)  # this request's logs and x-request-id name the job
         return record.spec
 
-    def _follow(
-        self, job_id: str, gone: asyncio.Event | None = None, cancel_on_close: bool = True
-    ) -> Follow:
+    def _follow(self, job_id: str, gone: asyncio.Event | None = None, cancel_on_close: bool = True) -> Follow:
         timeout = self._settings.request_timeout_seconds
         return Follow(
             self._client, job_id, timeout_seconds=timeout, gone=gone, cancel_on_close=cancel_on_close

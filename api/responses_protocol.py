@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
-from api import structured
+from api import errors, structured
+from api.tools import FunctionDefinition, FunctionTool, ToolPlan, plan_tools
 from tasks import jobs
 
 ResponseStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
@@ -30,10 +31,79 @@ class InputMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class FunctionCallItem(BaseModel):
+    """A call the model made on an earlier turn, sent back as input."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function_call"]
+    call_id: str = Field(max_length=256)
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(BaseModel):
+    """The caller's result for a call, on the next turn."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function_call_output"]
+    call_id: str = Field(max_length=256)
+    output: str
+
+
+def _item_kind(value: Any) -> Any:
+    # An input message may leave out its type ("easy input message"); the others may not.
+    if isinstance(value, dict):
+        return value.get("type", "message")
+    return getattr(value, "type", "message")
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    Discriminator(_item_kind),
+]
+
+
+class FunctionToolIn(BaseModel):
+    """A Responses function tool: the chat one's fields, flat."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def as_chat_tool(self) -> FunctionTool:
+        function = FunctionDefinition(
+            name=self.name, description=self.description, parameters=self.parameters, strict=self.strict
+        )
+        return FunctionTool(type="function", function=function)
+
+
+def _messages(items: list[InputMessage | FunctionCallItem | FunctionCallOutputItem]) -> list[jobs.Message]:
+    """Input items as chat turns: consecutive calls are one assistant turn, each output a tool turn."""
+    messages: list[jobs.Message] = []
+    for item in items:
+        if isinstance(item, InputMessage):
+            messages.append(jobs.Message(role=item.role, content=item.text()))
+        elif isinstance(item, FunctionCallItem):
+            call = jobs.ToolCall(id=item.call_id, name=item.name, arguments=item.arguments)
+            if messages and messages[-1].role == "assistant" and messages[-1].tool_calls:
+                messages[-1].tool_calls.append(call)
+            else:
+                messages.append(jobs.Message(role="assistant", content="", tool_calls=[call]))
+        else:
+            messages.append(jobs.Message(role="tool", content=item.output, tool_call_id=item.call_id))
+    return messages
+
+
 # Fields that change what the answer means and that this server does not do.
 _UNSUPPORTED: dict[str, Any] = {
-    "tools": None,
-    "tool_choice": None,
     "previous_response_id": None,
     "conversation": None,
     "prompt": None,
@@ -54,7 +124,7 @@ class ResponseCreateRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     # An empty list would be a job with no prompt at all, for the worker to fail on.
-    input: str | Annotated[list[InputMessage], Field(min_length=1)]
+    input: str | Annotated[list[InputItem], Field(min_length=1)]
     model: str | None = None
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
@@ -67,6 +137,45 @@ class ResponseCreateRequest(BaseModel):
     # --- not in the OpenAI spec (vLLM has the same) ---
     ignore_eos: bool = False  # generate max_output_tokens regardless of end-of-turn tokens
     text: TextOptions | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    def function_tools(self) -> list[FunctionTool]:
+        """The request's tools; anything but a function tool is refused (no built-in tools here)."""
+        out = []
+        for i, tool in enumerate(self.tools or []):
+            if tool.get("type") != "function":
+                kind = str(tool.get("type"))[:40]
+                raise errors.InvalidRequest(
+                    f"tools[{i}]: only function tools are supported, not '{kind}'.",
+                    param="tools",
+                    code="unsupported_parameter",
+                )
+            try:
+                out.append(FunctionToolIn.model_validate(tool).as_chat_tool())
+            except ValidationError as exc:
+                raise errors.InvalidRequest(
+                    f"tools[{i}]: {exc.errors()[0].get('msg', 'invalid tool')}", param="tools"
+                ) from None
+        return out
+
+    def tool_plan(self) -> ToolPlan:
+        choice = self.tool_choice
+        if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
+            choice = {"type": "function", "function": {"name": choice.get("name")}}  # the flat form
+        return plan_tools(self.function_tools(), choice, self.parallel_tool_calls)
+
+    def grammar(self) -> str | None:
+        plan = self.tool_plan()
+        text_grammar = structured.text_format_grammar(self.text.format if self.text else None)
+        if plan.calls_possible and text_grammar is not None:
+            raise errors.InvalidRequest(
+                "'text.format' cannot be combined with 'tools' unless tool_choice is 'none'.",
+                param="text.format",
+                code="unsupported_parameter",
+            )
+        return plan.grammar() or text_grammar
 
     def unsupported_param(self) -> str | None:
         extra = self.model_extra or {}
@@ -84,23 +193,28 @@ class ResponseCreateRequest(BaseModel):
         if isinstance(self.input, str):
             messages.append(jobs.Message(role="user", content=self.input))
         else:
-            messages += [jobs.Message(role=m.role, content=m.text()) for m in self.input]
+            messages += _messages(self.input)
+        plan = self.tool_plan()
         return jobs.JobSpec(
             id=job_id,
             model=model,
             messages=messages,
+            tools=plan.prompt_tools(),
             sampling=jobs.Sampling(
                 max_tokens=self.max_output_tokens or max_tokens_default,
                 temperature=self.temperature,
                 top_p=self.top_p,
                 ignore_eos=self.ignore_eos,
-                grammar=structured.text_format_grammar(self.text.format if self.text else None),
+                grammar=self.grammar(),
             ),
             response=jobs.ResponseOptions(
                 instructions=self.instructions,
                 metadata=self.metadata or {},
                 background=self.background,
                 max_output_tokens=self.max_output_tokens,
+                tools=self.tools or [],
+                tool_choice=self.tool_choice or ("auto" if self.tools else "none"),
+                parallel_tool_calls=plan.parallel,
             ),
             owner=owner,
         )
@@ -113,12 +227,24 @@ class OutputText(BaseModel):
     logprobs: list[Any] = Field(default_factory=list)
 
 
+ItemStatus = Literal["in_progress", "completed", "incomplete"]
+
+
 class OutputMessage(BaseModel):
     type: Literal["message"] = "message"
     id: str
-    status: Literal["in_progress", "completed", "incomplete"]
+    status: ItemStatus
     role: Literal["assistant"] = "assistant"
     content: list[OutputText]
+
+
+class OutputFunctionCall(BaseModel):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: ItemStatus
 
 
 class InputTokensDetails(BaseModel):
@@ -158,11 +284,11 @@ class Response(BaseModel):
     max_output_tokens: int | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     model: str
-    output: list[OutputMessage] = Field(default_factory=list)
+    output: list[OutputMessage | OutputFunctionCall] = Field(default_factory=list)
     parallel_tool_calls: bool = False
     temperature: float
     top_p: float
-    tool_choice: Literal["none"] = "none"
+    tool_choice: str | dict[str, Any] = "none"
     tools: list[Any] = Field(default_factory=list)
     text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
     truncation: Literal["disabled"] = "disabled"
@@ -171,4 +297,5 @@ class Response(BaseModel):
 
     @property
     def output_text(self) -> str:
-        return "".join(part.text for item in self.output for part in item.content)
+        messages = (item for item in self.output if isinstance(item, OutputMessage))
+        return "".join(part.text for item in messages for part in item.content)

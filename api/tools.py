@@ -17,9 +17,9 @@ streams a call's id and name first, then its arguments in pieces, as OpenAI stre
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-import secrets
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -167,8 +167,10 @@ def _grammar(schemas: tuple[tuple[str, str], ...], parallel: bool, text_allowed:
 # --- reading calls back --------------------------------------------------------------------
 
 
-def new_call_id() -> str:
-    return f"call_{secrets.token_hex(12)}"
+def call_id(job_id: str, index: int) -> str:
+    """A call's id, the same every time the job's events are read (a response is rebuilt by
+    replaying them); a hash, so it does not reveal the job id a caller reads the job with."""
+    return "call_" + hashlib.sha256(f"{job_id}:{index}".encode()).hexdigest()[:24]
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,8 @@ class ToolCallReader:
     out as soon as it arrives.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, job_id: str) -> None:
+        self._job_id = job_id
         self.calls: list[Call] = []
         self._mode: Literal["unknown", "text", "calls"] = "unknown"
         self._pending = ""  # call text not yet consumed
@@ -257,7 +260,7 @@ class ToolCallReader:
             self._pending = self._pending[len(literal) :]
             self._state = _AFTER[self._state]
             if self._state == "arguments":
-                self.calls.append(Call(new_call_id(), self._name, ""))
+                self.calls.append(Call(call_id(self._job_id, len(self.calls)), self._name, ""))
                 out.append(CallStarted(len(self.calls) - 1, self.calls[-1].id, self._name))
             return True
         if self._state == "name":
@@ -298,9 +301,9 @@ class ToolCallReader:
         return len(self._pending)
 
 
-def read_whole(text: str) -> tuple[str | None, list[Call]]:
+def read_whole(job_id: str, text: str) -> tuple[str | None, list[Call]]:
     """A finished generation's content and calls (content None when it made calls)."""
-    reader = ToolCallReader()
+    reader = ToolCallReader(job_id)
     content = "".join(e.text for e in reader.feed(text) if isinstance(e, Content))
     return (None if reader.called else content), reader.calls
 

@@ -68,6 +68,9 @@ class ResponseOptions(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict)
     background: bool = False
     max_output_tokens: int | None = None
+    tools: list[dict[str, Any]] = Field(default_factory=list)  # as the request gave them
+    tool_choice: str | dict[str, Any] = "none"
+    parallel_tool_calls: bool = True
 
 
 class JobSpec(BaseModel):

@@ -236,7 +236,13 @@ INVALID: list[tuple[str, Any, int, str | None, str | None]] = [
     ("no messages", {}, 400, "messages", "missing_required_parameter"),
     ("empty messages", {"messages": []}, 400, "messages", "invalid_value"),
     ("bad role", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", "invalid_value"),
-    ("tool role", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", "invalid_value"),
+    (
+        "tool turn without its call",
+        {"messages": [{"role": "tool", "content": "x"}]},
+        400,
+        "messages[0]",
+        "invalid_value",
+    ),
     (
         "no content",
         {"messages": [{"role": "user"}]},
@@ -276,10 +282,10 @@ INVALID: list[tuple[str, Any, int, str | None, str | None]] = [
     ("stream not bool", {"messages": MSG, "stream": "yes please"}, 400, "stream", "invalid_value"),
     ("n two", {"messages": MSG, "n": 2}, 400, "n", "unsupported_parameter"),
     (
-        "tools",
-        {"messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]},
+        "functions",  # tools' deprecated forerunner
+        {"messages": MSG, "functions": [{"name": "f", "parameters": {}}]},
         400,
-        "tools",
+        "functions",
         "unsupported_parameter",
     ),
     ("logprobs", {"messages": MSG, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),

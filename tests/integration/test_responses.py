@@ -200,7 +200,7 @@ def test_unknown_ids_are_404(stack: Stack, client: openai.OpenAI, model_name: st
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"input": "x", "tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools"),
         ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
         ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format"),
         ({"input": "x", "temperature": 9}, "temperature"),
@@ -287,7 +287,10 @@ def test_queued_stream_gets_keepalive_pings(stack: Stack, client: openai.OpenAI,
     ("path", "body"),
     [
         ("/v1/responses", {"input": LONG_PROMPT, "max_output_tokens": 2000}),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 2000}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 2000},
+        ),
     ],
     ids=["responses", "chat"],
 )

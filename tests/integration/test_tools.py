@@ -205,3 +205,63 @@ def test_langchain_bind_tools_round_trip(stack: Stack, model_name: str) -> None:
     result = ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"])
     answer = llm.bind_tools([get_weather]).invoke([asked, called, result])
     assert answer.content or answer.tool_calls
+
+
+RESPONSES_WEATHER: Any = {"type": "function", **WEATHER["function"]}
+
+
+def test_responses_function_call_and_its_output_next_turn(client: openai.OpenAI, model_name: str) -> None:
+    asked: list[Any] = [{"role": "user", "content": "What is the weather in Moscow?"}]
+    first = client.responses.create(
+        model=model_name, input=asked, tools=[RESPONSES_WEATHER], tool_choice="required",
+        temperature=0, max_output_tokens=80, parallel_tool_calls=False,
+    )  # fmt: skip
+    assert first.status == "completed"
+    [call] = first.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER_PARAMETERS)
+    assert client.responses.retrieve(first.id).output == first.output, "a replay gives the same call ids"
+    second = client.responses.create(
+        model=model_name,
+        input=[
+            *asked,
+            {
+                "type": "function_call",
+                "call_id": call.call_id,
+                "name": call.name,
+                "arguments": call.arguments,
+            },
+            {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature": -5}'},
+        ],
+        tools=[RESPONSES_WEATHER],
+        tool_choice="none",
+        temperature=0,
+        max_output_tokens=40,
+    )
+    assert second.status in ("completed", "incomplete") and second.output_text
+
+
+def test_responses_streamed_call_matches_the_stored_response(client: openai.OpenAI, model_name: str) -> None:
+    stream = client.responses.create(
+        model=model_name, input="Weather in Paris, please.", tools=[RESPONSES_WEATHER],
+        tool_choice={"type": "function", "name": "get_weather"}, temperature=0, max_output_tokens=80, stream=True,
+    )  # fmt: skip
+    added, arguments, final = None, "", None
+    for event in stream:
+        if event.type == "response.output_item.added" and event.item.type == "function_call":
+            added = event.item
+        elif event.type == "response.function_call_arguments.delta":
+            arguments += event.delta
+        elif event.type == "response.completed":
+            final = event.response
+    assert added is not None and added.name == "get_weather" and final is not None
+    [call] = [item for item in final.output if item.type == "function_call"]
+    assert call.call_id == added.call_id and call.arguments == arguments
+    jsonschema.validate(json.loads(arguments), WEATHER_PARAMETERS)
+    assert client.responses.retrieve(final.id).output == final.output
+
+
+def test_responses_refuse_built_in_tools(client: openai.OpenAI, model_name: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=model_name, input="hi", tools=[{"type": "web_search"}])
+    assert isinstance(caught.value.body, dict) and caught.value.body.get("param") == "tools"

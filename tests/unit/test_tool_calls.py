@@ -130,7 +130,7 @@ def test_arguments_of_past_calls_must_be_objects() -> None:
 
 def reassemble(pieces: list[str]) -> tuple[str, list[tuple[str, str, str]]]:
     """What an OpenAI client rebuilds from the stream: content, and (id, name, arguments) per call."""
-    reader = tools.ToolCallReader()
+    reader = tools.ToolCallReader("chatcmpl-test")
     content, calls = "", {}
     for piece in pieces:
         for event in reader.feed(piece):
@@ -163,8 +163,8 @@ def test_streamed_calls_reassemble_in_any_split(seed: int) -> None:
 
 def test_text_is_content_and_whole_reading_matches() -> None:
     assert reassemble(["Пр", "ивет {", "}"]) == ("Привет {}", [])
-    assert tools.read_whole("Привет") == ("Привет", [])
-    content, calls = tools.read_whole(CALL)
+    assert tools.read_whole("chatcmpl-test", "Привет") == ("Привет", [])
+    content, calls = tools.read_whole("chatcmpl-test", CALL)
     assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [
         ("get_weather", {"city": "Москва", "days": 3})
     ]
