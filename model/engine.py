@@ -10,6 +10,7 @@ from model.generation import Generation
 from model.grammar import Grammars
 from model.loading import LoadedModel
 from model.scheduler import Failure, Scheduler
+from model.token_bytes import TokenBytes
 from model.types import ChatMessage, Completion, ContextLengthExceeded, Prompt, SamplingParams, TextDelta
 
 
@@ -28,6 +29,8 @@ class Engine:
         self._stop_ids = end_of_turn_ids(loaded.tokenizer, loaded.eos_token_ids)
         self.scheduler = Scheduler(loaded.runner)
         self.grammars = Grammars(loaded.tokenizer, self._stop_ids)
+        # Logprobs' token bytes, cached per id for the worker's life, not per request.
+        self._token_bytes = TokenBytes(loaded.tokenizer.backend_tokenizer)
 
     @property
     def context_length(self) -> int:
@@ -36,6 +39,11 @@ class Engine:
     @property
     def slots(self) -> int:
         return self.loaded.runner.capacity
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a request may name (logit_bias): the tokenizer's, added tokens included."""
+        return int(self._tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=True))
 
     def prepare(self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] = ()) -> Prompt:
         ids = render_prompt(self._tokenizer, messages, tools)
@@ -54,6 +62,7 @@ class Engine:
             stop_ids=self._stop_ids,
             context_length=self.context_length,
             constraint=constraint,
+            token_bytes=self._token_bytes,
         )
 
     def stream(

@@ -21,10 +21,11 @@ import numpy as np
 import psutil
 
 from model.chat_tokenizer import ChatTokenizer
-from model.grammar import Constraint
+from model.grammar import FORBIDDEN, Constraint
 from model.loading import LoadedModel, ModelNotAvailable, ModelSource, tokenizer_folder
+from model.penalties import FloatArray, Penalties, penalties_for
 from model.scheduler import PREFILL_BATCH_TOKENS, PREFILL_CHUNK_TOKENS
-from model.types import SamplingParams, StepOutput
+from model.types import SampledLogprobs, SamplingParams, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,9 @@ class _Slot:
     pos: int = 0  # the position of the next token fed: the KV cells the sequence holds
     chain: Any = None
     constraint: Constraint | None = None
+    penalties: Penalties | None = None  # logit_bias and penalties, None when all are off
+    top_logprobs: int | None = None  # alternatives to report per token; None: no logprobs asked
+    logprob_temperature: float = 1.0  # the temperature logprobs are reported at (1 when greedy)
     admitted: int = 0  # admission order: prefill is first come, first served
     last_used: int = 0
 
@@ -274,6 +278,7 @@ class LlamaCppBatch:
         sampling: SamplingParams,
         positions: int,
         constraint: Constraint | None = None,
+        generated: int = 0,
     ) -> int:
         head, last = list(prompt[:-1]), int(prompt[-1])
         free = [s for s in self._slots if not s.busy]
@@ -284,6 +289,9 @@ class LlamaCppBatch:
         self._clock += 1
         slot.chain = _sampler_chain(sampling)
         slot.constraint = constraint
+        slot.penalties = penalties_for(sampling, prompt, generated, self._n_vocab)
+        slot.top_logprobs = sampling.top_logprobs if sampling.logprobs else None
+        slot.logprob_temperature = 1.0 if sampling.greedy else sampling.temperature
         slot.busy, slot.pending, slot.next_token = True, head[keep:], last
         slot.admitted = self._clock
         return slot.id
@@ -295,7 +303,7 @@ class LlamaCppBatch:
         self._forget(slot, len(slot.cached))  # generated tokens go; the prefilled prompt stays
         self._clock += 1
         slot.busy, slot.pending, slot.next_token, slot.chain = False, [], None, None
-        slot.constraint = None
+        slot.constraint, slot.penalties, slot.top_logprobs = None, None, None
         slot.last_used = self._clock
 
     def step(self) -> StepOutput:
@@ -334,26 +342,52 @@ class LlamaCppBatch:
             slot.pending = slot.pending[len(chunk) :]
             slot.pos += len(chunk)
         for i, slot in enumerate(decoding):
-            token = self._sample(slot, i)
+            token = self._sample(slot, i, out)
             slot.pos += 1
             slot.next_token = token
             out.tokens[slot.id] = token
         return out
 
-    def _sample(self, slot: _Slot, i: int) -> int:
-        """The slot's sample for batch row i, vetted by its grammar: only a refused token makes
-        the row's logits masked (in llama.cpp's own buffer) and the chain sample again."""
-        token = int(llama_cpp.llama_sampler_sample(slot.chain, self._ctx.ctx, i))
-        if slot.constraint is None or slot.constraint.accept(token):
-            return token
+    def _sample(self, slot: _Slot, i: int, out: StepOutput) -> int:
+        """The slot's sample for batch row i, in vLLM's order: logit_bias and penalties, then the
+        grammar, then the chain's temperature and truncation. All edits go into llama.cpp's own
+        buffer of the row's logits, which every llama_sampler_sample reads afresh.
+
+        The penalties are ours, not llama.cpp's penalties sampler: llama_sampler_sample accepts
+        every token it draws into the chain, a draw the grammar then refuses included, which
+        would count tokens that were never generated.
+        """
+        logits = self._row(i) if slot.penalties is not None or slot.top_logprobs is not None else None
+        if slot.penalties is not None:
+            assert logits is not None
+            slot.penalties.apply_to_row(logits)
+        constraint = slot.constraint
+        if constraint is not None and logits is not None and slot.top_logprobs is not None:
+            # The logprobs describe the masked distribution, so the mask is needed anyway:
+            # applied first, one draw (the same distribution as a draw vetted afterwards).
+            np.add(logits, constraint.bias(self._n_vocab), out=logits)
+            token = int(llama_cpp.llama_sampler_sample(slot.chain, self._ctx.ctx, i))
+            constraint.commit(token)
+        else:
+            token = int(llama_cpp.llama_sampler_sample(slot.chain, self._ctx.ctx, i))
+            if constraint is not None and not constraint.accept(token):
+                logits = self._row(i) if logits is None else logits
+                np.add(logits, constraint.bias(self._n_vocab), out=logits)
+                token = int(llama_cpp.llama_sampler_sample(slot.chain, self._ctx.ctx, i))
+                constraint.commit(token)
+        if slot.penalties is not None:
+            slot.penalties.accept(token)
+        if slot.top_logprobs is not None:
+            assert logits is not None
+            out.logprobs[slot.id] = _logprobs(logits, slot.logprob_temperature, token, slot.top_logprobs)
+        return token
+
+    def _row(self, i: int) -> FloatArray:
+        """Batch row i's logits: a view of llama.cpp's own buffer, edited in place."""
         row = llama_cpp.llama_get_logits_ith(self._ctx.ctx, i)
         buffer = (ctypes.c_float * self._n_vocab).from_address(ctypes.addressof(row.contents))
-        # A view of llama.cpp's own buffer (frombuffer: 2 us, where ctypeslib.as_array took 14).
-        logits = np.frombuffer(buffer, dtype=np.float32)  # type: ignore[call-overload]
-        np.add(logits, slot.constraint.bias(self._n_vocab), out=logits)
-        token = int(llama_cpp.llama_sampler_sample(slot.chain, self._ctx.ctx, i))
-        slot.constraint.commit(token)
-        return token
+        # frombuffer: 2 us, where ctypeslib.as_array took 14.
+        return np.frombuffer(buffer, dtype=np.float32)  # type: ignore[call-overload,no-any-return]
 
     def _plan(self, out: StepOutput) -> tuple[list[_Slot], list[tuple[_Slot, list[int]]]]:
         """This step's tokens: one for each decoding slot, then prompt chunks first come, first
@@ -418,15 +452,34 @@ def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def _logprobs(logits: FloatArray, temperature: float, token: int, top: int) -> SampledLogprobs:
+    """The token's log probability and the `top` best, under softmax(logits / temperature)."""
+    scaled = logits / np.float32(temperature)
+    peak = scaled.max()
+    normalizer = peak + np.log(np.exp(scaled - peak).sum(dtype=np.float64))
+    chosen = float(scaled[token] - normalizer)
+    if top == 0:
+        return chosen, ()
+    best = np.argpartition(scaled, -top)[-top:]
+    best = best[np.argsort(-scaled[best], kind="stable")]
+    # A token the grammar forbids could never be drawn: not an alternative worth listing.
+    return chosen, tuple((int(t), float(scaled[t] - normalizer)) for t in best if logits[t] > FORBIDDEN / 2)
+
+
 def _sampler_chain(sampling: SamplingParams) -> Any:
-    """Greedy, or temperature then nucleus then a seeded draw: the transformers backend's order."""
+    """Greedy, or temperature, top-k, top-p, min-p, then a seeded draw: the transformers
+    backend's order. logit_bias and the penalties are not in the chain: `_sample` applies them."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     if sampling.greedy:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         return chain
     llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
+    if sampling.top_k > 0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
     if sampling.top_p < 1.0:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+    if sampling.min_p > 0.0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
     seed = llama_cpp.LLAMA_DEFAULT_SEED  # llama.cpp draws a random seed for this value
     if sampling.seed is not None:
         # llama.cpp seeds are 32-bit; keep a user's seed from meaning "random".

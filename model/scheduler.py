@@ -93,7 +93,7 @@ class Scheduler:
         for slot, token in result.tokens.items():
             key, gen = self._running[slot]
             try:
-                outputs = gen.feed(token)
+                outputs = gen.feed(token, result.logprobs.get(slot))
             except Exception:  # a sequence that breaks (detokenizing, say) ends alone
                 log.exception("a sequence failed while decoding its token")
                 self._release(slot)
@@ -115,7 +115,11 @@ class Scheduler:
                 break
             self._waiting.popleft()
             try:
-                slot = self._runner.add(gen.token_ids, gen.sampling, positions, gen.constraint)
+                # A preempted one resumes from its prompt and tokens: its counts for the penalties
+                # come back from those (the last `generated` of them).
+                slot = self._runner.add(
+                    gen.token_ids, gen.sampling, positions, gen.constraint, generated=gen.generated
+                )
             except Exception as exc:  # refused by the backend: only this sequence fails
                 log.warning("could not start a sequence: %s", exc)
                 events.append((key, Failure("The generation could not be started.")))

@@ -13,12 +13,13 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache, DynamicLayer
-from transformers.generation.logits_process import TopPLogitsWarper
+from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from model.grammar import Constraint
+from model.grammar import FORBIDDEN, Constraint
 from model.loading import LoadedModel, ModelSource, gguf_conversion, load_tokenizer
+from model.penalties import Penalties, penalties_for
 from model.scheduler import PREFILL_BATCH_TOKENS, PREFILL_CHUNK_TOKENS
-from model.types import SamplingParams, StepOutput
+from model.types import SampledLogprobs, SamplingParams, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,8 @@ class _Seq:
     next_token: int  # the token fed at the next decode step: the prompt's last, then each sampled
     admitted: int  # admission order: prefill is first come, first served
     cache: DynamicCache | None  # its own cache while prefilling; None once its row is in the batch
+    penalties: Penalties | None = None  # logit_bias and penalties, None when all are off
+    top_logprobs: int | None = None  # alternatives to report per token; None: no logprobs asked
     length: int = 0  # tokens whose KV the sequence holds: the position of the next one fed
 
 
@@ -171,6 +174,7 @@ class TorchBatch:
         self._rows: list[int] = []  # the slot of each batch-cache row, in row order
         self._cache: DynamicCache | None = None
         self._clock = 0
+        self._vocab_size = int(model.config.vocab_size)  # the width of a row of logits
 
     @property
     def capacity(self) -> int:
@@ -186,11 +190,19 @@ class TorchBatch:
         sampling: SamplingParams,
         positions: int,
         constraint: Constraint | None = None,
+        generated: int = 0,
     ) -> int:
         slot = next(i for i in range(self._capacity) if i not in self._seqs)
         self._clock += 1
         self._seqs[slot] = _Seq(
-            _Sampler(sampling), constraint, list(prompt[:-1]), int(prompt[-1]), self._clock, DynamicCache()
+            _Sampler(sampling),
+            constraint,
+            list(prompt[:-1]),
+            int(prompt[-1]),
+            self._clock,
+            DynamicCache(),
+            penalties=penalties_for(sampling, prompt, generated, self._vocab_size),
+            top_logprobs=sampling.top_logprobs if sampling.logprobs else None,
         )
         return slot
 
@@ -241,9 +253,11 @@ class TorchBatch:
         self._cache = result.cache
         logits = result.logits[:, -1, :]
         for row, (slot, seq) in enumerate(zip(self._rows, seqs, strict=True)):
-            seq.next_token = _constrained(seq, logits[row : row + 1])
+            seq.next_token, logprobs = _pick(seq, logits[row : row + 1])
             seq.length += 1
             out.tokens[slot] = seq.next_token
+            if logprobs is not None:
+                out.logprobs[slot] = logprobs
         return True
 
     def _prefill(self, out: StepOutput, budget: int) -> None:
@@ -372,34 +386,81 @@ def _pad_left(kv: torch.Tensor, columns: int) -> torch.Tensor:
     return torch.nn.functional.pad(kv, (0, 0, columns, 0))
 
 
-def _constrained(seq: _Seq, logits: torch.Tensor) -> int:
-    """The sequence's sample, vetted by its grammar: masked and drawn again only if refused."""
-    token = seq.sampler(logits)
-    if seq.constraint is None or seq.constraint.accept(token):
-        return token
-    bias = torch.from_numpy(seq.constraint.bias(logits.shape[-1])).to(logits.device)
-    token = seq.sampler(logits.float() + bias)
-    seq.constraint.commit(token)
-    return token
+def _pick(seq: _Seq, logits: torch.Tensor) -> tuple[int, SampledLogprobs | None]:
+    """The sequence's token for its row of logits (1 x vocab), and its logprobs if it asked.
+
+    In vLLM's order: logit_bias and penalties on the raw logits, then the grammar, then the
+    sampler's temperature and truncation (model/penalties.py).
+    """
+    if seq.penalties is not None:
+        logits = logits.float()  # a copy unless already float32; the batch's row is not reused
+        ids = torch.from_numpy(seq.penalties.ids).to(logits.device)
+        touched = logits[0, ids].cpu().numpy()
+        logits[0, ids] = torch.from_numpy(seq.penalties.apply(touched)).to(logits.device)
+    if seq.constraint is not None and seq.top_logprobs is not None:
+        # The logprobs describe the masked distribution, so the mask is needed anyway: applied
+        # first, one draw. (Drawing first and masking only on a refusal samples the same
+        # distribution; it is only cheaper when no mask is needed at all.)
+        logits = logits.float() + _mask(seq.constraint, logits)
+        token = seq.sampler(logits)
+        seq.constraint.commit(token)
+    else:
+        token = seq.sampler(logits)
+        if seq.constraint is not None and not seq.constraint.accept(token):
+            logits = logits.float() + _mask(seq.constraint, logits)
+            token = seq.sampler(logits)
+            seq.constraint.commit(token)
+    if seq.penalties is not None:
+        seq.penalties.accept(token)
+    if seq.top_logprobs is None:
+        return token, None
+    return token, _logprobs(logits[0], seq.sampler.logprob_temperature, token, seq.top_logprobs)
+
+
+def _mask(constraint: Constraint, logits: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(constraint.bias(logits.shape[-1])).to(logits.device)
+
+
+def _logprobs(logits: torch.Tensor, temperature: float, token: int, top: int) -> SampledLogprobs:
+    """The token's log probability and the `top` best, under softmax(logits / temperature)."""
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    chosen = float(logprobs[token].item())
+    if top == 0:
+        return chosen, ()
+    values, ids = torch.topk(logprobs, top)
+    # A token the grammar forbids could never be drawn: not an alternative worth listing. (Told
+    # by its logit before the temperature, which can bring -1e30 up to any size.)
+    allowed = (logits[ids].float() > float(FORBIDDEN) / 2).tolist()
+    best = zip(ids.tolist(), values.tolist(), allowed, strict=True)
+    return chosen, tuple((i, v) for i, v, ok in best if ok)
 
 
 class _Sampler:
-    """Greedy at temperature 0; otherwise temperature and nucleus sampling, seeded per request."""
+    """Greedy at temperature 0; otherwise temperature, then top-k, top-p and min-p truncation (the
+    order of transformers' own warpers), and a draw seeded per request."""
 
     def __init__(self, sampling: SamplingParams) -> None:
         self._greedy = sampling.greedy
         self._temperature = sampling.temperature
+        self._top_k = TopKLogitsWarper(sampling.top_k) if sampling.top_k > 0 else None
         self._top_p = TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1.0 else None
+        self._min_p = MinPLogitsWarper(sampling.min_p) if sampling.min_p > 0.0 else None
         self._generator: torch.Generator | None = None
         if sampling.seed is not None and not self._greedy:
             # CPU generator: MPS has none, and CPU draws make a seed mean the same on every device.
             self._generator = torch.Generator("cpu").manual_seed(sampling.seed)
 
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature logprobs are reported at: the request's, or 1 when greedy."""
+        return 1.0 if self._greedy else self._temperature
+
     def __call__(self, logits: torch.Tensor) -> int:
         if self._greedy:
             return int(logits.argmax(dim=-1).item())
         scores = logits.float() / self._temperature
-        if self._top_p is not None:
-            scores = self._top_p(None, scores)  # type: ignore[arg-type]  # input_ids unused
+        for warper in (self._top_k, self._top_p, self._min_p):
+            if warper is not None:
+                scores = warper(None, scores)  # type: ignore[arg-type]  # input_ids unused
         probs = torch.softmax(scores, dim=-1).cpu()
         return int(torch.multinomial(probs, 1, generator=self._generator).item())

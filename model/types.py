@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -35,6 +36,10 @@ class ChatMessage:
 
 GREEDY_BELOW = 1e-5
 
+# What a backend reports of one sampled token when its sequence asked for logprobs: the token's
+# log probability and the top alternatives as (token id, log probability), best first.
+SampledLogprobs = tuple[float, tuple[tuple[int, float], ...]]
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -46,6 +51,19 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past end-of-turn tokens (benchmarks, soak tests)
     # An llguidance grammar (structured outputs, model/grammar.py) every token must follow.
     grammar: str | None = None
+    # Each of these is off at its default. Ranges are validated by the API; model/penalties.py
+    # and the backends' samplers apply them in vLLM's order (see model/penalties.py).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # (token id, bias in [-100, 100]) added to that token's logit; ids outside the model's
+    # vocabulary are ignored.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token (0..20), with `logprobs`
+    # Not in OpenAI's spec: vLLM's extensions, with vLLM's meanings.
+    repetition_penalty: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
 
     @property
     def greedy(self) -> bool:
@@ -62,10 +80,36 @@ class Prompt:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a position: its text, exact bytes and log probability."""
+
+    token: str  # `bytes` decoded as UTF-8, errors replaced (half a character reads as U+FFFD)
+    bytes: builtins.bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's text, exact bytes and log probability, and the most likely tokens there
+    (best first; empty unless top_logprobs was asked). model/generation.py says which
+    distribution these come from."""
+
+    token: str
+    bytes: builtins.bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
-    """New text, never ending in a broken UTF-8 sequence or a partial stop string."""
+    """New text, never ending in a broken UTF-8 sequence or a partial stop string.
+
+    With `logprobs` asked, every sampled token other than an end-of-turn token has exactly one
+    entry, in order, on the first delta emitted at or after it (model/generation.py).
+    """
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,6 +142,8 @@ class StepOutput:
     # Slots whose sequence was put out to give the others room in the KV memory; the scheduler
     # starts them again later from their prompt and the tokens they had (nothing is lost).
     preempted: set[int] = field(default_factory=set)
+    # Only for the slots whose sequence asked for logprobs: those of the token it sampled.
+    logprobs: dict[int, SampledLogprobs] = field(default_factory=dict)
 
 
 class BatchRunner(Protocol):
@@ -124,9 +170,12 @@ class BatchRunner(Protocol):
         sampling: SamplingParams,
         positions: int,
         constraint: Constraint | None = None,
+        generated: int = 0,
     ) -> int:
         """Start a sequence in a free slot (the one whose cache shares most of the prompt); its slot.
-        A `constraint` (its grammar) vets every token the sequence samples."""
+        A `constraint` (its grammar) vets every token the sequence samples. The last `generated`
+        tokens of `prompt` are ones the sequence sampled before it was preempted: they count
+        as generated for the frequency and presence penalties."""
         ...
 
     def step(self) -> StepOutput: ...

@@ -13,7 +13,7 @@ from model.engine import Engine
 from model.generation import Generation, Output
 from model.loading import load_model
 from model.scheduler import Event, Failure
-from model.types import Backend, ChatMessage, Completion, SamplingParams, TextDelta
+from model.types import Backend, ChatMessage, Completion, SampledLogprobs, SamplingParams, TextDelta
 from tests.unit.conftest import GGUF_NAME, needs_backend, random_llama3
 
 pytestmark = pytest.mark.timeout(120)
@@ -155,10 +155,10 @@ def test_a_long_prompt_prefills_in_chunks_without_stalling_running_streams(
 class _BreaksAtToken(Generation):
     """A generation whose own decoding raises at its third token (as a detokenizer bug would)."""
 
-    def feed(self, token: int) -> list[Output]:
+    def feed(self, token: int, logprob: SampledLogprobs | None = None) -> list[Output]:
         if self.generated == 2:
             raise ValueError("broken sequence")
-        return super().feed(token)
+        return super().feed(token, logprob)
 
 
 def test_a_sequence_that_raises_fails_alone(batched: Engine, single: Engine) -> None:
