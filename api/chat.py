@@ -19,6 +19,7 @@ from api.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     FinishReason,
@@ -39,36 +40,54 @@ AnyEvent = events.AnyEvent
 class ChatView:
     """The chat completion a job's events describe (blocking mode, and batch output lines)."""
 
-    def __init__(self, job_id: str, created: int, model: str, *, tools: bool = False) -> None:
+    def __init__(self, job_id: str, created: int, model: str, *, tools: bool = False, n: int = 1) -> None:
         self.job_id, self.created, self.model = job_id, created, model
-        self._parts: list[str] = []
+        self._parts: list[list[str]] = [[] for _ in range(n)]  # by choice
+        self._logprobs: list[list[events.TokenLogprob] | None] = [None] * n
         self._tools = tools  # the job's text may be tool calls (api/tools.py)
         self.completion: ChatCompletion | None = None
 
     def apply(self, event: AnyEvent) -> None:
         """Fold one event in; a terminal event either completes the view or raises its error."""
         if isinstance(event, events.Delta):
-            self._parts.append(event.text)
+            self._parts[event.index].append(event.text)
+            if event.logprobs is not None:
+                self._logprobs[event.index] = (self._logprobs[event.index] or []) + event.logprobs
         elif isinstance(event, events.Finished) and event.finish_reason != "cancelled":
-            text = "".join(self._parts)
-            content, calls = tools.read_whole(self.job_id, text) if self._tools else (text, [])
-            message = AssistantMessage(
-                content=content,
-                tool_calls=[
-                    ToolCallOut(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
-                    for c in calls
-                ]
-                or None,
-            )
             self.completion = ChatCompletion(
                 id=self.job_id,
                 created=self.created,
                 model=self.model,
-                choices=[Choice(message=message, finish_reason=_finish_reason(event, called=bool(calls)))],
+                choices=[self._choice(i, event) for i in range(len(self._parts))],
                 usage=Usage.of(event.prompt_tokens, event.completion_tokens),
             )
         elif events.is_terminal(event):
             raise error_for(event)
+
+    def _choice(self, index: int, event: events.Finished) -> Choice:
+        text = "".join(self._parts[index])
+        # Each choice's calls get ids of their own: the choice index is part of what they hash.
+        content, calls = (
+            tools.read_whole(_choice_key(self.job_id, index), text) if self._tools else (text, [])
+        )
+        message = AssistantMessage(
+            content=content,
+            tool_calls=[
+                ToolCallOut(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls
+            ]
+            or None,
+        )
+        entries = self._logprobs[index]
+        return Choice(
+            index=index,
+            message=message,
+            finish_reason=_finish_reason(event.reason_of(index), called=bool(calls)),
+            logprobs=None if entries is None else ChoiceLogprobs(content=entries),
+        )
+
+
+def _choice_key(job_id: str, index: int) -> str:
+    return job_id if index == 0 else f"{job_id}:{index}"
 
 
 def error_for(event: AnyEvent) -> errors.APIError:
@@ -91,6 +110,10 @@ def validate(request: ChatCompletionRequest, settings: Settings) -> None:
             f"The model '{request.model}' does not exist; this server serves '{settings.model_name}'.",
             param="model",
         )
+    if request.top_logprobs and not request.logprobs:
+        raise errors.InvalidRequest("top_logprobs needs logprobs set to true.", param="top_logprobs")
+    if request.n > settings.max_n:
+        raise errors.InvalidRequest(f"n must be at most {settings.max_n}; got {request.n}.", param="n")
     request.grammar()  # a schema or tool it cannot follow is a 400 now
     for i, message in enumerate(request.messages):
         for j, call in enumerate(message.tool_calls or []):
@@ -147,7 +170,7 @@ class ChatRun:
 
     async def complete(self) -> ChatCompletion:
         """Collect the whole answer (blocking mode)."""
-        view = ChatView(self.job_id, self.created, self.model, tools=self._tools)
+        view = ChatView(self.job_id, self.created, self.model, tools=self._tools, n=self.request.n)
         try:
             while view.completion is None:
                 event = await self._follow.next()
@@ -159,9 +182,13 @@ class ChatRun:
 
     async def stream(self) -> AsyncIterator[str]:
         """SSE lines: role chunk, content chunks, finish chunk, optional usage chunk, [DONE]."""
-        reader = tools.ToolCallReader(self.job_id) if self._tools else None
+        n = self.request.n
+        readers = [
+            tools.ToolCallReader(_choice_key(self.job_id, i)) if self._tools else None for i in range(n)
+        ]
         try:
-            yield sse.data(self._chunk(Delta(role="assistant", content="")))
+            for index in range(n):
+                yield sse.data(self._chunk(Delta(role="assistant", content=""), index))
             while True:
                 try:
                     event = await self._follow.next(self._ping_seconds)
@@ -171,11 +198,20 @@ class ChatRun:
                 if event is None:
                     yield sse.comment("ping")
                 elif isinstance(event, events.Delta):
-                    for delta in _deltas(reader, event.text):
-                        yield sse.data(self._chunk(delta))
+                    deltas = _deltas(readers[event.index], event.text)
+                    if event.logprobs is not None:  # the token entries ride with the delta's first chunk
+                        logprobs = ChoiceLogprobs(content=event.logprobs)
+                        yield sse.data(
+                            self._chunk(deltas[0] if deltas else Delta(), event.index, logprobs=logprobs)
+                        )
+                        deltas = deltas[1:]
+                    for delta in deltas:
+                        yield sse.data(self._chunk(delta, event.index))
                 elif isinstance(event, events.Finished) and event.finish_reason != "cancelled":
-                    called = reader is not None and reader.called
-                    yield sse.data(self._chunk(Delta(), finish_reason=_finish_reason(event, called=called)))
+                    for index, reader in enumerate(readers):
+                        called = reader is not None and reader.called
+                        reason = _finish_reason(event.reason_of(index), called=called)
+                        yield sse.data(self._chunk(Delta(), index, finish_reason=reason))
                     if self.request.include_usage:
                         usage = Usage.of(event.prompt_tokens, event.completion_tokens)
                         yield sse.data(self._chunk(None, usage=usage))
@@ -189,9 +225,19 @@ class ChatRun:
             await asyncio.shield(self._follow.close())
 
     def _chunk(
-        self, delta: Delta | None, finish_reason: str | None = None, usage: Usage | None = None
+        self,
+        delta: Delta | None,
+        index: int = 0,
+        *,
+        finish_reason: FinishReason | None = None,
+        usage: Usage | None = None,
+        logprobs: ChoiceLogprobs | None = None,
     ) -> str:
-        choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish_reason)]  # type: ignore[arg-type]
+        choices = (
+            []
+            if delta is None
+            else [ChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs)]
+        )
         chunk = ChatCompletionChunk(
             id=self.job_id, created=self.created, model=self.model, choices=choices, usage=usage
         )
@@ -214,11 +260,9 @@ def _deltas(reader: tools.ToolCallReader | None, text: str) -> list[Delta]:
     return out
 
 
-def _finish_reason(event: events.Finished, *, called: bool = False) -> FinishReason:
+def _finish_reason(reason: events.FinishReason, *, called: bool = False) -> FinishReason:
     # OpenAI's chat API knows "stop", "length" and "tool_calls"; hitting the time limit is a
     # budget, like length. A generation that made calls and ended on its own ends in "tool_calls".
-    if event.finish_reason == "time_limit":
+    if reason in ("time_limit", "length"):
         return "length"
-    if event.finish_reason == "stop" and called:
-        return "tool_calls"
-    return "length" if event.finish_reason == "length" else "stop"
+    return "tool_calls" if called else "stop"

@@ -167,12 +167,15 @@ _FAILURE_TYPES: dict[str, type[APIError]] = {
     "model_not_found": ModelNotFound,
     # The worker's llguidance refused a grammar the API's accepted (a version skew between them).
     "invalid_grammar": InvalidRequest,
+    # Only the worker knows its model's vocabulary.
+    "invalid_logit_bias": InvalidRequest,
 }
+_FAILURE_PARAMS = {"invalid_logit_bias": "logit_bias"}
 
 
 def from_failure(code: str, message: str) -> APIError:
     """The API error for a job's `failed` event."""
-    return _FAILURE_TYPES.get(code, GenerationFailed)(message, code=code)
+    return _FAILURE_TYPES.get(code, GenerationFailed)(message, code=code, param=_FAILURE_PARAMS.get(code))
 
 
 def _printable(value: str | None) -> str | None:

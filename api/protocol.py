@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 
 from api import errors, structured
 from api.tools import FunctionTool, ToolCallIn, ToolPlan, plan_tools
-from tasks import jobs
+from tasks import events, jobs
 
 
 class TextPart(BaseModel):
@@ -60,6 +60,9 @@ class ChatMessageIn(BaseModel):
         )
 
 
+MAX_LOGIT_BIAS = 300  # entries in logit_bias, as OpenAI allows
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -67,14 +70,8 @@ class StreamOptions(BaseModel):
 # Fields of OpenAI's request that change what the answer means. We refuse them rather than
 # silently ignoring them; each maps to the value that means "not used".
 _UNSUPPORTED: dict[str, Any] = {
-    "n": 1,
     "functions": None,  # the deprecated forerunner of tools
     "function_call": None,
-    "logprobs": False,
-    "top_logprobs": None,
-    "logit_bias": None,
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
     "audio": None,
     "prediction": None,
     "web_search_options": None,
@@ -96,13 +93,33 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI documents it
     user: str | None = None
-    # --- not in the OpenAI spec (vLLM has the same) ---
+    n: int = Field(1, ge=1)  # at most MAX_N, checked in api/chat.py validate()
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    # Token id (as a string, JSON keys being strings) to a bias added to its logit.
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # --- not in the OpenAI spec: vLLM's extensions, with vLLM's meanings ---
     ignore_eos: bool = False  # generate max_tokens regardless of end-of-turn tokens
+    top_k: int = Field(-1, ge=-1)  # keep the k likeliest tokens; -1 (or 0): all
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # drop tokens below min_p times the likeliest's
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # >1 discourages prompt and output tokens
     response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"keys must be token ids; got '{key[:20]}'")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias for token {key} must be between -100 and 100")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -158,6 +175,15 @@ class ChatCompletionRequest(BaseModel):
                 stop=stops,
                 ignore_eos=self.ignore_eos,
                 grammar=self.grammar(),
+                n=self.n,
+                presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
+                logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+                logprobs=bool(self.logprobs),
+                top_logprobs=self.top_logprobs or 0,
+                repetition_penalty=self.repetition_penalty,
+                top_k=self.top_k,
+                min_p=self.min_p,
             ),
         )
 
@@ -205,11 +231,16 @@ class AssistantMessage(BaseModel):
         return data
 
 
+class ChoiceLogprobs(BaseModel):
+    content: list[events.TokenLogprob] | None
+    refusal: None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -254,7 +285,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

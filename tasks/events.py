@@ -26,16 +26,35 @@ class Started(_Event):
     worker: str
 
 
+class TopLogprob(BaseModel):
+    """OpenAI's logprob entry: a token's text, its exact UTF-8 bytes, its log probability."""
+
+    token: str
+    bytes: list[int]
+    logprob: float
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
 class Delta(_Event):
     type: Literal["delta"] = "delta"
     text: str
+    index: int = 0  # the choice, for a request with n > 1
+    # One entry per sampled token this text (or an earlier delta's) carries, when asked for.
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Finished(_Event):
     type: Literal["finished"] = "finished"
-    finish_reason: FinishReason
+    finish_reason: FinishReason  # the first choice's; with n > 1 each one's is in `choices`
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # every choice's together
+    choices: list[FinishReason] = Field(default_factory=list)
+
+    def reason_of(self, index: int) -> FinishReason:
+        return self.choices[index] if self.choices else self.finish_reason
 
 
 class Failed(_Event):

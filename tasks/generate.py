@@ -66,6 +66,10 @@ def _prepare(rt: WorkerRuntime, spec: jobs.JobSpec) -> SlotJob | None:
     except ContextLengthExceeded as exc:
         _write(rt, spec.id, events.Failed(code="context_length_exceeded", message=str(exc)))
         return None
+    if unknown := [t for t in spec.sampling.logit_bias if not 0 <= t < rt.engine.vocab_size]:
+        message = f"logit_bias names token {unknown[0]}, which is not in this model's vocabulary."
+        _write(rt, spec.id, events.Failed(code="invalid_logit_bias", message=message))
+        return None
     if spec.sampling.grammar:
         # Compiled here, on this pool thread, not on the decode loop, where a complex schema's
         # compile would stall every running sequence; the loop then finds it cached.
@@ -84,7 +88,10 @@ def _prepare(rt: WorkerRuntime, spec: jobs.JobSpec) -> SlotJob | None:
         prompt=prompt,
         claimed_at=claimed_at,
         deadline=time.monotonic() + rt.settings.max_generation_seconds,
-        buffer=DeltaBuffer(rt.settings.stream_coalesce_seconds),
+        buffers=[
+            DeltaBuffer(rt.settings.stream_coalesce_seconds, i, spec.sampling.logprobs)
+            for i in range(spec.sampling.n)
+        ],
     )
 
 

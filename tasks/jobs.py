@@ -48,6 +48,16 @@ class Sampling(BaseModel):
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False
     grammar: str | None = None  # structured outputs: an llguidance grammar (api/structured.py)
+    n: int = Field(1, ge=1)  # choices, each a sequence of the batch
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    # vLLM's extensions
+    repetition_penalty: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
 
     def to_params(self) -> SamplingParams:
         return SamplingParams(
@@ -58,6 +68,14 @@ class Sampling(BaseModel):
             stop=tuple(self.stop),
             ignore_eos=self.ignore_eos,
             grammar=self.grammar,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=tuple(sorted(self.logit_bias.items())),
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs,
+            repetition_penalty=self.repetition_penalty,
+            top_k=max(self.top_k, 0),
+            min_p=self.min_p,
         )
 
 

@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest request body")
     max_messages: int = Field(256, ge=1, description="Most messages in one request")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask")
+    max_n: int = Field(8, ge=1, description="Most choices (`n`) one chat completion may ask")
 
     # Overload, deadlines and fault recovery.
     max_queued: int = Field(100, ge=1, description="Waiting jobs beyond which requests get 429")

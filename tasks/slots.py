@@ -15,13 +15,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Hashable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal, cast
 
 import redis
 
 from model.scheduler import Event
-from model.types import Completion, Prompt, TextDelta
+from model.types import Completion, Prompt, TextDelta, TokenLogprob
 from tasks import events, jobs, keys, logs, metrics
 from tasks.worker import WorkerRuntime
 
@@ -39,8 +39,8 @@ StopReason = Literal["cancelled", "time_limit", "shutdown"]
 
 
 class DeltaBuffer:
-    """Coalesces a job's text deltas: one that arrives within `window` seconds of the last written
-    delta waits for the next and goes out with it.
+    """Coalesces a choice's text deltas: one that arrives within `window` seconds of the last
+    written delta waits for the next and goes out with it (its logprobs entries with it).
 
     Each event costs a Redis call here and a pub/sub message, a JSON chunk and an SSE frame
     downstream; per token, at a hundred tokens a second on a small CPU machine, that work takes a
@@ -48,34 +48,55 @@ class DeltaBuffer:
     (time to first token is unchanged), and pending text goes before any other event.
     """
 
-    def __init__(self, window: float) -> None:
+    def __init__(self, window: float, index: int = 0, logprobs: bool = False) -> None:
         self._window = window
+        self._index = index
+        self._logprobs: list[events.TokenLogprob] | None = [] if logprobs else None
         self._pending = ""
         self._last = float("-inf")
 
-    def add(self, text: str, now: float) -> str | None:
-        self._pending += text
+    def add(self, delta: TextDelta, now: float) -> events.Delta | None:
+        self._pending += delta.text
+        if self._logprobs is not None:
+            self._logprobs += [_wire_logprob(entry) for entry in delta.logprobs]
         return self.take(now) if now - self._last >= self._window else None
 
-    def take(self, now: float) -> str | None:
-        if not self._pending:
+    def take(self, now: float) -> events.Delta | None:
+        if not self._pending and not self._logprobs:
             return None
+        logprobs, self._logprobs = self._logprobs, [] if self._logprobs is not None else None
         text, self._pending, self._last = self._pending, "", now
-        return text
+        return events.Delta(text=text, index=self._index, logprobs=logprobs)
+
+
+def _wire_logprob(entry: TokenLogprob) -> events.TokenLogprob:
+    top = [events.TopLogprob(token=t.token, bytes=list(t.bytes), logprob=t.logprob) for t in entry.top]
+    return events.TokenLogprob(
+        token=entry.token, bytes=list(entry.bytes), logprob=entry.logprob, top_logprobs=top
+    )
 
 
 @dataclass
 class SlotJob:
-    """A claimed job on its way through the loop, and how its pool thread learns it ended."""
+    """A claimed job on its way through the loop, and how its pool thread learns it ended.
+
+    A job with n > 1 runs its choices as n sequences of the batch, keyed (job id, index); it
+    ends when the last one does.
+    """
 
     spec: jobs.JobSpec
     prompt: Prompt
     claimed_at: float  # wall clock, for the queue-time metric
     deadline: float  # monotonic: MAX_GENERATION_SECONDS after the claim
-    buffer: DeltaBuffer
+    buffers: list[DeltaBuffer]  # one per choice
     done: threading.Event = field(default_factory=threading.Event)
     stop_reason: StopReason | None = None
     first_token_at: float | None = None
+    ended: dict[int, Completion] = field(default_factory=dict)  # by choice, as each one ends
+
+    @property
+    def keys(self) -> list[tuple[str, int]]:
+        return [(self.spec.id, i) for i in range(len(self.buffers))]
 
 
 class SlotLoop:
@@ -114,7 +135,7 @@ class SlotLoop:
                 log.exception("the decode loop failed a step; ending its running jobs")
                 failed = events.Failed(code="internal_error", message="The generation failed.")
                 for job_id in list(self._jobs):
-                    self._scheduler.stop(job_id)
+                    self._stop(job_id)
                     self._try_write(job_id, failed)
                     self._release(job_id)
 
@@ -132,18 +153,23 @@ class SlotLoop:
         writes: list[tuple[str, events.AnyEvent]] = []
         endings: dict[str, events.Finished | events.Failed] = {}
         for key, event in outputs:
-            job_id = str(key)
-            job = self._jobs[job_id]
+            job_id, index = cast(tuple[str, int], key)  # submitted as (job id, choice index)
+            job = self._jobs.get(job_id)
+            if job is None or job_id in endings and isinstance(endings[job_id], events.Failed):
+                continue  # a sibling choice already failed the job
             if isinstance(event, TextDelta):
                 job.first_token_at = job.first_token_at or time.time()
-                if (text := job.buffer.add(event.text, now)) is not None:
-                    writes.append((job_id, events.Delta(text=text)))
+                if (delta := job.buffers[index].add(event, now)) is not None:
+                    writes.append((job_id, delta))
             elif isinstance(event, Completion):
-                endings[job_id] = terminal = _terminal(event, job.stop_reason)
-                if isinstance(terminal, events.Finished) and terminal.finish_reason != "cancelled":
-                    self._record_metrics(job, event)
+                job.ended[index] = event
+                if len(job.ended) == len(job.buffers):
+                    endings[job_id] = terminal = _terminal(job.ended, job.stop_reason)
+                    if isinstance(terminal, events.Finished) and terminal.finish_reason != "cancelled":
+                        self._record_metrics(job, terminal)
             else:
                 log.warning("job %s failed in the engine: %s", job_id, event.message)
+                self._stop(job_id)  # its other choices end with it
                 endings[job_id] = events.Failed(code="internal_error", message="The generation failed.")
         self._write(writes, endings, now)
 
@@ -155,9 +181,13 @@ class SlotLoop:
         while True:
             self._jobs[job.spec.id] = job
             self._rt.running.add(job.spec.id)
-            self._scheduler.submit(
-                job.spec.id, self._rt.engine.generation(job.prompt, job.spec.sampling.to_params())
-            )
+            params = job.spec.sampling.to_params()
+            for i, key in enumerate(job.keys):
+                # Choices differ by seed: a seeded request gives n distinct, reproducible ones.
+                seed = None if params.seed is None else params.seed + i
+                self._scheduler.submit(
+                    key, self._rt.engine.generation(job.prompt, replace(params, seed=seed))
+                )
             try:
                 job = self._inbox.get_nowait()
             except queue.Empty:
@@ -183,7 +213,15 @@ class SlotLoop:
             job = self._jobs[job_id]
             if job.stop_reason is None:
                 job.stop_reason = reason
-                released += self._scheduler.stop(job_id)
+                released += self._stop(job_id)
+        return released
+
+    def _stop(self, job_id: str) -> list[tuple[Hashable, Event]]:
+        """End every choice of the job now; what the scheduler releases for them."""
+        job = self._jobs.get(job_id)
+        released: list[tuple[Hashable, Event]] = []
+        for key in job.keys if job else []:
+            released += self._scheduler.stop(key)
         return released
 
     def _write(
@@ -194,8 +232,9 @@ class SlotLoop:
     ) -> None:
         """One pipeline: the step's text deltas, then each ending job's held text and its end."""
         for job_id in endings:
-            if (text := self._jobs[job_id].buffer.take(now)) is not None:
-                writes.append((job_id, events.Delta(text=text)))
+            for buffer in self._jobs[job_id].buffers:
+                if (delta := buffer.take(now)) is not None:
+                    writes.append((job_id, delta))
         writes += list(endings.items())
         if not writes:
             return
@@ -212,7 +251,7 @@ class SlotLoop:
             log.warning("could not write events: %s", exc)
             for job_id in {j for j, _ in writes}:
                 if job_id in self._jobs:
-                    self._scheduler.stop(job_id)
+                    self._stop(job_id)
                     endings[job_id] = events.Failed(
                         code="internal_error", message="Lost the connection to the queue."
                     )
@@ -232,7 +271,7 @@ class SlotLoop:
         if job is not None:
             job.done.set()
 
-    def _record_metrics(self, job: SlotJob, done: Completion) -> None:
+    def _record_metrics(self, job: SlotJob, done: events.Finished) -> None:
         spec = job.spec
         timings = metrics.JobTimings(
             queue_seconds=job.claimed_at - spec.created_at,
@@ -260,16 +299,18 @@ class SlotLoop:
             log.warning("could not record batch sizes: %s", exc)
 
 
-def _terminal(done: Completion, stop: StopReason | None) -> events.Finished | events.Failed:
-    if done.finish_reason == "cancelled" and stop == "shutdown":
+def _terminal(ended: dict[int, Completion], stop: StopReason | None) -> events.Finished | events.Failed:
+    """The job's end once every choice has ended: each one's reason, their tokens together."""
+    reasons = [ended[i].finish_reason for i in range(len(ended))]
+    if "cancelled" in reasons and stop == "shutdown":
         return events.Failed(
             code="worker_shutdown", message="The worker shut down before the generation finished."
         )
-    reason = (
-        "time_limit" if done.finish_reason == "cancelled" and stop == "time_limit" else done.finish_reason
-    )
+    if stop == "time_limit":
+        reasons = ["time_limit" if r == "cancelled" else r for r in reasons]  # type: ignore[misc]
     return events.Finished(
-        finish_reason=reason,  # type: ignore[arg-type]
-        prompt_tokens=done.prompt_tokens,
-        completion_tokens=done.completion_tokens,
+        finish_reason=reasons[0],  # type: ignore[arg-type]
+        prompt_tokens=ended[0].prompt_tokens,
+        completion_tokens=sum(c.completion_tokens for c in ended.values()),
+        choices=reasons if len(reasons) > 1 else [],  # type: ignore[arg-type]
     )

@@ -188,7 +188,7 @@ def test_a_line_the_endpoint_refuses_gets_the_endpoints_own_error(batches: Stack
         "hot": {"temperature": 9},
         "model": {"model": "gpt-5"},
         "big": {"max_tokens": 10**6},
-        "noparams": {"n": 2},
+        "many": {"n": 99},
     }
     lines = [chat_line("ok")] + [chat_line(cid, **extra) for cid, extra in refused.items()]
     # A lone surrogate is valid JSON text, which the endpoint refuses: written raw, not escaped.

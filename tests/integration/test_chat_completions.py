@@ -280,7 +280,7 @@ INVALID: list[tuple[str, Any, int, str | None, str | None]] = [
     ("five stops", {"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
     ("empty stop", {"messages": MSG, "stop": [""]}, 400, "stop", "invalid_value"),
     ("stream not bool", {"messages": MSG, "stream": "yes please"}, 400, "stream", "invalid_value"),
-    ("n two", {"messages": MSG, "n": 2}, 400, "n", "unsupported_parameter"),
+    ("n above MAX_N", {"messages": MSG, "n": 99}, 400, "n", "invalid_value"),
     (
         "functions",  # tools' deprecated forerunner
         {"messages": MSG, "functions": [{"name": "f", "parameters": {}}]},
@@ -288,7 +288,7 @@ INVALID: list[tuple[str, Any, int, str | None, str | None]] = [
         "functions",
         "unsupported_parameter",
     ),
-    ("logprobs", {"messages": MSG, "logprobs": True}, 400, "logprobs", "unsupported_parameter"),
+    ("logprobs not bool", {"messages": MSG, "logprobs": "some"}, 400, "logprobs", "invalid_value"),
     (
         "unknown response format",
         {"messages": MSG, "response_format": {"type": "xml"}},
@@ -297,11 +297,11 @@ INVALID: list[tuple[str, Any, int, str | None, str | None]] = [
         "invalid_value",
     ),
     (
-        "penalty",
-        {"messages": MSG, "frequency_penalty": 1.0},
+        "penalty out of range",
+        {"messages": MSG, "frequency_penalty": 2.5},
         400,
         "frequency_penalty",
-        "unsupported_parameter",
+        "invalid_value",
     ),
     (
         "audio out",

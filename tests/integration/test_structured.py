@@ -71,7 +71,10 @@ def test_json_object_streamed_is_one_object(client: openai.OpenAI, model_name: s
 def test_responses_text_format(client: openai.OpenAI, model_name: str) -> None:
     schema = {
         "type": "object",
-        "properties": {"answer": {"enum": ["да", "нет"]}, "уверенность": {"type": "integer", "minimum": 0, "maximum": 10}},
+        "properties": {
+            "answer": {"enum": ["да", "нет"]},
+            "уверенность": {"type": "integer", "minimum": 0, "maximum": 10},
+        },
         "required": ["answer", "уверенность"],
         "additionalProperties": False,
     }
@@ -87,17 +90,31 @@ def test_responses_text_format(client: openai.OpenAI, model_name: str) -> None:
 
 
 TABLE: list[dict[str, Any]] = [
-    {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["n"]},
+    {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["n"],
+    },
     {"type": "array", "items": {"enum": ["красный", "green", "синий"]}, "minItems": 1, "maxItems": 3},
     {
         "type": "object",
-        "properties": {"name": {"type": "string", "maxLength": 20}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 2}},
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 2},
+        },
         "required": ["name", "tags"],
         "additionalProperties": False,
     },
     {"anyOf": [{"type": "boolean"}, {"type": "string", "pattern": "^[A-Z]{2,4}$"}]},
     {
-        "$defs": {"p": {"type": "object", "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9}}, "required": ["x"], "additionalProperties": False}},
+        "$defs": {
+            "p": {
+                "type": "object",
+                "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9}},
+                "required": ["x"],
+                "additionalProperties": False,
+            }
+        },
         "type": "array",
         "items": {"$ref": "#/$defs/p"},
         "maxItems": 2,
@@ -105,13 +122,18 @@ TABLE: list[dict[str, Any]] = [
 ]
 
 
-def test_a_hundred_sampled_generations_all_follow_their_schema(client: openai.OpenAI, model_name: str) -> None:
+def test_a_hundred_sampled_generations_all_follow_their_schema(
+    client: openai.OpenAI, model_name: str
+) -> None:
     def one(i: int) -> tuple[dict[str, Any], str, str | None]:
         schema = TABLE[i % len(TABLE)]
         completion = client.chat.completions.create(
             model=model_name,
             messages=[{"role": "user", "content": f"Answer {i} in JSON, please."}],
-            response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}},
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "t", "schema": schema, "strict": True},
+            },
             max_tokens=120,
             temperature=1.0,
             seed=i,
