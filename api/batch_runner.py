@@ -19,6 +19,7 @@ import hashlib
 import logging
 import socket
 import time
+from dataclasses import dataclass
 
 import redis.exceptions
 
@@ -49,6 +50,14 @@ _ENDING_MESSAGES = {
 def file_id_for(batch_id: str, kind: str) -> str:
     """The output (or error) file's id: derived from the batch, so writing it twice is harmless."""
     return "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A line to run again: its next job, and which attempt that is."""
+
+    spec: jobs.JobSpec
+    attempt: int
 
 
 class BatchRunner:
@@ -224,14 +233,14 @@ class BatchRunner:
         )
         results: dict[int, str] = {}
         failures: dict[int, str] = {}
-        retries: dict[int, jobs.JobSpec] = {}
+        retries: dict[int, Retry] = {}
         for job_id in ended_ids:
             index = line_of[job_id]
             if index is None or current.get(index) != job_id:
                 continue  # an earlier attempt at a line that was retried
             (line,) = await self._store.lines(batch_id, index, 1)
             outcome = await self._outcome(record, index, line, job_id)
-            if isinstance(outcome, jobs.JobSpec):
+            if isinstance(outcome, Retry):
                 retries[index] = outcome
             else:
                 status, text = outcome
@@ -239,17 +248,17 @@ class BatchRunner:
         await self._store.record_results(batch_id, results, failures)
         if retries:
             log.warning("retrying %d line(s) whose worker was lost", len(retries))
-            await self._jobs.create_batch_lines(list(retries.values()), ttl=self._line_ttl(record))
-            await self._store.assign(
-                batch_id, {i: (s.id, await self._store.attempts(batch_id, i) + 1) for i, s in retries.items()}
-            )
+            ttl = self._line_ttl(record)
+            await self._jobs.create_batch_lines([r.spec for r in retries.values()], ttl=ttl)
+            await self._store.assign(batch_id, {i: (r.spec.id, r.attempt) for i, r in retries.items()})
         await self._store.update(batch_id, collected=record.collected + len(ended_ids))
 
     async def _outcome(
         self, record: BatchRecord, index: int, line: Line, job_id: str
-    ) -> tuple[int, str] | jobs.JobSpec:
+    ) -> tuple[int, str] | Retry:
         """What an ended job means for its line: the output or error line (with its status code;
-        200 goes to the output file), or the job to run next when its worker was lost."""
+        200 goes to the output file), or the job to run next and its attempt number when its
+        worker was lost."""
         try:
             job = await self._jobs.record(job_id)
         except JobNotFound:
@@ -262,7 +271,7 @@ class BatchRunner:
         if lost:
             attempts = await self._store.attempts(record.spec.id, index)
             if attempts < MAX_ATTEMPTS and line.job is not None:
-                return self._line_job(record, index, line.job, attempt=attempts + 1)
+                return Retry(self._line_job(record, index, line.job, attempt=attempts + 1), attempts + 1)
             message = "The worker running this request stopped, on every attempt."
             return 500, batch_lines.unanswered_line(line.custom_id, job.error_code or "worker_lost", message)
         status, body = batch_lines.answer(record.spec.endpoint, job.spec, await self._jobs.log(job_id))

@@ -62,11 +62,6 @@ class Constraint:
             bias = np.concatenate([bias, np.full(vocab_size - bias.size, FORBIDDEN, dtype=np.float32)])
         return bias
 
-    @property
-    def failed(self) -> str | None:
-        """Why the matcher gave up (a grammar it could not follow), or None."""
-        return str(self._matcher.get_error()) if self._matcher.is_error() else None
-
 
 class Grammars:
     """The worker's grammar compiler: the tokenizer bridged once, grammars compiled once each."""
