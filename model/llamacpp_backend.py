@@ -229,6 +229,13 @@ class _Slot:
     logprob_temperature: float = 1.0  # the temperature logprobs are reported at (1 when greedy)
     admitted: int = 0  # admission order: prefill is first come, first served
     last_used: int = 0
+    # A sibling whose prompt KV it waits to share; meanwhile its `pending` is not fed, but taken.
+    source: _Slot | None = None
+    # Which KV cells hold its positions, as (run, start, end): positions [start, end) are cells
+    # that one write `run` filled. A sibling that shared a prompt holds the same runs, so counting
+    # each run once counts each cell once.
+    runs: list[tuple[int, int, int]] = field(default_factory=list)
+    writing: int | None = None  # the run its next tokens extend; None: they start a new one
 
 
 class LlamaCppBatch:
@@ -245,6 +252,12 @@ class LlamaCppBatch:
     token: measured on the embedded model at one slot, that keeps the logits bit-identical to a
     fresh prefill (tests/unit/test_engine_cache.py). Idle slots' caches are evicted, least
     recently used first, when a new sequence needs their room in the pool.
+
+    Siblings of one prompt (`share_from`) share its prefill: the new one waits until the
+    sibling's prompt is in, then llama_memory_seq_cp adds its seq id to the sibling's cells for
+    those positions (the unified pool keeps one copy, shared by both) and it decodes from there.
+    Were the sibling to end first, the first one waiting takes what it had and prefills the rest,
+    and the others wait for that one instead.
     """
 
     def __init__(self, ctx: Any, slots: int, tuner: ThreadTuner | None = None) -> None:
@@ -258,6 +271,8 @@ class LlamaCppBatch:
         self._slots = [_Slot(i) for i in range(slots)]
         self._clock = 0
         self._n_vocab = int(ctx.model.n_vocab())  # the width of a row of logits
+        self._runs = 0  # the last run id given out
+        self.shared_prefill_tokens = 0
 
     def __del__(self) -> None:
         if getattr(self, "_batch", None) is not None:
@@ -279,13 +294,19 @@ class LlamaCppBatch:
         positions: int,
         constraint: Constraint | None = None,
         generated: int = 0,
+        share_from: int | None = None,
     ) -> int:
         head, last = list(prompt[:-1]), int(prompt[-1])
         free = [s for s in self._slots if not s.busy]
-        slot = max(free, key=lambda s: (_shared_prefix(s.cached, head), -s.last_used))
-        keep = _shared_prefix(slot.cached, head)
+        source = None if share_from is None else self._source(share_from, head)
+        if source is None:
+            slot = max(free, key=lambda s: (_shared_prefix(s.cached, head), -s.last_used))
+            keep = _shared_prefix(slot.cached, head)
+        else:
+            # Its own cache goes (the sibling's cells replace it), so take the least useful one.
+            slot, keep = min(free, key=lambda s: (len(s.cached) > 0, s.last_used)), 0
         self._forget(slot, keep)
-        self._evict_idle(self._busy_cells() + positions, exclude=slot)
+        self._evict_idle(self._reserved() + positions, exclude=slot)
         self._clock += 1
         slot.chain = _sampler_chain(sampling)
         slot.constraint = constraint
@@ -293,21 +314,26 @@ class LlamaCppBatch:
         slot.top_logprobs = sampling.top_logprobs if sampling.logprobs else None
         slot.logprob_temperature = 1.0 if sampling.greedy else sampling.temperature
         slot.busy, slot.pending, slot.next_token = True, head[keep:], last
-        slot.admitted = self._clock
+        slot.admitted, slot.source = self._clock, source
         return slot.id
 
     def drop(self, slot_id: int) -> None:
         slot = self._slots[slot_id]
+        self._hand_over(slot)
         if slot.chain is not None:
             llama_cpp.llama_sampler_free(slot.chain)
         self._forget(slot, len(slot.cached))  # generated tokens go; the prefilled prompt stays
         self._clock += 1
         slot.busy, slot.pending, slot.next_token, slot.chain = False, [], None, None
-        slot.constraint, slot.penalties, slot.top_logprobs = None, None, None
+        slot.constraint, slot.penalties, slot.top_logprobs, slot.source = None, None, None, None
         slot.last_used = self._clock
 
     def step(self) -> StepOutput:
         out = StepOutput()
+        # Before the plan: a sibling whose prompt went in last step decodes beside it in this one.
+        for slot in self._slots:
+            if slot.busy and slot.source is not None and not slot.source.pending:
+                self._take(slot, slot.source)
         decoding, fed = self._plan(out)
         batch = self._batch
         batch.n_tokens = 0
@@ -331,7 +357,8 @@ class LlamaCppBatch:
             # The plan keeps the batch within the pool, so this is llama.cpp refusing it for
             # another reason; the newest sequence ends, so the others can go on.
             newest = max(
-                (s for s in self._slots if s.busy and s.id not in out.preempted), key=lambda s: s.admitted
+                (s for s in self._slots if s.busy and s.source is None and s.id not in out.preempted),
+                key=lambda s: s.admitted,
             )
             out.failed[newest.id] = f"llama_decode returned {rc}"
             log.warning("llama_decode returned %d with %d tokens; failing one sequence", rc, batch.n_tokens)
@@ -340,10 +367,10 @@ class LlamaCppBatch:
         for slot, chunk in fed:
             slot.cached += chunk
             slot.pending = slot.pending[len(chunk) :]
-            slot.pos += len(chunk)
+            self._wrote(slot, len(chunk))
         for i, slot in enumerate(decoding):
             token = self._sample(slot, i, out)
-            slot.pos += 1
+            self._wrote(slot, 1)
             slot.next_token = token
             out.tokens[slot.id] = token
         return out
@@ -400,20 +427,70 @@ class LlamaCppBatch:
             if decoding:
                 budget = min(budget, self._pace.chunk())
             fed: list[tuple[_Slot, list[int]]] = []
-            for slot in sorted((s for s in busy if s.pending), key=lambda s: s.admitted):
+            prefilling = (s for s in busy if s.pending and s.source is None)
+            for slot in sorted(prefilling, key=lambda s: s.admitted):
                 if budget <= 0:
                     break
                 fed.append((slot, slot.pending[:budget]))
                 budget -= len(fed[-1][1])
-            needed = sum(s.pos for s in busy) + len(decoding) + sum(len(c) for _, c in fed)
-            if self._evict_idle(needed) or len(busy) <= 1:
+            new_cells = len(decoding) + sum(len(c) for _, c in fed)
+            if self._evict_idle(new_cells) or len(busy) <= 1:
                 return decoding, fed
             newest = max(busy, key=lambda s: s.admitted)
             self._forget(newest, 0)  # its cells free now, for this very step
             out.preempted.add(newest.id)
 
     def _busy_cells(self) -> int:
-        return sum(s.pos + len(s.pending) for s in self._slots if s.busy)
+        return _cells([s for s in self._slots if s.busy]) + self._reserved()
+
+    def _reserved(self) -> int:
+        """Cells the running sequences' prompts have still to fill (not a waiting sibling's: it
+        takes the cells its sibling fills)."""
+        return sum(len(s.pending) for s in self._slots if s.busy and s.source is None)
+
+    def _source(self, share_from: int, head: list[int]) -> _Slot | None:
+        """The slot whose prompt a new sequence of prompt `head` (all but its last token) will
+        share: `share_from`, or the one that one waits for itself; None when there is nothing
+        to share."""
+        source = self._slots[share_from]
+        while source.source is not None:
+            source = source.source
+        # What it has prefilled and what it will: its prompt must begin with this one's.
+        if not source.busy or not head or _shared_prefix(source.cached + source.pending, head) < len(head):
+            return None
+        return source
+
+    def _hand_over(self, slot: _Slot) -> None:
+        """A sequence ends: the oldest sibling waiting for its prompt takes what it holds of it
+        and prefills the rest; the others wait for that one."""
+        waiting = sorted((s for s in self._slots if s.busy and s.source is slot), key=lambda s: s.admitted)
+        if not waiting:
+            return
+        self._take(waiting[0], slot)
+        for other in waiting[1:]:
+            other.source = waiting[0]
+
+    def _take(self, slot: _Slot, source: _Slot) -> None:
+        """Give `slot` (waiting, holding nothing) the cells `source` holds of its prompt."""
+        slot.source = None
+        n = _shared_prefix(source.cached, slot.pending)
+        if n == 0:
+            return  # nothing to take: it prefills on its own
+        llama_cpp.llama_memory_seq_cp(self._mem, source.id, slot.id, 0, n)
+        slot.runs, slot.writing = _first(source.runs, n), None
+        slot.cached, slot.pending, slot.pos = slot.pending[:n], slot.pending[n:], n
+        self.shared_prefill_tokens += n
+
+    def _wrote(self, slot: _Slot, count: int) -> None:
+        """The slot's next `count` positions were filled, in new cells."""
+        if slot.writing is not None and slot.runs and slot.runs[-1][0] == slot.writing:
+            run, start, end = slot.runs[-1]
+            slot.runs[-1] = (run, start, end + count)
+        else:
+            self._runs += 1
+            slot.writing = self._runs
+            slot.runs.append((self._runs, slot.pos, slot.pos + count))
+        slot.pos += count
 
     def _put(self, token: int, pos: int, seq: int, *, logits: bool) -> None:
         batch, k = self._batch, self._batch.n_tokens
@@ -429,18 +506,35 @@ class LlamaCppBatch:
         llama_cpp.llama_memory_seq_rm(self._mem, slot.id, keep, -1)
         del slot.cached[keep:]
         slot.pos = keep
+        slot.runs, slot.writing = _first(slot.runs, keep), None
 
-    def _evict_idle(self, busy_cells: int, exclude: _Slot | None = None) -> bool:
-        """Evict idle caches (not `exclude`'s), least recently used first, until `busy_cells`
-        fit beside the rest; whether they do."""
+    def _evict_idle(self, new_cells: int, exclude: _Slot | None = None) -> bool:
+        """Evict idle caches (not `exclude`'s), least recently used first, until `new_cells`
+        fit beside the cells every slot holds; whether they do."""
         idle = sorted((s for s in self._slots if not s.busy and s is not exclude), key=lambda s: s.last_used)
-        used = busy_cells + sum(len(s.cached) for s in idle)
-        for slot in idle:
-            if used <= self._pool:
-                break
-            used -= len(slot.cached)
-            self._forget(slot, 0)
-        return used <= self._pool
+        busy = [s for s in self._slots if s.busy and s is not exclude]
+        # An idle cache may share its cells with others (a prompt it shared), so what an
+        # eviction frees is counted afresh each time rather than taken to be its length.
+        while idle and _cells(busy + idle) + new_cells > self._pool:
+            self._forget(idle.pop(0), 0)
+        return _cells(busy + idle) + new_cells <= self._pool
+
+
+def _first(runs: list[tuple[int, int, int]], n: int) -> list[tuple[int, int, int]]:
+    """The runs of a sequence's first `n` positions."""
+    return [(run, start, min(end, n)) for run, start, end in runs if start < n]
+
+
+def _cells(slots: Sequence[_Slot]) -> int:
+    """KV cells the slots hold, each once however many share it. Every holder of a run holds it
+    from the same start (a prompt's KV is shared from position 0), so a run counts as far as
+    its longest holder reaches."""
+    reach: dict[int, tuple[int, int]] = {}
+    for slot in slots:
+        for run, start, end in slot.runs:
+            if run not in reach or end > reach[run][1]:
+                reach[run] = (start, end)
+    return sum(end - start for start, end in reach.values())
 
 
 def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -111,21 +111,45 @@ class Scheduler:
         while self._waiting and len(self._running) < self._runner.capacity:
             key, gen = self._waiting[0]
             positions = len(gen.token_ids) + min(gen.remaining, GROWTH_POSITIONS)
+            sibling = self._sibling(gen)
+            if sibling is not None:
+                positions -= len(gen.prompt.token_ids) - 1  # the prompt's KV is the sibling's
             if not self._runner.can_admit(positions):
                 break
             self._waiting.popleft()
             try:
                 # A preempted one resumes from its prompt and tokens: its counts for the penalties
                 # come back from those (the last `generated` of them).
-                slot = self._runner.add(
-                    gen.token_ids, gen.sampling, positions, gen.constraint, generated=gen.generated
-                )
+                if sibling is None:
+                    slot = self._runner.add(
+                        gen.token_ids, gen.sampling, positions, gen.constraint, generated=gen.generated
+                    )
+                else:  # a fresh one (nothing generated); only a sibling's admission names share_from
+                    slot = self._runner.add(
+                        gen.token_ids, gen.sampling, positions, gen.constraint, share_from=sibling
+                    )
             except Exception as exc:  # refused by the backend: only this sequence fails
                 log.warning("could not start a sequence: %s", exc)
                 events.append((key, Failure("The generation could not be started.")))
                 continue
             self._running[slot] = (key, gen)
         return events
+
+    def _sibling(self, gen: Generation) -> int | None:
+        """The slot of a running sequence of the same prompt, whose prefill `gen` can share.
+
+        Only for a fresh one: a resumed sequence's own tokens follow its prompt, and a one-token
+        prompt has no KV before its first decode. Choices of one request carry the same Prompt
+        object; an identical prompt of another request shares just as well.
+        """
+        ids = gen.prompt.token_ids
+        if gen.generated or len(ids) < 2:
+            return None
+        for slot, (_, other) in self._running.items():
+            theirs = other.prompt.token_ids
+            if theirs is ids or (len(theirs) == len(ids) and theirs == ids):
+                return slot
+        return None
 
     def _release(self, slot: int) -> None:
         del self._running[slot]

@@ -131,6 +131,7 @@ def _dequantize(source: ModelSource, staging: Path) -> None:
 class _Seq:
     sampler: _Sampler
     constraint: Constraint | None
+    prompt: Sequence[int]
     pending: list[int]  # prompt tokens still to prefill (all but the prompt's last)
     next_token: int  # the token fed at the next decode step: the prompt's last, then each sampled
     admitted: int  # admission order: prefill is first come, first served
@@ -138,6 +139,7 @@ class _Seq:
     penalties: Penalties | None = None  # logit_bias and penalties, None when all are off
     top_logprobs: int | None = None  # alternatives to report per token; None: no logprobs asked
     length: int = 0  # tokens whose KV the sequence holds: the position of the next one fed
+    source: int | None = None  # the slot of a sibling whose prompt KV it waits for, not prefilling
 
 
 class TorchBatch:
@@ -161,6 +163,12 @@ class TorchBatch:
     logits mask and penalties at every step; a plain batched forward with cache classes leaves the
     logits of each row to us.
 
+    A sibling of the same prompt (`share_from`) does not prefill: once the sibling's prompt is
+    in, its KV for those positions is copied (from the sibling's own cache, or sliced out of its
+    batch row) into the new sequence's cache, which then joins like any prefilled one. Were the
+    sibling to end first, the first one waiting takes what it had and prefills the rest, and the
+    others wait for that one instead.
+
     Every layer is a full DynamicLayer (the cache is built without the model config), so rows
     can be padded and merged uniformly. Tested on Llama-architecture models only; sliding-window
     or hybrid-attention models would keep full caches and are not verified here.
@@ -175,6 +183,7 @@ class TorchBatch:
         self._cache: DynamicCache | None = None
         self._clock = 0
         self._vocab_size = int(model.config.vocab_size)  # the width of a row of logits
+        self.shared_prefill_tokens = 0
 
     @property
     def capacity(self) -> int:
@@ -191,31 +200,38 @@ class TorchBatch:
         positions: int,
         constraint: Constraint | None = None,
         generated: int = 0,
+        share_from: int | None = None,
     ) -> int:
         slot = next(i for i in range(self._capacity) if i not in self._seqs)
         self._clock += 1
         self._seqs[slot] = _Seq(
             _Sampler(sampling),
             constraint,
+            prompt,
             list(prompt[:-1]),
             int(prompt[-1]),
             self._clock,
             DynamicCache(),
             penalties=penalties_for(sampling, prompt, generated, self._vocab_size),
             top_logprobs=sampling.top_logprobs if sampling.logprobs else None,
+            source=None if share_from is None else self._source(share_from, prompt),
         )
         return slot
 
     def drop(self, slot: int) -> None:
-        seq = self._seqs.pop(slot, None)
-        if seq is None or slot not in self._rows:
-            return  # never decoded: its own prefill cache goes with it
+        seq = self._seqs.get(slot)
+        if seq is None:
+            return
         with torch.inference_mode():
-            self._remove_row(self._rows.index(slot))
+            self._hand_over(slot)
+            del self._seqs[slot]
+            if slot in self._rows:  # else it never decoded: its own prefill cache goes with it
+                self._remove_row(self._rows.index(slot))
 
     def step(self) -> StepOutput:
         out = StepOutput()
         with torch.inference_mode():
+            self._share()
             prefilled = [(slot, s) for slot, s in self._seqs.items() if not s.pending and s.cache is not None]
             for slot, seq in sorted(prefilled, key=lambda p: p[1].admitted):
                 self._join(slot, seq)
@@ -262,7 +278,8 @@ class TorchBatch:
 
     def _prefill(self, out: StepOutput, budget: int) -> None:
         waiting = sorted(
-            ((slot, seq) for slot, seq in self._seqs.items() if seq.pending), key=lambda p: p[1].admitted
+            ((slot, seq) for slot, seq in self._seqs.items() if seq.pending and seq.source is None),
+            key=lambda p: p[1].admitted,
         )
         for slot, seq in waiting:
             if budget <= 0:
@@ -286,6 +303,72 @@ class TorchBatch:
             seq.pending = seq.pending[len(chunk) :]
             seq.length += len(chunk)
             seq.cache = result.cache
+
+    def _source(self, share_from: int, prompt: Sequence[int]) -> int | None:
+        """The slot whose prefill a new sequence of `prompt` will share: `share_from`, or the one
+        that one waits for itself; None when there is nothing to share."""
+        slot = share_from
+        sibling = self._seqs.get(slot)
+        if sibling is not None and sibling.source is not None:  # a waiting one waits for one that prefills
+            slot = sibling.source
+            sibling = self._seqs[slot]
+        head = len(prompt) - 1
+        # Its prompt but the last token (what it prefills) must begin with this one's.
+        if sibling is None or head == 0 or len(sibling.prompt) - 1 < head:
+            return None
+        return slot if list(sibling.prompt[:head]) == list(prompt[:head]) else None
+
+    def _share(self) -> None:
+        """Hand each waiting sibling the prompt KV of the one it waits for, once that is in."""
+        for seq in self._seqs.values():
+            if seq.source is not None and not self._seqs[seq.source].pending:
+                self._take(seq, seq.source)
+
+    def _hand_over(self, slot: int) -> None:
+        """A sequence ends: the oldest sibling waiting for its prompt takes what it holds of it
+        and prefills the rest; the others wait for that one."""
+        waiting = sorted(
+            ((s, seq) for s, seq in self._seqs.items() if seq.source == slot), key=lambda p: p[1].admitted
+        )
+        if not waiting:
+            return
+        heir, seq = waiting[0]
+        self._take(seq, slot)
+        for _, other in waiting[1:]:
+            other.source = heir
+
+    def _take(self, seq: _Seq, source: int) -> None:
+        """Give `seq` (waiting, with nothing of its own) a copy of the KV `source` holds of its prompt."""
+        seq.source = None
+        n = min(len(seq.pending), self._seqs[source].length)
+        cache = self._prefix(source, n) if n else None
+        if cache is None:
+            return  # nothing to take: it prefills on its own
+        seq.cache, seq.length, seq.pending = cache, n, seq.pending[n:]
+        self.shared_prefill_tokens += n
+
+    def _prefix(self, slot: int, n: int) -> DynamicCache | None:
+        """A copy of the KV of the slot's first `n` positions, from its own cache or its batch row."""
+        seq = self._seqs[slot]
+        if seq.cache is not None:
+            row, start = 0, 0
+            layers = _layers(seq.cache)
+        elif slot in self._rows:
+            assert self._cache is not None
+            row, start = self._rows.index(slot), self._cache.get_seq_length() - seq.length
+            layers = _layers(self._cache)
+        else:  # its prefill failed: nothing kept
+            return None
+        copy = DynamicCache()
+        for layer in layers:
+            keys, values = _kv(layer)
+            # Cloned, not viewed: the batch cache's rows are re-cut as sequences come and go.
+            taken = DynamicLayer()
+            taken.lazy_initialization(keys, values)
+            taken.keys = keys[row : row + 1, :, start : start + n].clone()
+            taken.values = values[row : row + 1, :, start : start + n].clone()
+            copy.layers.append(taken)
+        return copy
 
     def _join(self, slot: int, seq: _Seq) -> None:
         """Move a prefilled sequence's cache into the batch as its last row."""

@@ -154,14 +154,21 @@ class BatchRunner(Protocol):
     step decodes one token for each slot whose prompt is in, and feeds pending prompt tokens of
     the others within a per-step budget (chunked prefill), so a long prompt never freezes the
     streams already running.
+
+    Sequences of one prompt (a request's `n` choices) share its prefill: one given `share_from`
+    takes the KV of that sibling's prompt instead of computing it again, and decodes from the
+    prompt's last token with its own sampler like any other.
     """
+
+    # Prompt tokens sequences took from a sibling's KV instead of prefilling them (for metrics).
+    shared_prefill_tokens: int
 
     @property
     def capacity(self) -> int: ...
 
     def can_admit(self, positions: int) -> bool:
-        """Whether a sequence needing `positions` KV positions now (its prompt and room to grow)
-        can start at once."""
+        """Whether a sequence needing `positions` new KV positions now (its prompt and room to
+        grow, less what it shares with a sibling) can start at once."""
         ...
 
     def add(
@@ -171,11 +178,16 @@ class BatchRunner(Protocol):
         positions: int,
         constraint: Constraint | None = None,
         generated: int = 0,
+        share_from: int | None = None,
     ) -> int:
         """Start a sequence in a free slot (the one whose cache shares most of the prompt); its slot.
         A `constraint` (its grammar) vets every token the sequence samples. The last `generated`
         tokens of `prompt` are ones the sequence sampled before it was preempted: they count
-        as generated for the frequency and presence penalties."""
+        as generated for the frequency and presence penalties.
+
+        `share_from`: the slot of a running sequence whose prompt begins with this one's. The new
+        sequence waits for that prompt's prefill and takes its KV; if the sibling ends first, it
+        prefills what it could not take itself. `positions` then counts only its own."""
         ...
 
     def step(self) -> StepOutput: ...

@@ -153,6 +153,30 @@ def four_with_one_abandoned(
     return reference, results
 
 
+def shared_prefill_tokens(stack: Stack) -> float:
+    text = httpx.get(f"{stack.api_url}/metrics", timeout=5).text
+    [line] = [x for x in text.splitlines() if x.startswith("llmq_shared_prefill_tokens_total{")]
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_n_choices_share_one_prefill(slots: Stack) -> None:
+    # That a shared prefill changes no choice's tokens is tested on F32 models in
+    # tests/unit/test_shared_prefill.py; here, that the worker does share, and says so.
+    client = sdk(slots)
+    ask: Any = [{"role": "user", "content": "Назови три города России и коротко опиши каждый."}]
+    before = shared_prefill_tokens(slots)
+    together = client.chat.completions.create(
+        messages=ask, model="SmolLM2-135M-Instruct", max_tokens=12, temperature=0.9, seed=40, n=3
+    )
+    assert len({c.message.content for c in together.choices}) == 3
+    assert together.usage is not None
+    expected = 2 * (together.usage.prompt_tokens - 1)  # two choices took the first's prompt KV
+    deadline = time.monotonic() + 10  # a worker adds to the metrics every 2 s
+    while shared_prefill_tokens(slots) - before < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert shared_prefill_tokens(slots) - before == expected
+
+
 def test_cancelling_one_of_four_lets_the_others_finish(slots: Stack) -> None:
     reference, results = four_with_one_abandoned(slots)
     assert results[0][1] == "abandoned"

@@ -215,6 +215,26 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("model-cache")
 
 
+# The weights' init spread of the batching tests' random model, by engine. transformers computes
+# a sequence's logits exactly the same batched or alone, so those tests use sharp attention
+# (0.1), where a wrong mask, position, padded row or shared KV changes the greedy tokens.
+# llama.cpp's CPU kernels are not bit-identical across batch sizes even in F32 (rounding-level
+# differences): at 0.1, sampled and very long greedy runs reach a near-tie that rounding tips;
+# at the default 0.02 the margins stay wider than that noise, while a sequence attending to
+# another slot's cells, or at a wrong position, still changes its text.
+BATCH_INIT_RANGE: dict[Backend, float] = {"transformers": 0.1, "llama.cpp": 0.02}
+
+
+@pytest.fixture(scope="session")
+def batch_llama3_dir(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Path:
+    """A tiny Llama with random weights, so attention really mixes positions (and slots, if it
+    leaked across them), with the real Llama-3 tokenizer. One per engine for the whole session:
+    llama.cpp converts each GGUF's 128k-token tokenizer once (about 30 s)."""
+    path = tmp_path_factory.mktemp(f"random-llama3-batch-{backend.replace('.', '')}")
+    random_llama3(path, context_length=1024, seed=2, initializer_range=BATCH_INIT_RANGE[backend])
+    return path
+
+
 @pytest.fixture(scope="session")
 def engine(llama3_dir: Path, backend: Backend, model_cache: Path) -> Engine:
     return load_engine(llama3_dir, model_cache, backend)

@@ -54,7 +54,7 @@ def test_at_most_a_hundred_problems_are_listed() -> None:
         ({"temperature": 9}, 400, "invalid_value", "temperature"),
         ({"max_tokens": 101}, 400, "max_tokens_too_large", "max_tokens"),
         ({"model": "gpt-5"}, 404, "model_not_found", "model"),
-        ({"logprobs": True}, 400, "unsupported_parameter", "logprobs"),
+        ({"functions": [{"name": "f"}]}, 400, "unsupported_parameter", "functions"),
         ({"seed": 2**63}, 400, "invalid_value", "seed"),
     ],
 )

@@ -14,32 +14,13 @@ from model.generation import Generation, Output
 from model.loading import load_model
 from model.scheduler import Event, Failure
 from model.types import Backend, ChatMessage, Completion, SampledLogprobs, SamplingParams, TextDelta
-from tests.unit.conftest import GGUF_NAME, needs_backend, random_llama3
+from tests.unit.conftest import GGUF_NAME, needs_backend
 
 pytestmark = pytest.mark.timeout(120)
 
 SLOTS = 4
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 QUESTIONS = ("Расскажи про космос кратко.", "Hi!", "Напиши поэму о море, длинную и красивую.", "2+2?")
-
-
-# The weights' init spread, by engine. transformers computes a sequence's logits exactly the same
-# batched or alone, so its tests use sharp attention (0.1), where a wrong mask, position or
-# padded row changes the greedy tokens. llama.cpp's CPU kernels are not bit-identical across
-# batch sizes even in F32 (rounding-level differences): at 0.1, sampled and very long greedy
-# runs reach a near-tie that rounding tips; at the default 0.02 the margins stay wider than that
-# noise, while a sequence attending to another slot's cells, or at a wrong position, still
-# changes its text.
-INIT_RANGE: dict[Backend, float] = {"transformers": 0.1, "llama.cpp": 0.02}
-
-
-@pytest.fixture(scope="module")
-def random_llama3_dir(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Path:
-    """A tiny Llama with random weights, so attention really mixes positions (and slots, if it
-    leaked across them), with the real Llama-3 tokenizer."""
-    path = tmp_path_factory.mktemp("random-llama3-batch")
-    random_llama3(path, context_length=1024, seed=2, initializer_range=INIT_RANGE[backend])
-    return path
 
 
 def engine_with(path: Path, cache: Path, backend: Backend, slots: int) -> Engine:
@@ -52,13 +33,13 @@ def engine_with(path: Path, cache: Path, backend: Backend, slots: int) -> Engine
 
 
 @pytest.fixture(scope="module")
-def batched(random_llama3_dir: Path, backend: Backend, model_cache: Path) -> Engine:
-    return engine_with(random_llama3_dir, model_cache, backend, SLOTS)
+def batched(batch_llama3_dir: Path, backend: Backend, model_cache: Path) -> Engine:
+    return engine_with(batch_llama3_dir, model_cache, backend, SLOTS)
 
 
 @pytest.fixture(scope="module")
-def single(random_llama3_dir: Path, backend: Backend, model_cache: Path) -> Engine:
-    return engine_with(random_llama3_dir, model_cache, backend, 1)
+def single(batch_llama3_dir: Path, backend: Backend, model_cache: Path) -> Engine:
+    return engine_with(batch_llama3_dir, model_cache, backend, 1)
 
 
 def alone(engine: Engine, question: str, sampling: SamplingParams = GREEDY) -> list[Output]:
