@@ -78,6 +78,14 @@ class _SnapshotCollector(Collector):
         )
         per_step.add_metric(model, batch.buckets, batch.sum)
         yield per_step
+        shared = CounterMetricFamily(
+            "llmq_shared_prefill_tokens",
+            "Prompt tokens a sequence took from a sibling's prefill (n choices, equal prompts) "
+            "instead of computing them.",
+            labels=["model_name"],
+        )
+        shared.add_metric(model, float(s.fields.get("shared_prefill_tokens", 0)))
+        yield shared
 
         for name, help_text in (
             ("prompt_tokens", "Prefill tokens processed."),

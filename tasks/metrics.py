@@ -110,11 +110,16 @@ def record(client: redis.Redis, timings: JobTimings) -> None:
     pipe.execute()
 
 
-def record_batch_sizes(client: redis.Redis, counts: Mapping[int, int]) -> None:
-    """Add a worker's count of steps by batch size to the shared hash (one round trip)."""
+def record_batch_sizes(
+    client: redis.Redis, counts: Mapping[int, int], shared_prefill_tokens: int = 0
+) -> None:
+    """Add a worker's count of steps by batch size, and the prompt tokens its sequences took from
+    a sibling's prefill instead of computing, to the shared hash (one round trip)."""
     pipe = client.pipeline(transaction=False)
     for size, steps in counts.items():
         _observe(pipe, BATCH_SIZE_HISTOGRAM, size, times=steps)
+    if shared_prefill_tokens:
+        pipe.hincrby(keys.METRICS, "shared_prefill_tokens", shared_prefill_tokens)
     pipe.execute()
 
 

@@ -111,6 +111,7 @@ class SlotLoop:
         self._next_poll = 0.0
         self._batch_sizes: Counter[int] = Counter()
         self._next_metrics = time.monotonic() + METRICS_FLUSH_SECONDS
+        self._shared_reported = 0  # the runner's shared_prefill_tokens already in the metrics
 
     @classmethod
     def start(cls, rt: WorkerRuntime) -> SlotLoop:
@@ -293,8 +294,10 @@ class SlotLoop:
         if not self._batch_sizes:
             return
         counts, self._batch_sizes = self._batch_sizes, Counter()
+        shared = self._rt.engine.loaded.runner.shared_prefill_tokens
         try:
-            metrics.record_batch_sizes(self._rt.redis, counts)
+            metrics.record_batch_sizes(self._rt.redis, counts, shared - self._shared_reported)
+            self._shared_reported = shared
         except redis.RedisError as exc:
             log.warning("could not record batch sizes: %s", exc)
 
