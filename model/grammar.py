@@ -46,6 +46,14 @@ class Constraint:
         """Take a token sampled under the mask (so allowed by construction)."""
         self._matcher.consume_token(token)
 
+    def allowed(self, vocab_size: int) -> npt.NDArray[np.int32]:
+        """The token ids the grammar allows next (below `vocab_size`), ascending."""
+        if self._grammars is not None:
+            self._grammars.masks += 1
+        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = np.unpackbits(bits, bitorder="little", count=min(vocab_size, bits.size * 8))
+        return np.flatnonzero(allowed).astype(np.int32)
+
     def bias(self, vocab_size: int) -> npt.NDArray[np.float32]:
         """What to add to a row of `vocab_size` logits: 0 where the grammar allows the token next,
         FORBIDDEN where it does not (padding rows of an embedding larger than the tokenizer's

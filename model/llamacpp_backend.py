@@ -18,6 +18,7 @@ import llama_cpp
 import llama_cpp._internals as internals
 import llama_cpp._logger as llama_logger
 import numpy as np
+import numpy.typing as npt
 import psutil
 
 from model.chat_tokenizer import ChatTokenizer
@@ -399,8 +400,7 @@ class LlamaCppBatch:
             token = int(llama_cpp.llama_sampler_sample(slot.chain, self._ctx.ctx, i))
             if constraint is not None and not constraint.accept(token):
                 logits = self._row(i) if logits is None else logits
-                np.add(logits, constraint.bias(self._n_vocab), out=logits)
-                token = int(llama_cpp.llama_sampler_sample(slot.chain, self._ctx.ctx, i))
+                token = _sample_among(slot.chain, constraint.allowed(self._n_vocab), logits)
                 constraint.commit(token)
         if slot.penalties is not None:
             slot.penalties.accept(token)
@@ -558,6 +558,31 @@ def _logprobs(logits: FloatArray, temperature: float, token: int, top: int) -> S
     best = best[np.argsort(-scaled[best], kind="stable")]
     # A token the grammar forbids could never be drawn: not an alternative worth listing.
     return chosen, tuple((int(t), float(scaled[t] - normalizer)) for t in best if logits[t] > FORBIDDEN / 2)
+
+
+# llama_token_data as numpy lays it out: {int32 id; float logit; float p}, 12 bytes, no padding.
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+def _sample_among(chain: Any, ids: npt.NDArray[np.int32], logits: FloatArray) -> int:
+    """The chain's draw from only the tokens `ids` (what a grammar allows), as llama_sampler_sample
+    draws from all of them: the same temperature, truncation and seeded draw over those
+    candidates, so the same distribution as masking the rest to -inf, without building and
+    sorting a 128k-entry candidate array again (1.5 ms a refusal on the Llama-3 vocabulary,
+    where a grammar allows a few hundred tokens)."""
+    if ids.size == 0:  # a grammar with nothing left (it cannot, while it is not complete)
+        raise RuntimeError("the grammar allows no token here")
+    candidates = np.empty(ids.size, dtype=_TOKEN_DATA)
+    candidates["id"] = ids
+    candidates["logit"] = logits[ids]
+    candidates["p"] = 0.0
+    data = candidates.ctypes.data_as(llama_cpp.llama_token_data_p)
+    array = llama_cpp.llama_token_data_array(data=data, size=ids.size, selected=-1, sorted=False)
+    llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
+    # Samplers may point `data` elsewhere; `selected` indexes whatever it points to now.
+    token = int(array.data[array.selected].id)
+    llama_cpp.llama_sampler_accept(chain, token)  # as llama_sampler_sample ends
+    return token
 
 
 def _sampler_chain(sampling: SamplingParams) -> Any:
