@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from api import errors, structured
-from api.tools import FunctionTool, ToolCallIn, ToolPlan, plan_tools
+from api import structured
+from api.tools import FunctionTool, ToolCallIn, ToolPlan, plan_tools, with_text_grammar
 from tasks import events, jobs
 
 
@@ -150,15 +150,8 @@ class ChatCompletionRequest(BaseModel):
 
     def grammar(self) -> str | None:
         """What every token must follow: the tool-call grammar, else the response_format's."""
-        plan = self.tool_plan()
         text_grammar = structured.chat_grammar(self.response_format)
-        if plan.calls_possible and text_grammar is not None:
-            raise errors.InvalidRequest(
-                "'response_format' cannot be combined with 'tools' unless tool_choice is 'none'.",
-                param="response_format",
-                code="unsupported_parameter",
-            )
-        return plan.grammar() or text_grammar
+        return with_text_grammar(self.tool_plan(), text_grammar, "response_format")
 
     def to_job_spec(self, job_id: str, model: str, max_tokens_default: int = 512) -> jobs.JobSpec:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

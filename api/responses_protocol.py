@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from api import errors, structured
-from api.tools import FunctionDefinition, FunctionTool, ToolPlan, plan_tools
+from api.tools import FunctionDefinition, FunctionTool, ToolPlan, plan_tools, with_text_grammar
 from tasks import jobs
 
 ResponseStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
@@ -167,15 +167,8 @@ class ResponseCreateRequest(BaseModel):
         return plan_tools(self.function_tools(), choice, self.parallel_tool_calls)
 
     def grammar(self) -> str | None:
-        plan = self.tool_plan()
         text_grammar = structured.text_format_grammar(self.text.format if self.text else None)
-        if plan.calls_possible and text_grammar is not None:
-            raise errors.InvalidRequest(
-                "'text.format' cannot be combined with 'tools' unless tool_choice is 'none'.",
-                param="text.format",
-                code="unsupported_parameter",
-            )
-        return plan.grammar() or text_grammar
+        return with_text_grammar(self.tool_plan(), text_grammar, "text.format")
 
     def unsupported_param(self) -> str | None:
         extra = self.model_extra or {}

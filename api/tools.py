@@ -90,6 +90,18 @@ class ToolPlan:
         return _grammar(schemas, self.parallel, self.mode == "auto")
 
 
+def with_text_grammar(plan: ToolPlan, text_grammar: str | None, param: str) -> str | None:
+    """What every token must follow: the tool-call grammar, else the text format's (`param`), which
+    cannot also hold while calls are possible (one grammar decides the first character)."""
+    if plan.calls_possible and text_grammar is not None:
+        raise errors.InvalidRequest(
+            f"'{param}' cannot be combined with 'tools' unless tool_choice is 'none'.",
+            param=param,
+            code="unsupported_parameter",
+        )
+    return plan.grammar() or text_grammar
+
+
 def _refuse(message: str, param: str) -> errors.InvalidRequest:
     return errors.InvalidRequest(message, param=param, code="invalid_value")
 

@@ -163,6 +163,16 @@ def needs_backend(backend: Backend) -> None:
         pytest.skip("llama-cpp-python is not installed (pip install -e '.[llamacpp]'; make install-dev does)")
 
 
+def batch_engine(path: Path, cache: Path, backend: Backend, slots: int) -> Engine:
+    """A saved test model loaded with `slots` slots, as a worker with WORKER_SLOTS loads it."""
+    needs_backend(backend)
+    model_id = str(path / GGUF_NAME) if backend == "llama.cpp" else str(path)
+    loaded = load_model(
+        model_id, engine=backend, device="cpu", dtype="float32", use_4bit=False, slots=slots, cache_dir=cache
+    )
+    return Engine(loaded)
+
+
 def load_engine(path: Path, cache_dir: Path, backend: Backend = "transformers") -> Engine:
     """Load a saved test model the way the worker does, on CPU: transformers in float32 from the
     directory, llama.cpp from the GGUF export (F32 weights) beside it."""

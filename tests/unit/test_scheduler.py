@@ -11,10 +11,9 @@ import pytest
 
 from model.engine import Engine
 from model.generation import Generation, Output
-from model.loading import load_model
 from model.scheduler import Event, Failure
 from model.types import Backend, ChatMessage, Completion, SampledLogprobs, SamplingParams, TextDelta
-from tests.unit.conftest import GGUF_NAME, needs_backend
+from tests.unit.conftest import batch_engine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,23 +22,14 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 QUESTIONS = ("Расскажи про космос кратко.", "Hi!", "Напиши поэму о море, длинную и красивую.", "2+2?")
 
 
-def engine_with(path: Path, cache: Path, backend: Backend, slots: int) -> Engine:
-    needs_backend(backend)
-    model_id = str(path / GGUF_NAME) if backend == "llama.cpp" else str(path)
-    loaded = load_model(
-        model_id, engine=backend, device="cpu", dtype="float32", use_4bit=False, slots=slots, cache_dir=cache
-    )
-    return Engine(loaded)
-
-
 @pytest.fixture(scope="module")
 def batched(batch_llama3_dir: Path, backend: Backend, model_cache: Path) -> Engine:
-    return engine_with(batch_llama3_dir, model_cache, backend, SLOTS)
+    return batch_engine(batch_llama3_dir, model_cache, backend, SLOTS)
 
 
 @pytest.fixture(scope="module")
 def single(batch_llama3_dir: Path, backend: Backend, model_cache: Path) -> Engine:
-    return engine_with(batch_llama3_dir, model_cache, backend, 1)
+    return batch_engine(batch_llama3_dir, model_cache, backend, 1)
 
 
 def alone(engine: Engine, question: str, sampling: SamplingParams = GREEDY) -> list[Output]:

@@ -13,10 +13,9 @@ import pytest
 
 from model.engine import Engine
 from model.generation import Generation
-from model.loading import load_model
 from model.scheduler import Failure
 from model.types import Backend, ChatMessage, Completion, Prompt, SamplingParams
-from tests.unit.conftest import GGUF_NAME, needs_backend
+from tests.unit.conftest import batch_engine
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,28 +24,19 @@ QUESTION = "Расскажи про космос кратко."
 LONG_QUESTION = "Раз два три. " * 120  # ~600 prompt tokens: prefilled in chunks beside a decoding one
 
 
-def engine_with(path: Path, cache: Path, backend: Backend, slots: int) -> Engine:
-    needs_backend(backend)
-    model_id = str(path / GGUF_NAME) if backend == "llama.cpp" else str(path)
-    loaded = load_model(
-        model_id, engine=backend, device="cpu", dtype="float32", use_4bit=False, slots=slots, cache_dir=cache
-    )
-    return Engine(loaded)
-
-
 @pytest.fixture(scope="module")
 def batched(batch_llama3_dir: Path, backend: Backend, model_cache: Path) -> Engine:
-    return engine_with(batch_llama3_dir, model_cache, backend, 4)
+    return batch_engine(batch_llama3_dir, model_cache, backend, 4)
 
 
 @pytest.fixture(scope="module")
 def two_slots(batch_llama3_dir: Path, backend: Backend, model_cache: Path) -> Engine:
-    return engine_with(batch_llama3_dir, model_cache, backend, 2)
+    return batch_engine(batch_llama3_dir, model_cache, backend, 2)
 
 
 @pytest.fixture(scope="module")
 def single(batch_llama3_dir: Path, backend: Backend, model_cache: Path) -> Engine:
-    return engine_with(batch_llama3_dir, model_cache, backend, 1)
+    return batch_engine(batch_llama3_dir, model_cache, backend, 1)
 
 
 def prompt_of(engine: Engine, question: str) -> Prompt:
