@@ -180,7 +180,12 @@ def answer(endpoint: str, spec: jobs.JobSpec, log: list[events.AnyEvent]) -> tup
             view.apply(event)
         return 200, view.snapshot().model_dump(mode="json")
     chat_view = chat.ChatView(
-        spec.id, int(spec.created_at), spec.model, tools=bool(spec.tools), n=spec.sampling.n
+        spec.id,
+        int(spec.created_at),
+        spec.model,
+        tools=bool(spec.tools),
+        n=spec.sampling.n,
+        logprobs=spec.sampling.logprobs,
     )
     try:
         for event in log:

@@ -40,10 +40,20 @@ AnyEvent = events.AnyEvent
 class ChatView:
     """The chat completion a job's events describe (blocking mode, and batch output lines)."""
 
-    def __init__(self, job_id: str, created: int, model: str, *, tools: bool = False, n: int = 1) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        created: int,
+        model: str,
+        *,
+        tools: bool = False,
+        n: int = 1,
+        logprobs: bool = False,
+    ) -> None:
         self.job_id, self.created, self.model = job_id, created, model
         self._parts: list[list[str]] = [[] for _ in range(n)]  # by choice
-        self._logprobs: list[list[events.TokenLogprob] | None] = [None] * n
+        # With logprobs asked, a choice that generated no text still has its (empty) list.
+        self._logprobs: list[list[events.TokenLogprob]] | None = [[] for _ in range(n)] if logprobs else None
         self._tools = tools  # the job's text may be tool calls (api/tools.py)
         self.completion: ChatCompletion | None = None
 
@@ -51,8 +61,8 @@ class ChatView:
         """Fold one event in; a terminal event either completes the view or raises its error."""
         if isinstance(event, events.Delta):
             self._parts[event.index].append(event.text)
-            if event.logprobs is not None:
-                self._logprobs[event.index] = (self._logprobs[event.index] or []) + event.logprobs
+            if event.logprobs is not None and self._logprobs is not None:
+                self._logprobs[event.index].extend(event.logprobs)
         elif isinstance(event, events.Finished) and event.finish_reason != "cancelled":
             self.completion = ChatCompletion(
                 id=self.job_id,
@@ -77,7 +87,7 @@ class ChatView:
             ]
             or None,
         )
-        entries = self._logprobs[index]
+        entries = None if self._logprobs is None else self._logprobs[index]
         return Choice(
             index=index,
             message=message,
@@ -117,9 +127,15 @@ def validate(request: ChatCompletionRequest, settings: Settings) -> None:
     request.grammar()  # a schema or tool it cannot follow is a 400 now
     for i, message in enumerate(request.messages):
         for j, call in enumerate(message.tool_calls or []):
-            tools.check_arguments(
-                call.function.arguments, f"messages[{i}].tool_calls[{j}].function.arguments"
+            tools.check_call(
+                call.function.name, call.function.arguments, f"messages[{i}].tool_calls[{j}].function"
             )
+    if request.stop and request.tool_plan().calls_possible:
+        raise errors.InvalidRequest(
+            "'stop' cannot be combined with tools a call could use: a stop string would cut a call.",
+            param="stop",
+            code="unsupported_parameter",
+        )
     limits.check_messages(settings, "messages", len(request.messages))
     limits.check_max_tokens(
         settings, max_tokens=request.max_tokens, max_completion_tokens=request.max_completion_tokens
@@ -170,7 +186,14 @@ class ChatRun:
 
     async def complete(self) -> ChatCompletion:
         """Collect the whole answer (blocking mode)."""
-        view = ChatView(self.job_id, self.created, self.model, tools=self._tools, n=self.request.n)
+        view = ChatView(
+            self.job_id,
+            self.created,
+            self.model,
+            tools=self._tools,
+            n=self.request.n,
+            logprobs=bool(self.request.logprobs),
+        )
         try:
             while view.completion is None:
                 event = await self._follow.next()

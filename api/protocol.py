@@ -102,7 +102,7 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # --- not in the OpenAI spec: vLLM's extensions, with vLLM's meanings ---
     ignore_eos: bool = False  # generate max_tokens regardless of end-of-turn tokens
-    top_k: int = Field(-1, ge=-1)  # keep the k likeliest tokens; -1 (or 0): all
+    top_k: int = Field(-1, ge=-1, le=2**31 - 1)  # keep the k likeliest tokens; -1 (or 0): all
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # drop tokens below min_p times the likeliest's
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # >1 discourages prompt and output tokens
     response_format: dict[str, Any] | None = None

@@ -130,7 +130,9 @@ class ResponseView:
                     out += self._open_message() if not self._message_open else []
                     out += self._text(item.text)
                 elif isinstance(item, tools.CallStarted):
-                    call = self._calls()[item.index].model_dump()
+                    # Added with no arguments yet: they follow as deltas (what the reader has
+                    # already read of them is in the next events), as OpenAI streams a call.
+                    call = self._calls()[item.index].model_copy(update={"arguments": ""}).model_dump()
                     out.append(self._event("response.output_item.added", output_index=item.index, item=call))
                 else:
                     item_id = self._calls()[item.index].id
@@ -241,7 +243,7 @@ def validate(request: ResponseCreateRequest, settings: Settings) -> None:
         limits.check_messages(settings, "input", len(request.input))
         for i, item in enumerate(request.input):
             if isinstance(item, FunctionCallItem):
-                tools.check_arguments(item.arguments, f"input[{i}].arguments")
+                tools.check_call(item.name, item.arguments, f"input[{i}]")
     limits.check_max_tokens(settings, max_output_tokens=request.max_output_tokens)
 
 

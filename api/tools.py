@@ -124,7 +124,11 @@ def plan_tools(
         if name in names:
             raise _refuse(f"The tool name '{name}' is used twice.", "tools")
         names.append(name)
-        structured.check_schema(tool.function.parameters or EMPTY_PARAMETERS, "tools")
+        parameters = tool.function.parameters or EMPTY_PARAMETERS
+        if parameters.get("type") != "object":
+            # A call's arguments are an object (OpenAI requires it); the reader relies on it too.
+            raise _refuse(f"tools[{i}].function.parameters must be a schema of type 'object'.", "tools")
+        structured.check_schema(parameters, "tools")
     parallel = True if parallel_tool_calls is None else parallel_tool_calls
     choice = "auto" if tool_choice is None and tools else tool_choice or "none"
     if isinstance(choice, str):
@@ -338,6 +342,14 @@ class CalledFunction(BaseModel):
 
 
 ToolCallIn.model_rebuild()
+
+
+def check_call(name: str, arguments: str, param: str) -> None:
+    """A past call as the prompt renders it back: a function name by OpenAI's rule, and arguments
+    that are one JSON object (`param` names the call)."""
+    if not NAME_PATTERN.match(name):
+        raise _refuse(f"{param}.name must be 1-64 letters, digits, '_' or '-'.", f"{param}.name")
+    check_arguments(arguments, f"{param}.arguments")
 
 
 def check_arguments(arguments: str, param: str) -> None:

@@ -55,15 +55,18 @@ def render_prompt(
 
     Text in a message that spells a control token (`<|eot_id|>`, `<|start_header_id|>`, ...) is
     encoded as plain text; only the tokens the template itself writes are control tokens, so a
-    user cannot forge turns. transformers does this with `sanitize_control_tokens`; it marks
-    message content only, so tool definitions or call arguments that spell a control token take
-    the plain path, where they are content too.
+    user cannot forge turns. transformers does this with `sanitize_control_tokens`; the llama.cpp
+    workers' ChatTokenizer marks message content only, so a conversation whose tool definitions,
+    call names, ids or arguments spell a control token takes the plain path, where they are
+    content too.
     """
     template = tokenizer.chat_template or LLAMA3_CHAT_TEMPLATE
     uses_tools = bool(tools) or any(m.tool_calls or m.role == "tool" for m in messages)
-    if uses_tools and _has_tool_section(template) and not _spells_control_token(tokenizer, messages, tools):
+    native = [_native(m) for m in messages] if uses_tools and _has_tool_section(template) else None
+    if native is not None and not _spells_control_token(tokenizer, native, tools):
         try:
-            return _apply(tokenizer, template, [_native(m) for m in messages], list(tools))
+            # None, not []: a template tests `tools is not none` before writing its tool section.
+            return _apply(tokenizer, template, native, list(tools) or None)
         except (TemplateError, ValueError):  # raise_exception raises one or the other per renderer
             pass  # e.g. "This model only supports single tool-calls at once!"
     if uses_tools:
@@ -91,10 +94,10 @@ def _has_tool_section(template: str) -> bool:
     return "tools" in template and "tool_calls" in template
 
 
-def _spells_control_token(tokenizer: Any, messages: Sequence[ChatMessage], tools: Sequence[Any]) -> bool:
-    text = json.dumps(
-        [list(tools), [[c.arguments for c in m.tool_calls] for m in messages]], ensure_ascii=False
-    )
+def _spells_control_token(tokenizer: Any, conversation: list[dict[str, Any]], tools: Sequence[Any]) -> bool:
+    """Whether anything the template gets (names, ids, arguments once parsed, so with JSON
+    escapes undone, tool definitions) spells a control token."""
+    text = json.dumps([conversation, list(tools)], ensure_ascii=False)
     return any(token in text for token in _control_tokens(tokenizer))
 
 

@@ -436,7 +436,10 @@ class LlamaCppBatch:
             new_cells = len(decoding) + sum(len(c) for _, c in fed)
             if self._evict_idle(new_cells) or len(busy) <= 1:
                 return decoding, fed
-            newest = max(busy, key=lambda s: s.admitted)
+            # A sibling still waiting for its prompt's KV holds no cells: putting it out frees
+            # nothing, so the newest of those that hold cells goes.
+            holders = [s for s in busy if s.source is None] or busy
+            newest = max(holders, key=lambda s: s.admitted)
             self._forget(newest, 0)  # its cells free now, for this very step
             out.preempted.add(newest.id)
 

@@ -311,8 +311,11 @@ def _terminal(ended: dict[int, Completion], stop: StopReason | None) -> events.F
         )
     if stop == "time_limit":
         reasons = ["time_limit" if r == "cancelled" else r for r in reasons]  # type: ignore[misc]
+    # The job ends as its most interrupted choice: cancelled or out of time if any choice was
+    # stopped so, though choice 0 may have finished on its own first.
+    job_reason = next((r for r in reasons if r in ("cancelled", "time_limit")), reasons[0])
     return events.Finished(
-        finish_reason=reasons[0],  # type: ignore[arg-type]
+        finish_reason=job_reason,  # type: ignore[arg-type]
         prompt_tokens=ended[0].prompt_tokens,
         completion_tokens=sum(c.completion_tokens for c in ended.values()),
         choices=reasons if len(reasons) > 1 else [],  # type: ignore[arg-type]

@@ -157,6 +157,29 @@ def test_history_with_calls_and_results_is_answered(client: openai.OpenAI, model
             "messages[1].tool_calls[0].function.arguments",
         ),  # fmt: skip
         ({"messages": [*ASK, {"role": "tool", "content": "x"}]}, "messages[1]"),
+        (
+            {
+                "messages": [
+                    *ASK,
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "c",
+                                "type": "function",
+                                "function": {"name": "x<|eot_id|>", "arguments": "{}"},
+                            }
+                        ],
+                    },
+                ]
+            },
+            "messages[1].tool_calls[0].function.name",
+        ),  # fmt: skip
+        ({"stop": ["}"]}, "stop"),  # a stop string would cut a call
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+            "tools",
+        ),
     ],
 )
 def test_bad_tool_requests_are_400(
