@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import torch
 import transformers
 from transformers import AutoModelForCausalLM
@@ -490,14 +492,24 @@ def _pick(seq: _Seq, logits: torch.Tensor) -> tuple[int, SampledLogprobs | None]
     else:
         token = seq.sampler(logits)
         if seq.constraint is not None and not seq.constraint.accept(token):
-            logits = logits.float() + _mask(seq.constraint, logits)
-            token = seq.sampler(logits)
+            token = _draw_among(seq.sampler, logits, seq.constraint.allowed(logits.shape[-1]))
             seq.constraint.commit(token)
     if seq.penalties is not None:
         seq.penalties.accept(token)
     if seq.top_logprobs is None:
         return token, None
     return token, _logprobs(logits[0], seq.sampler.logprob_temperature, token, seq.top_logprobs)
+
+
+def _draw_among(sampler: _Sampler, logits: torch.Tensor, ids: npt.NDArray[np.int32]) -> int:
+    """The sampler's draw from only the tokens `ids` (what a grammar allows): the same
+    distribution as masking the rest to -inf (they would get probability 0 under every warper),
+    over a few hundred logits instead of the whole vocabulary, and with only the ids, not a
+    vocabulary-wide mask, sent to the device."""
+    if ids.size == 0:  # a grammar with nothing left (it cannot, while it is not complete)
+        raise RuntimeError("the grammar allows no token here")
+    index = torch.from_numpy(ids.astype(np.int64)).to(logits.device)
+    return int(ids[sampler(logits[:, index])])
 
 
 def _mask(constraint: Constraint, logits: torch.Tensor) -> torch.Tensor:
