@@ -130,7 +130,7 @@ def validate(request: ChatCompletionRequest, settings: Settings) -> None:
             tools.check_call(
                 call.function.name, call.function.arguments, f"messages[{i}].tool_calls[{j}].function"
             )
-    if request.stop and request.tool_plan().calls_possible:
+    if request.stop and request.tool_plan.calls_possible:
         raise errors.InvalidRequest(
             "'stop' cannot be combined with tools a call could use: a stop string would cut a call.",
             param="stop",
@@ -162,7 +162,7 @@ class ChatRun:
         )
         self._ping_seconds = settings.stream_ping_seconds
         self._max_tokens_default = limits.default_max_tokens(settings)
-        self._tools = request.tool_plan().calls_possible
+        self._tools = request.tool_plan.calls_possible
 
     async def start(self) -> events.Started | None:
         """Subscribe, enqueue, and wait a while for a worker to accept the prompt.

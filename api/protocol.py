@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
@@ -145,13 +146,15 @@ class ChatCompletionRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @cached_property
     def tool_plan(self) -> ToolPlan:
+        """The tools checked and planned once per request (validation and the job both use it)."""
         return plan_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def grammar(self) -> str | None:
         """What every token must follow: the tool-call grammar, else the response_format's."""
         text_grammar = structured.chat_grammar(self.response_format)
-        return with_text_grammar(self.tool_plan(), text_grammar, "response_format")
+        return with_text_grammar(self.tool_plan, text_grammar, "response_format")
 
     def to_job_spec(self, job_id: str, model: str, max_tokens_default: int = 512) -> jobs.JobSpec:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -159,7 +162,7 @@ class ChatCompletionRequest(BaseModel):
             id=job_id,
             model=model,
             messages=[m.to_job_message() for m in self.messages],
-            tools=self.tool_plan().prompt_tools(),
+            tools=self.tool_plan.prompt_tools(),
             sampling=jobs.Sampling(
                 max_tokens=self.max_completion_tokens or self.max_tokens or max_tokens_default,
                 temperature=self.temperature,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
@@ -160,7 +161,9 @@ class ResponseCreateRequest(BaseModel):
                 ) from None
         return out
 
+    @cached_property
     def tool_plan(self) -> ToolPlan:
+        """The tools checked and planned once per request (validation and the job both use it)."""
         choice = self.tool_choice
         if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
             choice = {"type": "function", "function": {"name": choice.get("name")}}  # the flat form
@@ -168,7 +171,7 @@ class ResponseCreateRequest(BaseModel):
 
     def grammar(self) -> str | None:
         text_grammar = structured.text_format_grammar(self.text.format if self.text else None)
-        return with_text_grammar(self.tool_plan(), text_grammar, "text.format")
+        return with_text_grammar(self.tool_plan, text_grammar, "text.format")
 
     def unsupported_param(self) -> str | None:
         extra = self.model_extra or {}
@@ -187,7 +190,7 @@ class ResponseCreateRequest(BaseModel):
             messages.append(jobs.Message(role="user", content=self.input))
         else:
             messages += _messages(self.input)
-        plan = self.tool_plan()
+        plan = self.tool_plan
         return jobs.JobSpec(
             id=job_id,
             model=model,

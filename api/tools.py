@@ -28,6 +28,7 @@ import llguidance
 from pydantic import BaseModel, ConfigDict, Field
 
 from api import errors, structured
+from tasks import jobs
 
 # OpenAI's rule for function names; it also keeps names free of JSON escapes in the grammar.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -210,13 +211,6 @@ class ArgumentsPiece:
 ToolEvent = Content | CallStarted | ArgumentsPiece
 
 
-@dataclass
-class Call:
-    id: str
-    name: str
-    arguments: str
-
-
 ReaderState = Literal["prefix", "name", "middle", "arguments", "end", "separator", "broken"]
 # The fixed text of each literal state, and the state after it.
 _LITERALS: dict[ReaderState, str] = {
@@ -238,7 +232,7 @@ class ToolCallReader:
 
     def __init__(self, job_id: str) -> None:
         self._job_id = job_id
-        self.calls: list[Call] = []
+        self.calls: list[jobs.ToolCall] = []
         self._mode: Literal["unknown", "text", "calls"] = "unknown"
         self._pending = ""  # call text not yet consumed
         self._state: ReaderState = "prefix"
@@ -276,7 +270,9 @@ class ToolCallReader:
             self._pending = self._pending[len(literal) :]
             self._state = _AFTER[self._state]
             if self._state == "arguments":
-                self.calls.append(Call(call_id(self._job_id, len(self.calls)), self._name, ""))
+                self.calls.append(
+                    jobs.ToolCall(id=call_id(self._job_id, len(self.calls)), name=self._name, arguments="")
+                )
                 out.append(CallStarted(len(self.calls) - 1, self.calls[-1].id, self._name))
             return True
         if self._state == "name":
@@ -317,7 +313,7 @@ class ToolCallReader:
         return len(self._pending)
 
 
-def read_whole(job_id: str, text: str) -> tuple[str | None, list[Call]]:
+def read_whole(job_id: str, text: str) -> tuple[str | None, list[jobs.ToolCall]]:
     """A finished generation's content and calls (content None when it made calls)."""
     reader = ToolCallReader(job_id)
     content = "".join(e.text for e in reader.feed(text) if isinstance(e, Content))
