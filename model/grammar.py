@@ -48,27 +48,27 @@ class Constraint:
 
     def allowed(self, vocab_size: int) -> npt.NDArray[np.int32]:
         """The token ids the grammar allows next (below `vocab_size`), ascending."""
-        if self._grammars is not None:
-            self._grammars.masks += 1
-        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
-        allowed = np.unpackbits(bits, bitorder="little", count=min(vocab_size, bits.size * 8))
-        return np.flatnonzero(allowed).astype(np.int32)
+        return np.flatnonzero(self._mask(vocab_size)).astype(np.int32)
 
     def bias(self, vocab_size: int) -> npt.NDArray[np.float32]:
         """What to add to a row of `vocab_size` logits: 0 where the grammar allows the token next,
         FORBIDDEN where it does not (padding rows of an embedding larger than the tokenizer's
         vocabulary never are). An addition, not a masked assignment: on a 128k vocabulary
         numpy's boolean-indexed write took 0.9 ms, this about 0.06 ms."""
-        if self._grammars is not None:
-            self._grammars.masks += 1
-        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
-        allowed = np.unpackbits(bits, bitorder="little", count=min(vocab_size, bits.size * 8))
-        bias = allowed.astype(np.float32)
+        bias = self._mask(vocab_size).astype(np.float32)
         bias -= 1.0
         bias *= -FORBIDDEN
         if bias.size < vocab_size:
             bias = np.concatenate([bias, np.full(vocab_size - bias.size, FORBIDDEN, dtype=np.float32)])
         return bias
+
+    def _mask(self, vocab_size: int) -> npt.NDArray[np.uint8]:
+        """One 0/1 byte per token id the grammar knows (at most `vocab_size`): 1 where it allows
+        that token next. Counted: each is a full-vocabulary mask computed."""
+        if self._grammars is not None:
+            self._grammars.masks += 1
+        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        return np.unpackbits(bits, bitorder="little", count=min(vocab_size, bits.size * 8))
 
 
 class Grammars:
