@@ -115,7 +115,12 @@ def test_health_and_metrics_show_slots_and_busy_ones(slots: Stack) -> None:
     assert "llmq_sequences_per_step_bucket" in text
 
 
-def greedy_stream(stack: Stack, content: str, cancel_after: int | None = None) -> tuple[str, str | None]:
+Token = tuple[str, float, float]  # a generated token, its logprob, and its lead over the runner-up
+
+
+def greedy_stream(
+    stack: Stack, content: str, cancel_after: int | None = None
+) -> tuple[list[Token], str | None]:
     """Stream a greedy chat completion; stop reading (the API then cancels it) after that many chunks."""
     body = {
         "messages": [{"role": "user", "content": content}],
@@ -123,25 +128,29 @@ def greedy_stream(stack: Stack, content: str, cancel_after: int | None = None) -
         "temperature": 0,
         "stream": True,
         "ignore_eos": True,
+        "logprobs": True,
+        "top_logprobs": 2,
     }
-    parts: list[str] = []
+    tokens: list[Token] = []
     finish = None
     with httpx.stream("POST", f"{stack.api_url}/v1/chat/completions", json=body, timeout=120) as r:
         for i, line in enumerate(r.iter_lines()):
             if cancel_after is not None and i >= cancel_after:
-                return "".join(parts), "abandoned"
+                return tokens, "abandoned"
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             choice = json.loads(line[6:])["choices"]
             if choice:
-                parts.append(choice[0]["delta"].get("content") or "")
+                for entry in (choice[0].get("logprobs") or {}).get("content") or []:
+                    best, second = entry["top_logprobs"]
+                    tokens.append((entry["token"], entry["logprob"], best["logprob"] - second["logprob"]))
                 finish = choice[0]["finish_reason"] or finish
-    return "".join(parts), finish
+    return tokens, finish
 
 
 def four_with_one_abandoned(
     stack: Stack,
-) -> tuple[list[tuple[str, str | None]], list[tuple[str, str | None]]]:
+) -> tuple[list[tuple[list[Token], str | None]], list[tuple[list[Token], str | None]]]:
     """The same 4 greedy prompts twice at once on one worker: all to the end, then with the
     first client gone after a few chunks (the API cancels its job mid-generation)."""
     prompts = [f"Write a short story about the number {n}." for n in range(4)]
@@ -184,13 +193,14 @@ def test_cancelling_one_of_four_lets_the_others_finish(slots: Stack) -> None:
     # Not asserted equal to `reference` here: on the embedded Q4_1 model llama.cpp's quantized
     # kernels round differently with the batch's size and make-up, so a greedy near-tie can go
     # another way (README, "Determinism"); the F32 model below shows the exact property.
-    assert all(text for text, _ in results[1:])
+    assert all(tokens for tokens, _ in results[1:])
 
 
 @pytest.fixture(scope="module")
 def f32_slots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A 4-slot worker on a tiny random-weight Llama exported to an F32 GGUF, with the real
-    Llama-3 tokenizer: its kernels give a sequence the same logits whatever it is batched with."""
+    Llama-3 tokenizer: its kernels round a sequence's logits alike whatever it is batched with,
+    so only where its cells lie in the unified KV pool moves them, by float noise."""
     from tests.unit.conftest import random_llama3
 
     model_dir = tmp_path_factory.mktemp("f32-llama3")
@@ -204,13 +214,24 @@ def f32_slots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
 
 
-def test_cancelling_one_of_four_leaves_the_others_text_exactly_as_it_would_have_been(
+def test_cancelling_one_of_four_leaves_the_others_as_they_would_have_been_up_to_a_tie(
     f32_slots: Stack,
 ) -> None:
     reference, results = four_with_one_abandoned(f32_slots)
     assert [finish for _, finish in reference] == ["length"] * 4
     assert results[0][1] == "abandoned"
-    assert results[1:] == reference[1:]
+    assert [finish for _, finish in results[1:]] == ["length"] * 3
+    for (got, _), (want, _) in zip(results[1:], reference[1:], strict=True):
+        assert len(got) == len(want) == 48
+        # Equal token for token, up to a tie. The KV pool is one unified stream, so attention
+        # sums a sequence's cells in an order that depends on where the other sequences' tokens
+        # lie, which the cancelled job changes: the logprobs then differ in the float noise
+        # (measured up to 2e-4 nats on this model), and where the two likeliest tokens are that
+        # close the pick may go the other way and the texts part from there. A lost or
+        # overwritten cell would move the logprobs by far more than the bound.
+        same = next((i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g[0] != w[0]), len(want))
+        assert all(abs(g[1] - w[1]) < 1e-3 for g, w in zip(got[:same], want[:same], strict=True))
+        assert same == len(want) or want[same][2] < 1e-3, (same, got[same], want[same])
 
 
 def test_a_prompt_too_long_fails_alone_while_others_run(slots: Stack) -> None:
