@@ -10,6 +10,9 @@ are written once per line), so a step cut short by a crash is simply done again.
                  retry a line whose worker died (2 attempts in all), wind down at expiry
     cancelling   stop every open line; queued ones never run
     finalizing   write the output and error files, in input order
+
+A step that keeps raising for another reason than Redis (a bug, a corrupt record) is not tried
+for ever: after MAX_STEP_FAILURES in a row the batch ends `failed`, its open lines cancelled.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ LEASE_SECONDS = 15  # a dead instance's batches move to another within this
 ENQUEUE_CHUNK = 500  # lines handed to the queue per step
 COLLECT_CHUNK = 1000  # ended jobs collected per step
 MAX_ATTEMPTS = 2  # a line whose worker died runs at most twice
+# A batch whose step keeps raising something other than a Redis error (a bug, a corrupt record)
+# fails after this many tries in a row on one instance, instead of being retried every tick.
+MAX_STEP_FAILURES = 5
 # Failures that say nothing about the request, only that its worker went: the line runs again.
 RETRIED_FAILURES = frozenset({"worker_lost", "worker_shutdown"})
 
@@ -69,6 +75,7 @@ class BatchRunner:
         self._jobs = jobs_client
         self._settings = settings
         self._holder = f"{socket.gethostname()}:{id(self):x}:{time.time():.0f}"
+        self._step_failures: dict[str, int] = {}  # active batches only: pruned every tick
 
     async def run_forever(self) -> None:
         while True:
@@ -78,14 +85,59 @@ class BatchRunner:
             except (redis.exceptions.RedisError, OSError) as exc:
                 log.warning("batches paused: %s", exc)
                 continue
+            self._step_failures = {b: n for b, n in self._step_failures.items() if b in active}
             for batch_id in active:  # one at a time, each on its own: one failing stops no other
                 try:
                     if await self._store.lease(batch_id, self._holder, LEASE_SECONDS):
                         await self._step_holding_lease(batch_id)
+                        self._step_failures.pop(batch_id, None)
                 except (redis.exceptions.RedisError, OSError, queue.EnqueueFailed) as exc:
                     log.warning("batch %s paused: %s", batch_id, exc)
                 except Exception:  # a bug: log it, and carry the other batches on
                     log.exception("batch %s: step failed", batch_id)
+                    await self._step_failed(batch_id)
+
+    async def _step_failed(self, batch_id: str) -> None:
+        failures = self._step_failures.get(batch_id, 0) + 1
+        self._step_failures[batch_id] = failures
+        if failures < MAX_STEP_FAILURES:
+            return
+        self._step_failures.pop(batch_id)
+        try:
+            await self._give_up(batch_id)
+        except Exception:  # the next MAX_STEP_FAILURES steps try again
+            log.exception("batch %s: could not be failed", batch_id)
+
+    async def _give_up(self, batch_id: str) -> None:
+        """End a batch that cannot be carried on as `failed`, with `errors` saying so: first the
+        status, so that no queued line starts from here on, then its open lines are cancelled.
+        What its lines had answered goes with its working sets: writing the files is one of the
+        steps that may be what fails."""
+        assigned = await self._store.jobs_of(batch_id)
+        ended = await self._store.ended_lines(batch_id)
+        problem = LineError(
+            code="internal_error",
+            message="The batch could not be carried on; requests that had not ended were cancelled.",
+        )
+        moved = await self._store.transition(
+            batch_id,
+            ("validating", "in_progress", "finalizing", "cancelling"),
+            "failed",
+            failed_at=_now(),
+            errors="[" + problem.model_dump_json() + "]",
+        )
+        if not moved:
+            return
+        open_jobs = [job for index, job in sorted(assigned.items()) if index not in ended]
+        for start in range(0, len(open_jobs), 1000):
+            await self._jobs.cancel_many(open_jobs[start : start + 1000])
+        log.error(
+            "batch %s failed after %d failed steps; %d open line(s) cancelled",
+            batch_id,
+            MAX_STEP_FAILURES,
+            len(open_jobs),
+        )
+        await self._ended(batch_id, "failed")
 
     async def _step_holding_lease(self, batch_id: str) -> None:
         """One step, with the lease renewed while it runs; a step whose lease is lost stops (every

@@ -266,7 +266,8 @@ return seq
 # ARGV: id, ttl, worker name, now, lease seconds, cancelled-event json. Moves a queued job to
 # in_progress under a lease the worker keeps renewing; 1 if this caller got it, 0 if it was
 # already taken, ended or expired (a redelivered message, a cancelled or timed-out job), or if
-# it is a line of a batch that is being cancelled or has expired (it then ends cancelled).
+# it is a line of a batch that is being cancelled, has failed or has expired (it then ends
+# cancelled).
 CLAIM = (
     _PRELUDE
     + _JOB_KEYS
@@ -274,11 +275,11 @@ CLAIM = (
 if redis.call('HGET', job, 'status') ~= 'queued' then return 0 end
 local batch = redis.call('HGET', job, 'batch')
 if batch then
-  -- A line of a batch that is being cancelled or whose window has closed never starts, even
-  -- if its batch has not yet been wound down.
+  -- A line of a batch that is being cancelled, has failed (api/batch_runner.py gave it up) or
+  -- whose window has closed never starts, even if its batch has not yet been wound down.
   local b = BATCH_PREFIX .. batch
   local b_status, b_expires = unpack(redis.call('HMGET', b, 'status', 'expires_at'))
-  if b_status == 'cancelling' or b_status == 'cancelled'
+  if b_status == 'cancelling' or b_status == 'cancelled' or b_status == 'failed'
       or (b_expires and tonumber(ARGV[4]) >= tonumber(b_expires)) then
     end_job(job, log, channel, lease, running, queued, ARGV[1], ARGV[2], ARGV[6],
             {'status', 'cancelled', 'finish_reason', 'cancelled', 'finished_at', ARGV[4]})

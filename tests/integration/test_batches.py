@@ -26,6 +26,7 @@ SLOTS = 2
 MAX_FILE_BYTES = 100_000
 MAX_BATCH_LINES = 40
 ENDED = {"completed", "failed", "expired", "cancelled"}
+TERMINAL_JOB = {"completed", "incomplete", "failed", "cancelled"}
 LONG_PROMPT = "Count from 1 to 1000, writing every number in words, one per line."
 
 
@@ -309,6 +310,32 @@ def test_cancel_while_running(batches: Stack) -> None:
             assert "started_at" not in after
     with pytest.raises(openai.ConflictError):
         client.batches.cancel(wait_batch(client, submit(client, jsonl([chat_line("x")])).id, ENDED).id)
+
+
+def test_a_batch_whose_step_keeps_failing_ends_failed_and_stops_its_lines(batches: Stack) -> None:
+    client = sdk(batches)
+    broken = submit(client, jsonl(long_lines(6, max_tokens=40)))
+    wait_running_lines(batches, broken.id, 1)
+    line_jobs = batch_jobs(batches, broken.id)
+    assert len(line_jobs) == 6
+    # Its stored lines made unreadable: every step that reads one now raises, as a bug would.
+    db = rdb(batches)
+    part = keys.batch_part(broken.id, "lines")
+    for index in range(db.llen(part)):
+        db.lset(part, index, "{")
+    healthy = submit(client, jsonl([chat_line("h0"), chat_line("h1")]))
+    done = wait_batch(client, broken.id, ENDED, timeout=60)
+    assert done.status == "failed" and done.failed_at
+    assert done.errors is not None and [e.code for e in done.errors.data or []] == ["internal_error"]
+    deadline = time.monotonic() + 30
+    while not all(db.hget(keys.job(j), "status") in TERMINAL_JOB for j in line_jobs):
+        assert time.monotonic() < deadline, "a line of the failed batch never ended"
+        time.sleep(0.1)
+    # None started after its batch failed (failed_at is in whole seconds).
+    started = [float(db.hget(keys.job(j), "started_at") or 0) for j in line_jobs]
+    assert max(started) < done.failed_at + 1
+    # The other batch was carried on meanwhile.
+    assert wait_batch(client, healthy.id, ENDED).status == "completed"
 
 
 def test_an_interactive_request_goes_ahead_of_queued_batch_lines(batches: Stack) -> None:
