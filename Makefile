@@ -80,14 +80,20 @@ lint: install-dev
 
 $(VENV)/.installed-bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[bench]"
+	# Only bench/grammar_libs.py's side-by-side with llguidance uses xgrammar. --no-deps: its
+	# torch/triton requirements serve its GPU kernels, which that comparison does not call.
+	$(PY) -m pip install -q --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 	touch $@
 
 # Starts its own redis-server, workers, API, a seed-like server and llama.cpp's server on free
 # ports; writes bench/results/ (results.md, results.json, results.png). BENCH_ARGS="--quick" or
-# "--rounds 5". Then what constrained decoding costs, in-process (bench/structured.py). The llama.cpp server is built first if missing (make llama-server).
+# "--rounds 5". Then what constrained decoding costs, in-process (bench/structured.py), and
+# llguidance against xgrammar (bench/grammar_libs.py). The llama.cpp server is built first if
+# missing (make llama-server).
 bench: $(VENV)/.installed-bench llama-server
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) -m bench.structured
+	$(PY) -m bench.grammar_libs
 
 llama-server: $(VENV)/.installed
 	PY=$(PY) bash bench/build_llama_server.sh
