@@ -19,6 +19,7 @@ from typing import Any
 from api import errors, limits, sse, tools
 from api.following import Follow
 from api.responses_protocol import (
+    LOGPROBS_INCLUDE,
     FunctionCallItem,
     IncompleteDetails,
     OutputFunctionCall,
@@ -56,6 +57,7 @@ class ResponseView:
         self.options = spec.response or jobs.ResponseOptions()
         self.status: ResponseStatus = "queued"
         self.text = ""
+        self.logprobs: list[events.TokenLogprob] = []  # of the message's text, when asked for
         self.usage: ResponseUsage | None = None
         self.error: ResponseError | None = None
         self.incomplete: IncompleteDetails | None = None
@@ -88,7 +90,8 @@ class ResponseView:
         output: list[OutputMessage | OutputFunctionCall] = []
         if self._message_open:
             status = self._item_status()
-            output.append(OutputMessage(id=self.item_id, status=status, content=[OutputText(text=self.text)]))  # type: ignore[arg-type]
+            part = OutputText(text=self.text, logprobs=self.logprobs)
+            output.append(OutputMessage(id=self.item_id, status=status, content=[part]))  # type: ignore[arg-type]
         output += self._calls()
         return Response(
             id=self.spec.id,
@@ -105,6 +108,7 @@ class ResponseView:
             parallel_tool_calls=self.options.parallel_tool_calls,
             temperature=self.spec.sampling.temperature,
             top_p=self.spec.sampling.top_p,
+            top_logprobs=self.spec.sampling.top_logprobs if self.spec.sampling.logprobs else None,
             tool_choice=self.options.tool_choice,
             tools=self.options.tools,
             usage=self.usage,
@@ -123,12 +127,14 @@ class ResponseView:
             return out
         if isinstance(event, events.Delta):
             if self._reader is None:
-                return self._text(event.text)
+                return self._text(event.text, event.logprobs)
             out = []
+            # Text is either all message or all calls (api/tools.py): in a message each delta is
+            # one piece of content, its tokens' logprobs with it; calls carry none, as OpenAI's.
             for item in self._reader.feed(event.text):
                 if isinstance(item, tools.Content):
                     out += self._open_message() if not self._message_open else []
-                    out += self._text(item.text)
+                    out += self._text(item.text, event.logprobs)
                 elif isinstance(item, tools.CallStarted):
                     # Added with no arguments yet: they follow as deltas (what the reader has
                     # already read of them is in the next events), as OpenAI streams a call.
@@ -168,10 +174,12 @@ class ResponseView:
             ),
         ]
 
-    def _text(self, text: str) -> list[dict[str, Any]]:
+    def _text(self, text: str, logprobs: list[events.TokenLogprob] | None) -> list[dict[str, Any]]:
         self.text += text
+        self.logprobs += logprobs or []
         ids = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-        return [self._event("response.output_text.delta", **ids, delta=text, logprobs=[])]
+        entries = [x.model_dump() for x in logprobs or []]
+        return [self._event("response.output_text.delta", **ids, delta=text, logprobs=entries)]
 
     def _finish(self, event: events.Finished | events.Failed) -> list[dict[str, Any]]:
         if isinstance(event, events.Failed):
@@ -191,14 +199,13 @@ class ResponseView:
         out: list[dict[str, Any]] = []
         snapshot = self.snapshot()
         if self._message_open:
-            part = {"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}
+            message = snapshot.output[0].model_dump()
+            part = message["content"][0]
             ids = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
             out += [
-                self._event("response.output_text.done", **ids, text=self.text, logprobs=[]),
+                self._event("response.output_text.done", **ids, text=self.text, logprobs=part["logprobs"]),
                 self._event("response.content_part.done", **ids, part=part),
-                self._event(
-                    "response.output_item.done", output_index=0, item=snapshot.output[0].model_dump()
-                ),
+                self._event("response.output_item.done", output_index=0, item=message),
             ]
         for index, call in enumerate(self._calls()):
             out += [
@@ -238,6 +245,10 @@ def validate(request: ResponseCreateRequest, settings: Settings) -> None:
         )
     if request.model is not None and request.model != settings.model_name:
         raise errors.ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
+    if request.top_logprobs and not request.logprobs:
+        raise errors.InvalidRequest(
+            f"top_logprobs needs include: ['{LOGPROBS_INCLUDE}'].", param="top_logprobs"
+        )
     request.grammar()  # a schema or tool it cannot follow is a 400 now
     if isinstance(request.input, list):
         limits.check_messages(settings, "input", len(request.input))

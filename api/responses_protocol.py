@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 from api import errors, structured
 from api.tools import FunctionDefinition, FunctionTool, ToolPlan, plan_tools, with_text_grammar
-from tasks import jobs
+from tasks import events, jobs
 
 ResponseStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
 
@@ -103,14 +103,14 @@ def _messages(items: list[InputMessage | FunctionCallItem | FunctionCallOutputIt
     return messages
 
 
+LOGPROBS_INCLUDE = "message.output_text.logprobs"  # the one `include` value served
+
 # Fields that change what the answer means and that this server does not do.
 _UNSUPPORTED: dict[str, Any] = {
     "previous_response_id": None,
     "conversation": None,
     "prompt": None,
     "reasoning": None,
-    "include": None,
-    "top_logprobs": None,
     "max_tool_calls": None,
 }
 
@@ -141,6 +141,13 @@ class ResponseCreateRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # Logprobs of the message's text, as OpenAI: asked for by `include`, `top_logprobs` alternatives.
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def logprobs(self) -> bool:
+        return LOGPROBS_INCLUDE in (self.include or [])
 
     def function_tools(self) -> list[FunctionTool]:
         """The request's tools; anything but a function tool is refused (no built-in tools here)."""
@@ -178,6 +185,8 @@ class ResponseCreateRequest(BaseModel):
         for name in _UNSUPPORTED:
             if extra.get(name) not in (None, [], {}, "none", "auto"):
                 return name
+        if any(item != LOGPROBS_INCLUDE for item in self.include or []):
+            return "include"  # the other includes are of built-in tools, reasoning and inputs
         if not self.store and self.background:
             return "store"  # a background response must be stored to be polled
         return None
@@ -202,6 +211,8 @@ class ResponseCreateRequest(BaseModel):
                 top_p=self.top_p,
                 ignore_eos=self.ignore_eos,
                 grammar=self.grammar(),
+                logprobs=self.logprobs,
+                top_logprobs=self.top_logprobs or 0,
             ),
             response=jobs.ResponseOptions(
                 instructions=self.instructions,
@@ -220,7 +231,7 @@ class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
-    logprobs: list[Any] = Field(default_factory=list)
+    logprobs: list[events.TokenLogprob] = Field(default_factory=list)
 
 
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
@@ -284,6 +295,7 @@ class Response(BaseModel):
     parallel_tool_calls: bool = False
     temperature: float
     top_p: float
+    top_logprobs: int | None = None
     tool_choice: str | dict[str, Any] = "none"
     tools: list[Any] = Field(default_factory=list)
     text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})

@@ -207,6 +207,9 @@ def test_unknown_ids_are_404(stack: Stack, client: openai.OpenAI, model_name: st
         ({"input": 5}, "input"),
         ({}, "input"),
         ({"input": "x", "model": "gpt-5"}, "model"),
+        ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include"),
+        ({"input": "x", "top_logprobs": 3}, "top_logprobs"),  # without the logprobs include
+        ({"input": "x", "include": ["message.output_text.logprobs"], "top_logprobs": 21}, "top_logprobs"),
     ],
 )
 def test_invalid_response_requests(stack: Stack, body: dict[str, Any], param: str) -> None:
@@ -317,3 +320,46 @@ def test_blocking_request_whose_client_goes_away_is_cancelled(
     record = r.hgetall(key)
     assert record["status"] == "cancelled", record
     assert int(record["completion_tokens"]) < 2000
+
+
+def test_logprobs_blocking_and_streamed_equal_the_chat_completions_ones(
+    client: openai.OpenAI, model_name: str
+) -> None:
+    ask = "Напиши одно предложение о Москве."
+    chat = client.chat.completions.create(
+        model=model_name,
+        messages=[{"role": "user", "content": ask}],
+        max_tokens=16,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    assert chat.choices[0].logprobs is not None and chat.choices[0].logprobs.content
+    want = [(e.token, e.bytes, [t.token for t in e.top_logprobs]) for e in chat.choices[0].logprobs.content]
+    body: dict[str, Any] = dict(
+        model=model_name,
+        input=ask,
+        max_output_tokens=16,
+        temperature=0,
+        include=["message.output_text.logprobs"],
+        top_logprobs=2,
+    )
+    response = client.responses.create(**body)
+    assert response.top_logprobs == 2
+    [part] = [p for item in response.output if item.type == "message" for p in item.content]
+    assert part.type == "output_text" and part.text == chat.choices[0].message.content
+    assert [(e.token, e.bytes, [t.token for t in e.top_logprobs]) for e in part.logprobs or []] == want
+    for got, chat_entry in zip(part.logprobs or [], chat.choices[0].logprobs.content, strict=True):
+        assert got.logprob == pytest.approx(chat_entry.logprob, abs=1e-4)
+    streamed, done = [], None
+    for event in client.responses.create(**body, stream=True):
+        if event.type == "response.output_text.delta":
+            streamed += event.logprobs or []
+        elif event.type == "response.output_text.done":
+            done = event.logprobs
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in part.logprobs or []]
+    assert done is not None and [e.token for e in done] == [e.token for e in streamed]
+    # Without the include there are none, as before.
+    plain = client.responses.create(model=model_name, input=ask, max_output_tokens=4, temperature=0)
+    assert plain.top_logprobs is None
+    assert all(not p.logprobs for item in plain.output if item.type == "message" for p in item.content)
