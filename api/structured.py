@@ -64,6 +64,53 @@ def check_schema(schema: Any, param: str) -> None:
                 stack += [(v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
 
 
+def closed(schema: Any) -> Any:
+    """A copy of the schema in which every object that lists its `properties` and says nothing of
+    others allows no others (`additionalProperties: false`), as xgrammar's strict mode, and so
+    vLLM, constrain by default. Every output still validates against the schema as given; what
+    changes is that a model cannot pad an object with keys of its own until its tokens run out
+    (SmolLM2 did, on a Pydantic model as LangChain sends it). Members of an `allOf` stay as they
+    are, and so do the definitions they refer to: each one closed would refuse the others'
+    properties. A schema that wants other keys says `additionalProperties: true` (or a schema)."""
+    copy = json.loads(json.dumps(schema))
+    open_refs = {
+        member["$ref"]
+        for node in _nodes(copy)
+        if isinstance(node.get("allOf"), list)
+        for member in node["allOf"]
+        if isinstance(member, dict) and isinstance(member.get("$ref"), str)
+    }
+    stack: list[tuple[Any, bool]] = [(copy, True)]
+    while stack:
+        node, may_close = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if may_close and isinstance(node.get("properties"), dict) and "additionalProperties" not in node:
+            node["additionalProperties"] = False
+        for key, value in node.items():
+            if key in _SCHEMA_MAPS and isinstance(value, dict):
+                stack += [(v, f"#/{key}/{name}" not in open_refs) for name, v in value.items()]
+            elif key in _SCHEMA_VALUES and isinstance(value, dict):
+                stack.append((value, True))
+            elif key in _SCHEMA_LISTS and isinstance(value, list):
+                stack += [(v, key != "allOf") for v in value]
+    return copy
+
+
+def _nodes(value: Any) -> list[dict[str, Any]]:
+    """Every JSON object anywhere in a value (iteratively)."""
+    out: list[dict[str, Any]] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            out.append(item)
+            stack += item.values()
+        elif isinstance(item, list):
+            stack += item
+    return out
+
+
 @lru_cache(maxsize=256)
 def _grammar(schema_json: str, param: str) -> str:
     grammar: str = llguidance.LLMatcher.grammar_from_json_schema(schema_json, defaults=_COMPILE_OPTIONS)  # type: ignore[arg-type]
@@ -74,7 +121,7 @@ def _grammar(schema_json: str, param: str) -> str:
 
 def grammar_for_schema(schema: Any, param: str) -> str:
     check_schema(schema, param)
-    return _grammar(json.dumps(schema, sort_keys=True, ensure_ascii=False), param)
+    return _grammar(json.dumps(closed(schema), sort_keys=True, ensure_ascii=False), param)
 
 
 def chat_grammar(response_format: dict[str, Any] | None) -> str | None:

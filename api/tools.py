@@ -86,7 +86,8 @@ class ToolPlan:
             return None
         by_name = {t.function.name: t.function.parameters or EMPTY_PARAMETERS for t in self.tools}
         schemas = tuple(
-            (name, json.dumps(by_name[name], sort_keys=True, ensure_ascii=False)) for name in self.allowed
+            (name, json.dumps(structured.closed(by_name[name]), sort_keys=True, ensure_ascii=False))
+            for name in self.allowed
         )
         return _grammar(schemas, self.parallel, self.mode == "auto")
 

@@ -106,3 +106,64 @@ def test_an_unsupported_schema_keyword_is_refused_with_its_param() -> None:
     with pytest.raises(errors.InvalidRequest) as refused:
         structured.chat_grammar({"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}})
     assert refused.value.param == "response_format" and "'not'" in refused.value.message
+
+
+def test_objects_that_list_their_properties_are_closed_where_the_schema_is_silent() -> None:
+    person = {"type": "object", "properties": {"name": {"type": "string"}}}
+    schema = {
+        "type": "object",
+        "properties": {
+            "author": person,
+            "properties": {"type": "object", "properties": {"x": {"type": "integer"}}},  # a key so named
+            "extra": {"type": "object", "properties": {}, "additionalProperties": True},
+            "free": {"type": "object"},
+            "both": {"allOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/b"}]},
+            "items": {"type": "array", "items": person},
+        },
+        "$defs": {
+            "a": {"type": "object", "properties": {"p": {"type": "integer"}}},
+            "b": {"type": "object", "properties": {"q": {"type": "integer"}}},
+            "c": {"type": "object", "properties": {"r": {"type": "integer"}}},
+        },
+    }
+    before = json.dumps(schema)
+    out = structured.closed(schema)
+    assert json.dumps(schema) == before  # a copy; the request's schema is left as it was
+    props = out["properties"]
+    assert out["additionalProperties"] is False
+    assert props["author"]["additionalProperties"] is False
+    assert props["items"]["items"]["additionalProperties"] is False
+    assert props["properties"]["additionalProperties"] is False
+    assert set(props["properties"]) == {"type", "properties", "additionalProperties"}
+    assert props["extra"]["additionalProperties"] is True  # said: kept
+    assert "additionalProperties" not in props["free"]  # lists no properties: any object
+    # allOf's members combine: closing either would refuse the other's properties.
+    assert "additionalProperties" not in out["$defs"]["a"] and "additionalProperties" not in out["$defs"]["b"]
+    assert out["$defs"]["c"]["additionalProperties"] is False
+    valid = {"author": {"name": "Лев"}, "both": {"p": 1, "q": 2}, "free": {"any": 1}, "extra": {"k": 0}}
+    jsonschema.validate(valid, out)
+    jsonschema.validate(valid, schema)
+
+
+def test_keys_a_schema_does_not_list_are_refused_where_it_is_silent() -> None:
+    from transformers import AutoTokenizer
+
+    from model.grammar import Grammars
+    from tests.unit.conftest import llama3_tokenizer_path
+
+    tokenizer = AutoTokenizer.from_pretrained(llama3_tokenizer_path())
+    grammars = Grammars(tokenizer, frozenset({tokenizer.convert_tokens_to_ids("<|eot_id|>")}))
+    # A Pydantic model's schema, as LangChain sends it: it says nothing of other keys.
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+    def accepts(grammar: str, text: str) -> bool:
+        constraint = grammars.constraint(grammar)
+        return all(constraint.accept(t) for t in tokenizer.encode(text, add_special_tokens=False))
+
+    padded = '{"city":"Казань","population_density_per_km":1000000}'
+    closed = structured.grammar_for_schema(schema, "response_format")
+    assert accepts(closed, '{"city":"Казань"}')
+    assert not accepts(closed, padded)
+    # The schema as given allows it: the closing is what refuses it.
+    as_given = structured._grammar(json.dumps(schema, sort_keys=True), "response_format")
+    assert accepts(as_given, padded)
