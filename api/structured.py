@@ -69,15 +69,18 @@ def closed(schema: Any) -> Any:
     others allows no others (`additionalProperties: false`), as xgrammar's strict mode, and so
     vLLM, constrain by default. Every output still validates against the schema as given; what
     changes is that a model cannot pad an object with keys of its own until its tokens run out
-    (SmolLM2 did, on a Pydantic model as LangChain sends it). Members of an `allOf` stay as they
-    are, and so do the definitions they refer to: each one closed would refuse the others'
-    properties. A schema that wants other keys says `additionalProperties: true` (or a schema)."""
+    (SmolLM2 did, on a Pydantic model as LangChain sends it). Schemas that combine with others
+    on the same object stay as they are, and so do the definitions they refer to, since closing
+    one would refuse the others' properties: the members of an `allOf`, and an object with
+    `properties` beside `allOf`/`anyOf`/`oneOf`/`$ref` together with those members. A schema
+    that wants other keys says `additionalProperties: true` (or a schema for them)."""
     copy = json.loads(json.dumps(schema))
     open_refs = {
         member["$ref"]
         for node in _nodes(copy)
-        if isinstance(node.get("allOf"), list)
-        for member in node["allOf"]
+        for key in _COMBINERS
+        if isinstance(node.get(key), list) and _members_open(node, key)
+        for member in node[key]
         if isinstance(member, dict) and isinstance(member.get("$ref"), str)
     }
     stack: list[tuple[Any, bool]] = [(copy, True)]
@@ -85,7 +88,12 @@ def closed(schema: Any) -> Any:
         node, may_close = stack.pop()
         if not isinstance(node, dict):
             continue
-        if may_close and isinstance(node.get("properties"), dict) and "additionalProperties" not in node:
+        if (
+            may_close
+            and isinstance(node.get("properties"), dict)
+            and "additionalProperties" not in node
+            and not _combines(node)
+        ):
             node["additionalProperties"] = False
         for key, value in node.items():
             if key in _SCHEMA_MAPS and isinstance(value, dict):
@@ -93,8 +101,23 @@ def closed(schema: Any) -> Any:
             elif key in _SCHEMA_VALUES and isinstance(value, dict):
                 stack.append((value, True))
             elif key in _SCHEMA_LISTS and isinstance(value, list):
-                stack += [(v, key != "allOf") for v in value]
+                stack += [(v, not _members_open(node, key)) for v in value]
     return copy
+
+
+_COMBINERS = ("allOf", "anyOf", "oneOf")
+
+
+def _combines(node: dict[str, Any]) -> bool:
+    """An object schema whose own properties meet those of other schemas on the same instance."""
+    return isinstance(node.get("properties"), dict) and (
+        "$ref" in node or any(isinstance(node.get(k), list) for k in _COMBINERS)
+    )
+
+
+def _members_open(node: dict[str, Any], key: str) -> bool:
+    """allOf's members always combine; anyOf's and oneOf's only with properties beside them."""
+    return key == "allOf" or (key in _COMBINERS and _combines(node))
 
 
 def _nodes(value: Any) -> list[dict[str, Any]]:

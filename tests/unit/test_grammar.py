@@ -145,6 +145,19 @@ def test_objects_that_list_their_properties_are_closed_where_the_schema_is_silen
     jsonschema.validate(valid, schema)
 
 
+def test_alternatives_are_closed_but_not_what_combines_with_properties_beside_it() -> None:
+    cat = {"type": "object", "properties": {"meow": {"type": "boolean"}}}
+    dog = {"type": "object", "properties": {"bark": {"type": "boolean"}}}
+    union = structured.closed({"anyOf": [cat, dog]})
+    assert [m["additionalProperties"] for m in union["anyOf"]] == [False, False]
+    # Properties beside an anyOf meet its members' on the same object: closing either side would
+    # refuse the other's keys, so both stay as they are.
+    beside = {"type": "object", "properties": {"name": {"type": "string"}}, "anyOf": [cat, dog]}
+    out = structured.closed(beside)
+    assert "additionalProperties" not in out and all("additionalProperties" not in m for m in out["anyOf"])
+    jsonschema.validate({"name": "Барсик", "meow": True}, out)
+
+
 def test_keys_a_schema_does_not_list_are_refused_where_it_is_silent() -> None:
     from transformers import AutoTokenizer
 
