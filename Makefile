@@ -82,7 +82,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[bench]"
 	# Only bench/grammar_libs.py's side-by-side with llguidance uses xgrammar. --no-deps: its
 	# torch/triton requirements serve its GPU kernels, which that comparison does not call.
-	$(PY) -m pip install -q --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
+	$(PY) -m pip install -q --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 "$(LLAMA3_TOKENIZER)"
 	touch $@
 
 # Starts its own redis-server, workers, API, a seed-like server and llama.cpp's server on free

@@ -113,8 +113,6 @@ class BatchRunner:
         status, so that no queued line starts from here on, then its open lines are cancelled.
         What its lines had answered goes with its working sets: writing the files is one of the
         steps that may be what fails."""
-        assigned = await self._store.jobs_of(batch_id)
-        ended = await self._store.ended_lines(batch_id)
         problem = LineError(
             code="internal_error",
             message="The batch could not be carried on; requests that had not ended were cancelled.",
@@ -128,9 +126,15 @@ class BatchRunner:
         )
         if not moved:
             return
-        open_jobs = [job for index, job in sorted(assigned.items()) if index not in ended]
-        for start in range(0, len(open_jobs), 1000):
-            await self._jobs.cancel_many(open_jobs[start : start + 1000])
+        open_jobs: list[str] = []
+        try:  # best effort: the claim script already refuses every queued line of a failed batch
+            assigned = await self._store.jobs_of(batch_id)
+            ended = await self._store.ended_lines(batch_id)
+            open_jobs = [job for index, job in sorted(assigned.items()) if index not in ended]
+            for start in range(0, len(open_jobs), 1000):
+                await self._jobs.cancel_many(open_jobs[start : start + 1000])
+        except Exception:
+            log.exception("batch %s: its open lines could not all be cancelled", batch_id)
         log.error(
             "batch %s failed after %d failed steps; %d open line(s) cancelled",
             batch_id,

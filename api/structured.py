@@ -69,55 +69,45 @@ def closed(schema: Any) -> Any:
     others allows no others (`additionalProperties: false`), as xgrammar's strict mode, and so
     vLLM, constrain by default. Every output still validates against the schema as given; what
     changes is that a model cannot pad an object with keys of its own until its tokens run out
-    (SmolLM2 did, on a Pydantic model as LangChain sends it). Schemas that combine with others
-    on the same object stay as they are, and so do the definitions they refer to, since closing
-    one would refuse the others' properties: the members of an `allOf`, and an object with
-    `properties` beside `allOf`/`anyOf`/`oneOf`/`$ref` together with those members. A schema
-    that wants other keys says `additionalProperties: true` (or a schema for them)."""
+    (SmolLM2 did, on a Pydantic model as LangChain sends it). Conservative: a schema in which
+    anything combines with other schemas on one object (`allOf` anywhere, or `properties` beside
+    `anyOf`/`oneOf`/`$ref`) is left as it is, as is an object that requires, or needs more, keys
+    than it lists. A schema that wants other keys says `additionalProperties: true`."""
     copy = json.loads(json.dumps(schema))
-    open_refs = {
-        member["$ref"]
-        for node in _nodes(copy)
-        for key in _COMBINERS
-        if isinstance(node.get(key), list) and _members_open(node, key)
-        for member in node[key]
-        if isinstance(member, dict) and isinstance(member.get("$ref"), str)
-    }
-    stack: list[tuple[Any, bool]] = [(copy, True)]
+    nodes = _nodes(copy)
+    if any(isinstance(n.get("allOf"), list) or _combines(n) for n in nodes):
+        return copy
+    stack: list[Any] = [copy]
     while stack:
-        node, may_close = stack.pop()
+        node = stack.pop()
         if not isinstance(node, dict):
             continue
-        if (
-            may_close
-            and isinstance(node.get("properties"), dict)
-            and "additionalProperties" not in node
-            and not _combines(node)
-        ):
+        props = node.get("properties")
+        if isinstance(props, dict) and "additionalProperties" not in node and _fits(node, props):
             node["additionalProperties"] = False
         for key, value in node.items():
             if key in _SCHEMA_MAPS and isinstance(value, dict):
-                stack += [(v, f"#/{key}/{name}" not in open_refs) for name, v in value.items()]
+                stack += value.values()
             elif key in _SCHEMA_VALUES and isinstance(value, dict):
-                stack.append((value, True))
+                stack.append(value)
             elif key in _SCHEMA_LISTS and isinstance(value, list):
-                stack += [(v, not _members_open(node, key)) for v in value]
+                stack += value
     return copy
-
-
-_COMBINERS = ("allOf", "anyOf", "oneOf")
 
 
 def _combines(node: dict[str, Any]) -> bool:
     """An object schema whose own properties meet those of other schemas on the same instance."""
     return isinstance(node.get("properties"), dict) and (
-        "$ref" in node or any(isinstance(node.get(k), list) for k in _COMBINERS)
+        "$ref" in node or any(isinstance(node.get(k), list) for k in ("anyOf", "oneOf"))
     )
 
 
-def _members_open(node: dict[str, Any], key: str) -> bool:
-    """allOf's members always combine; anyOf's and oneOf's only with properties beside them."""
-    return key == "allOf" or (key in _COMBINERS and _combines(node))
+def _fits(node: dict[str, Any], props: dict[str, Any]) -> bool:
+    """Whether the listed properties alone can satisfy the object's required keys and minimum."""
+    required = node.get("required", [])
+    minimum = node.get("minProperties", 0)
+    listed = isinstance(required, list) and all(isinstance(k, str) and k in props for k in required)
+    return listed and (not isinstance(minimum, int) or minimum <= len(props))
 
 
 def _nodes(value: Any) -> list[dict[str, Any]]:

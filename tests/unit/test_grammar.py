@@ -117,7 +117,6 @@ def test_objects_that_list_their_properties_are_closed_where_the_schema_is_silen
             "properties": {"type": "object", "properties": {"x": {"type": "integer"}}},  # a key so named
             "extra": {"type": "object", "properties": {}, "additionalProperties": True},
             "free": {"type": "object"},
-            "both": {"allOf": [{"$ref": "#/$defs/a"}, {"$ref": "#/$defs/b"}]},
             "items": {"type": "array", "items": person},
         },
         "$defs": {
@@ -137,12 +136,20 @@ def test_objects_that_list_their_properties_are_closed_where_the_schema_is_silen
     assert set(props["properties"]) == {"type", "properties", "additionalProperties"}
     assert props["extra"]["additionalProperties"] is True  # said: kept
     assert "additionalProperties" not in props["free"]  # lists no properties: any object
-    # allOf's members combine: closing either would refuse the other's properties.
-    assert "additionalProperties" not in out["$defs"]["a"] and "additionalProperties" not in out["$defs"]["b"]
     assert out["$defs"]["c"]["additionalProperties"] is False
-    valid = {"author": {"name": "Лев"}, "both": {"p": 1, "q": 2}, "free": {"any": 1}, "extra": {"k": 0}}
+    valid = {"author": {"name": "Лев"}, "free": {"any": 1}, "extra": {"k": 0}}
     jsonschema.validate(valid, out)
     jsonschema.validate(valid, schema)
+    # An object requiring a key it does not list stays open (closed, nothing would be valid).
+    needs = structured.closed({"type": "object", "properties": {"a": {}}, "required": ["a", "b"]})
+    assert "additionalProperties" not in needs
+    # Where schemas combine on one object (allOf anywhere), nothing is closed.
+    combined = {"allOf": [{"$ref": "#/$defs/a"}, {"anyOf": [dog_like := {"properties": {"q": {}}}]}]}
+    assert structured.closed({**combined, "$defs": {"a": {"properties": {"p": {}}}}}) == {
+        **combined,
+        "$defs": {"a": {"properties": {"p": {}}}},
+    }
+    assert "additionalProperties" not in dog_like
 
 
 def test_alternatives_are_closed_but_not_what_combines_with_properties_beside_it() -> None:
