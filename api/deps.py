@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from api.auth import caller
+from api.edge.auth import caller
 from tasks.batches import BatchStore
 from tasks.client import JobClient
 from tasks.files import FileStore

@@ -43,7 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import request_ids
+from api.edge import request_ids
 from tasks import client as queue
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,18 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from api import errors
-from api.auth import caller
-from api.batch_runner import BatchRunner
-from api.limits import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
-from api.request_ids import RequestId
-from api.routes import batches, chat, files, health, metrics, models, page, responses
+from api.batches import router as batches_routes
+from api.batches.runner import BatchRunner
+from api.chat_completion import router as chat_routes
+from api.edge.auth import caller
+from api.edge.request_ids import RequestId
+from api.edge.size_limit import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
+from api.files import router as files_routes
+from api.models import router as models_routes
+from api.ops import health as health_routes
+from api.ops import metrics as metrics_routes
+from api.ops import page as page_routes
+from api.responses import router as responses_routes
 from tasks import logs
 from tasks.batches import BatchStore
 from tasks.client import JobClient
@@ -95,14 +102,14 @@ def create_app() -> FastAPI:
     app.add_middleware(RequestId)  # added last, so it is outermost: even a 413 carries the id
     # Every /v1 route needs an API key when API_KEYS is set; /health (and /docs) stay open.
     v1 = [Depends(caller)]
-    app.include_router(chat.router, dependencies=v1)
-    app.include_router(responses.router, dependencies=v1)
-    app.include_router(models.router, dependencies=v1)
-    app.include_router(files.router, dependencies=v1)
-    app.include_router(batches.router, dependencies=v1)
-    app.include_router(health.router)
-    app.include_router(metrics.router)
-    app.include_router(page.router)
+    app.include_router(chat_routes.router, dependencies=v1)
+    app.include_router(responses_routes.router, dependencies=v1)
+    app.include_router(models_routes.router, dependencies=v1)
+    app.include_router(files_routes.router, dependencies=v1)
+    app.include_router(batches_routes.router, dependencies=v1)
+    app.include_router(health_routes.router)
+    app.include_router(metrics_routes.router)
+    app.include_router(page_routes.router)
     return app
 
 

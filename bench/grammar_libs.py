@@ -118,7 +118,7 @@ class Llguidance:
         self._tok = llguidance.LLTokenizer(tokenizer.backend_tokenizer.to_str(), eos_token=stop_ids)
 
     def compile(self, schema: dict[str, Any]) -> Any:
-        # As api/structured.py and model/grammar.py do it: the grammar text, then the matcher.
+        # As api/serving/structured.py and model/grammar.py do it: the grammar text, then the matcher.
         grammar = self._llg.LLMatcher.grammar_from_json_schema(
             json.dumps(schema),
             defaults={

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from api import structured
+from api.serving import structured
 from model.engine import Engine
 from model.types import ChatMessage, Completion, SamplingParams
 from tasks.settings import Settings

@@ -33,7 +33,7 @@ END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>
 # Tool calling as Meta's Llama-3.1 JSON format words it, for templates without a tool section (the
 # production Llama-3 8B's, SmolLM2's): tools go into the system turn, calls are written back as the
 # JSON the model was asked for, results come back in the turn Llama-3.1 gives them ("ipython").
-# The API constrains calls to exactly this shape (api/tools.py), so what a model reads in its
+# The API constrains calls to exactly this shape (api/serving/tools.py), so what a model reads in its
 # history is what it writes.
 TOOL_PROMPT = (
     "You have access to the following functions. To call a function, respond with JSON for a "

@@ -7,7 +7,7 @@ check. Only when it does not is the full vocabulary mask computed, the forbidden
 does the same), so a 128k vocabulary does not cost a full mask per token.
 
 Grammars arrive as llguidance grammar text, made by the API from a JSON schema
-(api/structured.py); each is compiled once per worker and copied per sequence.
+(api/serving/structured.py); each is compiled once per worker and copied per sequence.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Batches (the Batch API's storage): the batch record, its lines, the jobs running them, and
-their results, all in Redis so any API instance can carry a batch on (api/batch_runner.py).
+their results, all in Redis so any API instance can carry a batch on (api/batches/runner.py).
 
 Statuses, as OpenAI's: validating -> in_progress -> finalizing -> completed; or failed (at
 validation), expired (the completion window closed), cancelling -> cancelled. Every line ends
@@ -40,7 +40,7 @@ class BatchSpec(BaseModel):
     metadata: dict[str, str] | None = None
     created_at: int
     expires_at: int
-    owner: str | None = None  # api.auth.owner_tag; other keys see 404
+    owner: str | None = None  # api.edge.auth.owner_tag; other keys see 404
 
 
 class LineError(BaseModel):

@@ -32,7 +32,7 @@ class FileRecord(BaseModel):
     expires_at: int
     filename: str
     purpose: Purpose
-    owner: str | None = None  # api.auth.owner_tag of the key that made it; None without API_KEYS
+    owner: str | None = None  # api.edge.auth.owner_tag of the key that made it; None without API_KEYS
 
 
 class FileStore:

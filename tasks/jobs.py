@@ -47,7 +47,7 @@ class Sampling(BaseModel):
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False
-    grammar: str | None = None  # structured outputs: an llguidance grammar (api/structured.py)
+    grammar: str | None = None  # structured outputs: an llguidance grammar (api/serving/structured.py)
     n: int = Field(1, ge=1)  # choices, each a sequence of the batch
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -100,7 +100,7 @@ class JobSpec(BaseModel):
     sampling: Sampling
     created_at: float = Field(default_factory=time.time)
     response: ResponseOptions | None = None  # set for jobs created through /v1/responses
-    # The creating API key's owner tag (api.auth.owner_tag), never the key; None without API_KEYS.
+    # The creating API key's owner tag (api.edge.auth.owner_tag), never the key; None without API_KEYS.
     # Only callers with the same tag may read, resume or cancel the job.
     owner: str | None = None
     # Set for a line of a batch (tasks/batches.py): its batch's id and the line's index. The job
@@ -275,7 +275,7 @@ CLAIM = (
 if redis.call('HGET', job, 'status') ~= 'queued' then return 0 end
 local batch = redis.call('HGET', job, 'batch')
 if batch then
-  -- A line of a batch that is being cancelled, has failed (api/batch_runner.py gave it up) or
+  -- A line of a batch that is being cancelled, has failed (api/batches/runner.py gave it up) or
   -- whose window has closed never starts, even if its batch has not yet been wound down.
   local b = BATCH_PREFIX .. batch
   local b_status, b_expires = unpack(redis.call('HMGET', b, 'status', 'expires_at'))

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from api import body, errors
+from api import errors
+from api.edge import body
 
 SURROGATE = "lone UTF-16 surrogate"
 

@@ -1,4 +1,4 @@
-"""The batch input check (api/batch_lines.py): which problems fail the whole file, and which
+"""The batch input check (api/batches/lines.py): which problems fail the whole file, and which
 lines the endpoint refuses, with the endpoint's own status and error body."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from api import batch_lines
+from api.batches import lines as batch_lines
 from tasks.settings import Settings
 
 SETTINGS = Settings(max_tokens_limit=100)

@@ -11,7 +11,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from api import structured
+from api.serving import structured
 from model.engine import Engine
 from model.types import ChatMessage, Completion, SamplingParams, TextDelta
 from tests.unit.conftest import Script

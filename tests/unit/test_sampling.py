@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders
 from tokenizers.models import WordLevel
 from transformers import LlamaForCausalLM
 
-from api import structured
+from api.serving import structured
 from model.engine import Engine
 from model.generation import Generation, Output
 from model.penalties import penalties_for

@@ -1,4 +1,4 @@
-"""Tool calling without a server: validation of tools and tool_choice (api/tools.py), the call
+"""Tool calling without a server: validation of tools and tool_choice (api/serving/tools.py), the call
 grammar against the real 128k Llama-3 tokenizer, reading calls back whole and as they stream (in
 any split, Cyrillic arguments too), and rendering tools and tool history into the prompt
 (model/chat.py) on both tokenizers."""
@@ -14,8 +14,9 @@ import llguidance
 import pytest
 from transformers import AutoTokenizer
 
-from api import errors, tools
-from api.tools import FunctionTool
+from api import errors
+from api.serving import tools
+from api.serving.tools import FunctionTool
 from model.chat import TOOL_PROMPT, render_prompt
 from model.chat_tokenizer import ChatTokenizer
 from model.types import ChatMessage, ToolCall

@@ -6,10 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 
-from api.batch_protocol import Batch, BatchCreateRequest, Page
-from api.batches import BatchesService, FilesService
-from api.body import StrictJSONRoute
+from api.batches.protocol import Batch, BatchCreateRequest
+from api.batches.serving import BatchesService
 from api.deps import BatchesDep, CallerDep, FilesDep, SettingsDep
+from api.edge.body import StrictJSONRoute
+from api.files.protocol import Page
+from api.files.serving import FilesService
 
 router = APIRouter(route_class=StrictJSONRoute)
 

@@ -11,9 +11,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from api import errors, limits, sse, tools
-from api.following import Follow
-from api.protocol import (
+from api import errors
+from api.chat_completion.protocol import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
@@ -28,6 +27,9 @@ from api.protocol import (
     ToolCallOut,
     Usage,
 )
+from api.edge import sse
+from api.serving import caps, tools
+from api.serving.following import Follow
 from tasks import events, jobs, logs
 from tasks.client import JobClient
 from tasks.settings import Settings
@@ -54,7 +56,7 @@ class ChatView:
         self._parts: list[list[str]] = [[] for _ in range(n)]  # by choice
         # With logprobs asked, a choice that generated no text still has its (empty) list.
         self._logprobs: list[list[events.TokenLogprob]] | None = [[] for _ in range(n)] if logprobs else None
-        self._tools = tools  # the job's text may be tool calls (api/tools.py)
+        self._tools = tools  # the job's text may be tool calls (api/serving/tools.py)
         self.completion: ChatCompletion | None = None
 
     def apply(self, event: AnyEvent) -> None:
@@ -136,8 +138,8 @@ def validate(request: ChatCompletionRequest, settings: Settings) -> None:
             param="stop",
             code="unsupported_parameter",
         )
-    limits.check_messages(settings, "messages", len(request.messages))
-    limits.check_max_tokens(
+    caps.check_messages(settings, "messages", len(request.messages))
+    caps.check_max_tokens(
         settings, max_tokens=request.max_tokens, max_completion_tokens=request.max_completion_tokens
     )
 
@@ -161,7 +163,7 @@ class ChatRun:
             client, self.job_id, timeout_seconds=settings.request_timeout_seconds, gone=gone
         )
         self._ping_seconds = settings.stream_ping_seconds
-        self._max_tokens_default = limits.default_max_tokens(settings)
+        self._max_tokens_default = caps.default_max_tokens(settings)
         self._tools = request.tool_plan.calls_possible
 
     async def start(self) -> events.Started | None:

@@ -16,10 +16,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from api import body as strict_json
-from api import chat, errors, limits, request_ids, responses
-from api.protocol import ChatCompletionRequest
-from api.responses_protocol import ResponseCreateRequest
+from api import errors
+from api.chat_completion import serving as chat
+from api.chat_completion.protocol import ChatCompletionRequest
+from api.edge import body as strict_json
+from api.edge import request_ids
+from api.responses import serving as responses
+from api.responses.protocol import ResponseCreateRequest
+from api.serving import caps
 from tasks import events, jobs
 from tasks.batches import Line, LineError
 from tasks.settings import Settings
@@ -116,7 +120,7 @@ def _job_of(raw: bytes, endpoint: str, settings: Settings, owner: str | None) ->
         request = strict_json.parse(raw)["body"]
     except errors.InvalidRequest as exc:
         raise _as_body_error(exc) from None
-    max_tokens_default = limits.default_max_tokens(settings)
+    max_tokens_default = caps.default_max_tokens(settings)
     try:
         if endpoint == "/v1/chat/completions":
             chat_request = ChatCompletionRequest.model_validate(request)

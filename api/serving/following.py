@@ -1,10 +1,10 @@
 """Following one job from enqueue to its terminal event: the one way every endpoint does it.
 
 Chat completions, responses and batches all submit jobs and read their events; what differs is
-only the view each protocol builds from those events (api/chat.py, api/responses.py). The
-mechanics live here once: subscribe before enqueueing (so no event can be missed), read under a
-deadline, notice a client that went away, and cancel a job whose follower gives up on it, so it
-never runs to the end for nobody.
+only the view each protocol builds from those events (api/chat_completion/serving.py,
+api/responses/serving.py). The mechanics live here once: subscribe before enqueueing (so no
+event can be missed), read under a deadline, notice a client that went away, and cancel a job
+whose follower gives up on it, so it never runs to the end for nobody.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from api import structured
-from api.tools import FunctionTool, ToolCallIn, ToolPlan, plan_tools, with_text_grammar
+from api.serving import structured
+from api.serving.tools import FunctionTool, ToolCallIn, ToolPlan, plan_tools, with_text_grammar
 from tasks import events, jobs
 
 
@@ -94,7 +94,7 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI documents it
     user: str | None = None
-    n: int = Field(1, ge=1)  # at most MAX_N, checked in api/chat.py validate()
+    n: int = Field(1, ge=1)  # at most MAX_N, checked in api/chat_completion/serving.py validate()
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     # Token id (as a string, JSON keys being strings) to a bias added to its logit.
@@ -292,15 +292,3 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     system_fingerprint: str | None = None
     usage: Usage | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "llmq"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]

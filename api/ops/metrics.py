@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from api import metrics
 from api.deps import BatchesDep, JobsDep, SettingsDep
+from api.ops import prometheus as metrics
 
 router = APIRouter()
 

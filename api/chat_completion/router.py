@@ -5,12 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from api import sse
-from api.body import StrictJSONRoute
-from api.chat import ChatRun, validate
+from api.chat_completion.protocol import ChatCompletion, ChatCompletionRequest
+from api.chat_completion.serving import ChatRun, validate
 from api.deps import JobsDep, SettingsDep
-from api.following import ClientWatch
-from api.protocol import ChatCompletion, ChatCompletionRequest
+from api.edge import sse
+from api.edge.body import StrictJSONRoute
+from api.serving.following import ClientWatch
 
 router = APIRouter(route_class=StrictJSONRoute)
 

@@ -27,7 +27,8 @@ from typing import Any, Literal
 import llguidance
 from pydantic import BaseModel, ConfigDict, Field
 
-from api import errors, structured
+from api import errors
+from api.serving import structured
 from tasks import jobs
 
 # OpenAI's rule for function names; it also keeps names free of JSON escapes in the grammar.
@@ -38,7 +39,7 @@ CALL_MIDDLE = '", "parameters": '
 CALL_END = "}"
 CALL_SEPARATOR = "; "  # model/chat.py CALL_SEPARATOR: the same text both ways
 # Arguments as json.dumps writes them, with no whitespace choice left to a model that could pad
-# an object with newlines until its tokens run out (as structured outputs, api/structured.py).
+# an object with newlines until its tokens run out (as structured outputs, api/serving/structured.py).
 _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 

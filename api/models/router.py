@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter
 
 from api.deps import SettingsDep
-from api.protocol import ModelCard, ModelList
+from api.models.protocol import ModelCard, ModelList
 
 router = APIRouter()
 _STARTED = int(time.time())

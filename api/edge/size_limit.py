@@ -1,4 +1,4 @@
-"""Request limits: the body-size middleware, and the caps on messages and max_tokens."""
+"""The body-size middleware: 413 in OpenAI's error shape before an oversized body is read."""
 
 from __future__ import annotations
 
@@ -6,13 +6,9 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
-from tasks.settings import Settings
 
 # Room for a multipart upload's boundaries and part headers around the file itself.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
-
-# What a request that names no max_tokens gets, unless MAX_TOKENS_LIMIT is lower.
-DEFAULT_MAX_TOKENS = 512
 
 
 class BodySizeLimit:
@@ -81,23 +77,3 @@ def _content_length(scope: Scope) -> int | None:
             except ValueError:
                 return None  # the HTTP server rejects it; counting still guards the body
     return None
-
-
-def check_messages(settings: Settings, param: str, count: int) -> None:
-    if count > settings.max_messages:
-        raise errors.TooManyMessages(
-            f"'{param}' has {count} messages; at most {settings.max_messages} are allowed.", param=param
-        )
-
-
-def check_max_tokens(settings: Settings, **requested: int | None) -> None:
-    """Each named token budget (max_tokens=..., max_output_tokens=...) within MAX_TOKENS_LIMIT."""
-    for param, value in requested.items():
-        if value is not None and value > settings.max_tokens_limit:
-            raise errors.MaxTokensTooLarge(
-                f"'{param}' is {value}; at most {settings.max_tokens_limit} is allowed.", param=param
-            )
-
-
-def default_max_tokens(settings: Settings) -> int:
-    return min(DEFAULT_MAX_TOKENS, settings.max_tokens_limit)

@@ -7,8 +7,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
-from api import errors, structured
-from api.tools import FunctionDefinition, FunctionTool, ToolPlan, plan_tools, with_text_grammar
+from api import errors
+from api.serving import structured
+from api.serving.tools import FunctionDefinition, FunctionTool, ToolPlan, plan_tools, with_text_grammar
 from tasks import events, jobs
 
 ResponseStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]

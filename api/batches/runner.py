@@ -5,7 +5,7 @@ the lease runs out and another takes over where it stopped. Each step does a bou
 work and every piece can be repeated without effect (lines are enqueued idempotently, results
 are written once per line), so a step cut short by a crash is simply done again.
 
-    validating   parse and check the input file (api/batch_lines.py)
+    validating   parse and check the input file (api/batches/lines.py)
     in_progress  enqueue lines (behind interactive traffic), collect the lines whose jobs ended,
                  retry a line whose worker died (2 attempts in all), wind down at expiry
     cancelling   stop every open line; queued ones never run
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import redis.exceptions
 
-from api import batch_lines
+from api.batches import lines as batch_lines
 from tasks import client as queue
 from tasks import jobs, logs
 from tasks.batches import BatchRecord, BatchStore, Line, LineError

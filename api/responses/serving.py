@@ -16,9 +16,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from api import errors, limits, sse, tools
-from api.following import Follow
-from api.responses_protocol import (
+from api import errors
+from api.edge import sse
+from api.responses.protocol import (
     LOGPROBS_INCLUDE,
     FunctionCallItem,
     IncompleteDetails,
@@ -31,6 +31,8 @@ from api.responses_protocol import (
     ResponseStatus,
     ResponseUsage,
 )
+from api.serving import caps, tools
+from api.serving.following import Follow
 from tasks import events, jobs, logs
 from tasks.client import JobClient, JobNotFound
 from tasks.settings import Settings
@@ -48,7 +50,7 @@ class ResponseView:
     """The Response a job's events describe, and the stream events that describe it.
 
     Without tools the output is one message, opened when the job starts. With tools the text may
-    be function calls (api/tools.py): the message is then opened by its first text, and each call
+    be function calls (api/serving/tools.py): the message is then opened by its first text, and each call
     is a function_call item, its arguments streamed as function_call_arguments deltas.
     """
 
@@ -129,7 +131,7 @@ class ResponseView:
             if self._reader is None:
                 return self._text(event.text, event.logprobs)
             out = []
-            # Text is either all message or all calls (api/tools.py): in a message each delta is
+            # Text is either all message or all calls (api/serving/tools.py): in a message each delta is
             # one piece of content, its tokens' logprobs with it; calls carry none, as OpenAI's.
             for item in self._reader.feed(event.text):
                 if isinstance(item, tools.Content):
@@ -251,11 +253,11 @@ def validate(request: ResponseCreateRequest, settings: Settings) -> None:
         )
     request.grammar()  # a schema or tool it cannot follow is a 400 now
     if isinstance(request.input, list):
-        limits.check_messages(settings, "input", len(request.input))
+        caps.check_messages(settings, "input", len(request.input))
         for i, item in enumerate(request.input):
             if isinstance(item, FunctionCallItem):
                 tools.check_call(item.name, item.arguments, f"input[{i}]")
-    limits.check_max_tokens(settings, max_output_tokens=request.max_output_tokens)
+    caps.check_max_tokens(settings, max_output_tokens=request.max_output_tokens)
 
 
 class ResponsesService:
@@ -276,7 +278,7 @@ class ResponsesService:
         spec = request.to_job_spec(
             jobs.new_job_id("resp_"),
             self._settings.model_name,
-            max_tokens_default=limits.default_max_tokens(self._settings),
+            max_tokens_default=caps.default_max_tokens(self._settings),
             owner=self._owner,
         )
         logs.job_id_var.set(spec.id)

@@ -7,9 +7,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import Response
 
-from api.batch_protocol import FileDeleted, FileObject, Page
-from api.batches import MAX_PAGE, FilesService
 from api.deps import CallerDep, FilesDep, SettingsDep
+from api.files.protocol import FileDeleted, FileObject, Page
+from api.files.serving import MAX_PAGE, FilesService
 
 router = APIRouter()
 

@@ -7,12 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api import sse
-from api.body import StrictJSONRoute
 from api.deps import CallerDep, JobsDep, SettingsDep
-from api.following import ClientWatch
-from api.responses import ResponsesService
-from api.responses_protocol import Response, ResponseCreateRequest
+from api.edge import sse
+from api.edge.body import StrictJSONRoute
+from api.responses.protocol import Response, ResponseCreateRequest
+from api.responses.serving import ResponsesService
+from api.serving.following import ClientWatch
 
 router = APIRouter(route_class=StrictJSONRoute)
 

@@ -1,0 +1,1 @@
+"""Operations: /health, /metrics (Prometheus) and the chat page at /."""

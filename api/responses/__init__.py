@@ -1,0 +1,1 @@
+"""/v1/responses: wire models, serving (blocking, streamed, background), router."""
