@@ -66,28 +66,16 @@ class Batch(BaseModel):
 
     @classmethod
     def of(cls, record: BatchRecord, model: str) -> Batch:
-        spec = record.spec
-        return cls(
-            id=spec.id,
-            endpoint=spec.endpoint,
-            model=model,
-            errors=BatchErrors(data=record.errors) if record.errors else None,
-            input_file_id=spec.input_file_id,
-            completion_window=spec.completion_window,
-            status=record.status,
-            output_file_id=record.output_file_id,
-            error_file_id=record.error_file_id,
-            created_at=spec.created_at,
-            in_progress_at=record.in_progress_at,
-            expires_at=spec.expires_at,
-            finalizing_at=record.finalizing_at,
-            completed_at=record.completed_at,
-            failed_at=record.failed_at,
-            expired_at=record.expired_at,
-            cancelling_at=record.cancelling_at,
-            cancelled_at=record.cancelled_at,
-            request_counts=RequestCounts(
-                total=record.total, completed=record.completed, failed=record.failed
-            ),
-            metadata=spec.metadata,
+        # The record's own fields carry the wire names (timestamps, file ids, status); what the
+        # wire nests or renames is added here.
+        return cls.model_validate(
+            {
+                **record.spec.model_dump(include=set(cls.model_fields)),
+                **record.model_dump(include=set(cls.model_fields)),
+                "model": model,
+                "errors": BatchErrors(data=record.errors) if record.errors else None,
+                "request_counts": RequestCounts(
+                    total=record.total, completed=record.completed, failed=record.failed
+                ),
+            }
         )

@@ -139,37 +139,32 @@ def grammar_for_schema(schema: Any, param: str) -> str:
 
 def chat_grammar(response_format: dict[str, Any] | None) -> str | None:
     """The grammar for a chat completion's `response_format`, or None for plain text."""
-    param = "response_format"
-    kind = (response_format or {}).get("type", "text")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return grammar_for_schema({"type": "object"}, param)
-    if kind == "json_schema":
-        spec = (response_format or {}).get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise _refuse("'response_format.json_schema' must be an object with a 'name'.", param)
-        schema = spec.get("schema", {"type": "object"})
-        return grammar_for_schema(schema, param)
-    raise _refuse(
-        f"'response_format.type' must be 'text', 'json_object' or 'json_schema', not '{str(kind)[:40]}'.",
-        param,
-    )
+    spec = (response_format or {}).get("json_schema")
+    if (response_format or {}).get("type") == "json_schema" and (
+        not isinstance(spec, dict) or not isinstance(spec.get("name"), str)
+    ):
+        raise _refuse("'response_format.json_schema' must be an object with a 'name'.", "response_format")
+    return _format_grammar(response_format, spec if isinstance(spec, dict) else {}, "response_format")
 
 
 def text_format_grammar(text_format: dict[str, Any] | None) -> str | None:
     """The grammar for a response's `text.format` (its json_schema is flat: name, schema, strict)."""
-    param = "text.format"
+    fields = text_format or {}
+    if fields.get("type") == "json_schema" and not isinstance(fields.get("name"), str):
+        raise _refuse("'text.format' of type 'json_schema' needs a 'name'.", "text.format")
+    return _format_grammar(text_format, fields, "text.format")
+
+
+def _format_grammar(text_format: dict[str, Any] | None, named: dict[str, Any], param: str) -> str | None:
+    """What both endpoints' format objects mean; `named` is where the json_schema's name and
+    schema sit (nested in chat's `json_schema`, flat in a response's `text.format`)."""
     kind = (text_format or {}).get("type", "text")
     if kind == "text":
         return None
     if kind == "json_object":
         return grammar_for_schema({"type": "object"}, param)
     if kind == "json_schema":
-        if not isinstance((text_format or {}).get("name"), str):
-            raise _refuse("'text.format' of type 'json_schema' needs a 'name'.", param)
-        return grammar_for_schema((text_format or {}).get("schema", {"type": "object"}), param)
+        return grammar_for_schema(named.get("schema", {"type": "object"}), param)
     raise _refuse(
-        f"'text.format.type' must be 'text', 'json_object' or 'json_schema', not '{str(kind)[:40]}'.",
-        param,
+        f"'{param}.type' must be 'text', 'json_object' or 'json_schema', not '{str(kind)[:40]}'.", param
     )
