@@ -180,8 +180,19 @@ class SlotLoop:
         except queue.Empty:
             return
         while True:
-            self._jobs[job.spec.id] = job
-            self._rt.running.add(job.spec.id)
+            self._start(job)
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _start(self, job: SlotJob) -> None:
+        """Hand the job's choices to the scheduler. A job that cannot start (its grammar fell out
+        of the worker's cache and no longer compiles, say) fails alone: an exception here would
+        otherwise reach _run, which fails every running job."""
+        self._jobs[job.spec.id] = job
+        self._rt.running.add(job.spec.id)
+        try:
             params = job.spec.sampling.to_params()
             for i, key in enumerate(job.keys):
                 # Choices differ by seed: a seeded request gives n distinct, reproducible ones.
@@ -189,10 +200,12 @@ class SlotLoop:
                 self._scheduler.submit(
                     key, self._rt.engine.generation(job.prompt, replace(params, seed=seed))
                 )
-            try:
-                job = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        except Exception:
+            log.exception("job %s could not start", job.spec.id)
+            self._stop(job.spec.id)  # choices already submitted leave with it
+            failed = events.Failed(code="internal_error", message="The generation failed.")
+            self._try_write(job.spec.id, failed)
+            self._release(job.spec.id)
 
     def _poll_stops(self, now: float) -> list[tuple[Hashable, Event]]:
         """Stop the jobs that were cancelled (one MGET for all), ran out of time, or must end for
