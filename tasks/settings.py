@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     redis_connect_timeout_seconds: float = Field(1.0, gt=0, description="Longest wait to connect to Redis")
     redis_timeout_seconds: float = Field(10.0, gt=0, description="Longest wait for one Redis reply")
     redis_retries: int = Field(
-        1, ge=0, le=10, description="Tries again, at once, a Redis command whose connection failed"
+        1, ge=0, le=10, description="Retries of a Redis command after a lost connection or timeout"
     )
     host: str = "127.0.0.1"
     port: int = 8000
