@@ -1,10 +1,13 @@
 """Celery configuration: one model per worker process, WORKER_SLOTS generations batched at once."""
 
 from tasks import keys
+from tasks.redis import broker
 from tasks.settings import get_settings
 
 settings = get_settings()
-broker_url = settings.redis_url
+_broker = broker(settings)  # the connection: URL, timeouts, key prefix (tasks/redis.py)
+broker_url = _broker.url
+task_publish_retry_policy = _broker.publish_retry_policy
 broker_connection_retry_on_startup = True
 # Keep reconnecting after Redis goes away (None = forever), so workers resume on their own.
 broker_connection_max_retries = None
@@ -14,6 +17,7 @@ broker_connection_max_retries = None
 # worker that frees a slot always takes an interactive job (priority 0, the default) before a
 # batch line (keys.BATCH_PRIORITY). Reserving nothing ahead (below) keeps that order exact.
 broker_transport_options = {
+    **_broker.transport_options,
     "visibility_timeout": settings.broker_visibility_timeout_seconds,
     "priority_steps": [0, keys.BATCH_PRIORITY],
     "queue_order_strategy": "priority",

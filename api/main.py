@@ -7,11 +7,8 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis.asyncio as aioredis
 import redis.exceptions
 from fastapi import Depends, FastAPI
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from api import errors
 from api.batches import router as batches_routes
@@ -30,10 +27,13 @@ from tasks import logs
 from tasks.batches import BatchStore
 from tasks.client import JobClient
 from tasks.files import FileStore
+from tasks.redis import async_client
 from tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
 REAP_INTERVAL_SECONDS = 5.0
+# Bounds the main client's pool: each streaming or waiting request holds one pub/sub connection.
+MAX_CONNECTIONS = 1000
 
 
 @asynccontextmanager
@@ -42,25 +42,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     logs.configure(
         settings.log_level, settings.log_format, loggers=("uvicorn", "uvicorn.error", "uvicorn.access")
     )
-    client = aioredis.Redis.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        # Redis down must turn into a 503 within 2 s: connect fast, retry once without backoff.
-        socket_connect_timeout=1,
-        socket_timeout=10,
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=30,
-        client_name="llmq-api",
-        max_connections=1000,
-    )
+    client = async_client(settings, name="llmq-api", max_connections=MAX_CONNECTIONS)
     # File contents are bytes, whatever was uploaded: they get a client that does not decode.
-    file_client = aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=1,
-        socket_timeout=30,
-        retry=Retry(NoBackoff(), 1),
-        client_name="llmq-api-files",
-    )
+    file_client = async_client(settings, name="llmq-api-files", decode_responses=False, large_values=True)
     app.state.jobs = JobClient(client, settings)
     app.state.files = FileStore(file_client, settings.file_ttl_seconds)
     app.state.batches = BatchStore(client, settings.file_ttl_seconds)

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 NAMESPACE = "llmq"
+# Every key and pub/sub channel starts with this, Celery's included, so one ACL rule
+# (`~llmq:* &llmq:*`) covers all the service touches and it can share a Redis with others.
+PREFIX = f"{NAMESPACE}:"
 
-# Celery's own queue (a Redis list named after the queue).
+# Celery's queue. kombu prepends PREFIX to every key and channel it uses (its
+# `global_keyprefix`, set in tasks/redis.py), so Celery, Flower and `-Q` keep this short name
+# while Redis holds the queue as the list GENERATE_LIST (priority 0; kombu names the list of
+# priority p>0 GENERATE_LIST + "\x06\x16" + p), beside its bindings, unacked messages and the
+# event and control channels.
 GENERATE_QUEUE = "generate"
+GENERATE_LIST = f"{PREFIX}{GENERATE_QUEUE}"
 GENERATE_TASK = "tasks.generate"
 
 WORKERS = f"{NAMESPACE}:workers"  # set of worker names ever registered; pruned by readers

@@ -39,7 +39,16 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="Name clients use; default MODEL_ID")
     model_cache_dir: Path = Path.home() / ".cache" / "llama3-chat" / "models"
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis: every client and Celery's broker are built from these in tasks/redis.py.
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="redis://, rediss:// (TLS) or unix://; an ACL user and password go in the URL",
+    )
+    redis_connect_timeout_seconds: float = Field(1.0, gt=0, description="Longest wait to connect to Redis")
+    redis_timeout_seconds: float = Field(10.0, gt=0, description="Longest wait for one Redis reply")
+    redis_retries: int = Field(
+        1, ge=0, le=10, description="Retries of a Redis command after a lost connection or timeout"
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     job_ttl_seconds: int = Field(86_400, ge=60, description="How long job records and logs live")

@@ -21,6 +21,7 @@ from celery import signals
 from model.engine import Engine
 from model.loading import load_model
 from tasks import jobs, keys, logs
+from tasks.redis import sync_client
 from tasks.scripts import Scripts
 from tasks.settings import Settings, get_settings
 
@@ -153,7 +154,7 @@ def load_on_start(**_: Any) -> None:
         log.exception("could not load model %s; stopping the worker", settings.model_id)
         logging.shutdown()
         os._exit(1)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, decode_responses=True)
+    client = sync_client(settings, name="llmq-worker")
     _runtime = WorkerRuntime(
         name=name, engine=engine, redis=client, scripts=Scripts(client), settings=settings
     )

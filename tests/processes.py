@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -90,13 +90,16 @@ class Service:
         self._log.close()
 
 
-def start_redis(log_dir: Path, port: int | None = None, conf: Path | None = None) -> tuple[Service, str]:
+def start_redis(
+    log_dir: Path, port: int | None = None, conf: Path | None = None, args: Sequence[str] = ()
+) -> tuple[Service, str]:
     """A redis-server on `port`; without `conf` it keeps nothing on disk, with one (the shipped
-    redis.conf) it persists into `log_dir`, so a restart with the same arguments reloads it."""
+    redis.conf) it persists into `log_dir`, so a restart with the same arguments reloads it.
+    `args`: more configuration, as redis-server takes it on its command line (`--user ...`)."""
     port = port or free_port()
     persistence = ["--save", "", "--appendonly", "no"] if conf is None else ["--dir", str(log_dir)]
     argv = ["redis-server", *([str(conf)] if conf else []), "--port", str(port), "--bind", "127.0.0.1"]
-    svc = Service("redis", [*argv, *persistence], {}, log_dir)
+    svc = Service("redis", [*argv, *persistence, *args], {}, log_dir)
     url = f"redis://127.0.0.1:{port}/0"
     svc.start_or_stop(lambda: bool(redis.Redis.from_url(url).ping()), timeout=20)
     return svc, url

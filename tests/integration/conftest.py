@@ -4,7 +4,7 @@ SmolLM2, and the API, each a separate process, started once per test session."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +30,14 @@ class Stack:
 
 
 @contextmanager
-def running_stack(log_dir: Path, redis_conf: Path | None = None, **overrides: str) -> Iterator[Stack]:
-    """Its own redis-server (persisting as `redis_conf` says, if given), one worker and one API;
-    settings overridden by keyword (env names)."""
+def running_stack(
+    log_dir: Path, redis_conf: Path | None = None, redis_args: Sequence[str] = (), **overrides: str
+) -> Iterator[Stack]:
+    """Its own redis-server (persisting as `redis_conf` says, if given, configured further by
+    `redis_args`), one worker and one API; settings overridden by keyword (env names)."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server); .ci/run installs it")
-    redis_svc, redis_url = start_redis(log_dir, conf=redis_conf)
+    redis_svc, redis_url = start_redis(log_dir, conf=redis_conf, args=redis_args)
     # The default model cache (~/.cache) is kept between runs, as it is between worker restarts.
     env = {
         "REDIS_URL": redis_url,

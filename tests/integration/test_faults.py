@@ -231,7 +231,7 @@ def test_admission_control_refuses_beyond_max_queued_before_enqueueing(limits: S
     running = start_long_job(client)
     wait_running_with_text(client, running)
     waiting = [client.responses.create(input="Hi", max_output_tokens=2, background=True).id for _ in range(2)]
-    celery_queue_before = rdb(limits).llen(keys.GENERATE_QUEUE)
+    celery_queue_before = rdb(limits).llen(keys.GENERATE_LIST)
     for body in (
         {"messages": [{"role": "user", "content": "Hi"}]},
         {"messages": [{"role": "user", "content": "Hi"}], "stream": True},
@@ -242,7 +242,7 @@ def test_admission_control_refuses_beyond_max_queued_before_enqueueing(limits: S
         assert r.json()["error"]["code"] == "queue_full"
     with pytest.raises(openai.RateLimitError):
         client.responses.create(input="Hi", background=True)
-    assert rdb(limits).llen(keys.GENERATE_QUEUE) == celery_queue_before  # nothing was enqueued
+    assert rdb(limits).llen(keys.GENERATE_LIST) == celery_queue_before  # nothing was enqueued
     assert rdb(limits).zcard(keys.QUEUED) == 2
     for job_id in [*waiting, running]:
         client.responses.cancel(job_id)
@@ -365,5 +365,5 @@ def test_a_thousand_requests_with_aborts_leak_nothing(stack: Stack) -> None:
     time.sleep(1)
     normal, pubsub = _api_connections(stack)
     assert pubsub == 0
-    assert rdb(stack).pubsub_channels(f"{keys.NAMESPACE}:*") == []  # no job channel left subscribed
+    assert rdb(stack).pubsub_channels(keys.job_channel("*")) == []  # no job channel left subscribed
     assert normal <= max(baseline[0], 1) + 8  # bounded by concurrency, not by request count

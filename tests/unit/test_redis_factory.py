@@ -1,0 +1,99 @@
+"""The Redis factory turns one configuration into every client and the broker's options, and
+every key name the service builds lies under one prefix. Clients are built, never connected."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from tasks import keys
+from tasks.redis import (
+    LARGE_VALUE_TIMEOUT_SECONDS,
+    UnsupportedRedisUrl,
+    async_client,
+    broker,
+    sync_client,
+)
+from tasks.settings import Settings
+
+# Names in tasks/keys.py that are not Redis keys: Celery's own names (kombu prefixes the queue's
+# list itself, see GENERATE_LIST), the prefix's parts and a priority.
+NOT_KEYS = {"NAMESPACE", "PREFIX", "GENERATE_QUEUE", "GENERATE_TASK", "BATCH_PRIORITY"}
+
+
+def configured(**fields: object) -> Settings:
+    base: dict[str, object] = {
+        "redis_url": "redis://alice:s%40cret@redis.internal:6380/2",
+        "redis_connect_timeout_seconds": 2.5,
+        "redis_timeout_seconds": 7.0,
+        "redis_retries": 3,
+    }
+    return Settings(**{**base, **fields})  # type: ignore[arg-type]
+
+
+def test_sync_and_async_clients_share_the_configuration() -> None:
+    settings = configured()
+    for client in (sync_client(settings, name="w"), async_client(settings, name="a")):
+        kwargs = client.connection_pool.connection_kwargs
+        assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("redis.internal", 6380, 2)
+        assert (kwargs["username"], kwargs["password"]) == ("alice", "s@cret")  # an ACL user
+        assert kwargs["socket_connect_timeout"] == 2.5
+        assert kwargs["socket_timeout"] == 7.0
+        assert kwargs["retry"].get_retries() == 3
+        assert kwargs["health_check_interval"] > 0
+
+
+def test_the_file_client_waits_longer_but_never_shorter() -> None:
+    short = async_client(configured(), name="f", decode_responses=False, large_values=True)
+    assert short.connection_pool.connection_kwargs["socket_timeout"] == LARGE_VALUE_TIMEOUT_SECONDS
+    assert short.connection_pool.connection_kwargs["decode_responses"] is False
+    patient = configured(redis_timeout_seconds=LARGE_VALUE_TIMEOUT_SECONDS * 2)
+    long = async_client(patient, name="f", large_values=True)
+    assert long.connection_pool.connection_kwargs["socket_timeout"] == LARGE_VALUE_TIMEOUT_SECONDS * 2
+
+
+def test_tls_url_gives_a_tls_connection() -> None:
+    client = sync_client(configured(redis_url="rediss://redis.internal:6380/0"), name="w")
+    assert client.connection_pool.connection_class.__name__ == "SSLConnection"
+
+
+@pytest.mark.parametrize("url", ["sentinel://host:26379", "http://redis", "127.0.0.1:6379"])
+def test_a_url_no_client_can_use_is_refused_by_name(url: str) -> None:
+    settings = configured(redis_url=url)
+    with pytest.raises(UnsupportedRedisUrl, match="REDIS_URL"):
+        sync_client(settings, name="w")
+    with pytest.raises(UnsupportedRedisUrl, match="REDIS_URL"):
+        broker(settings)
+
+
+def test_broker_is_bounded_prefixed_and_retries_as_configured() -> None:
+    settings = configured()
+    b = broker(settings)
+    assert b.url == settings.redis_url
+    options = b.transport_options
+    assert options["global_keyprefix"] == keys.PREFIX
+    assert (options["socket_connect_timeout"], options["socket_timeout"]) == (2.5, 7.0)
+    assert b.publish_retry_policy["max_retries"] == 3
+
+
+def test_celery_takes_the_factorys_broker_settings() -> None:
+    import celeryconfig
+
+    b = broker(celeryconfig.settings)
+    assert celeryconfig.broker_url == b.url
+    assert celeryconfig.broker_transport_options.items() >= b.transport_options.items()
+    assert celeryconfig.task_publish_retry_policy == b.publish_retry_policy
+
+
+def test_every_key_name_lies_under_the_prefix() -> None:
+    names = {n: v for n, v in vars(keys).items() if n.isupper() and n not in NOT_KEYS}
+    assert names, "no key constants found"
+    for name, value in names.items():
+        assert isinstance(value, str) and value.startswith(keys.PREFIX), (name, value)
+    builders = [f for f in vars(keys).values() if inspect.isfunction(f) and f.__module__ == keys.__name__]
+    assert builders, "no key builders found"
+    for build in builders:
+        arguments = ["x"] * len(inspect.signature(build).parameters)
+        assert build(*arguments).startswith(keys.PREFIX), build.__name__
+    assert keys.PREFIX.startswith(keys.NAMESPACE)
