@@ -124,7 +124,7 @@ def validate(request: ChatCompletionRequest, settings: Settings) -> None:
         )
     if request.top_logprobs and not request.logprobs:
         raise errors.InvalidRequest("top_logprobs needs logprobs set to true.", param="top_logprobs")
-    if request.n > settings.max_n:
+    if request.n is not None and request.n > settings.max_n:
         raise errors.InvalidRequest(f"n must be at most {settings.max_n}; got {request.n}.", param="n")
     request.grammar()  # a schema or tool it cannot follow is a 400 now
     for i, message in enumerate(request.messages):
@@ -165,6 +165,7 @@ class ChatRun:
         self._ping_seconds = settings.stream_ping_seconds
         self._max_tokens_default = caps.default_max_tokens(settings)
         self._tools = request.tool_plan.calls_possible
+        self.spec = request.to_job_spec(self.job_id, self.model, self._max_tokens_default)
 
     async def start(self) -> events.Started | None:
         """Subscribe, enqueue, and wait a while for a worker to accept the prompt.
@@ -174,8 +175,7 @@ class ChatRun:
         after `stream_ping_seconds` gets its response head anyway (None here) and keep-alive
         pings, so proxies do not time out; errors then come in-band.
         """
-        spec = self.request.to_job_spec(self.job_id, self.model, self._max_tokens_default)
-        await self._follow.submit(spec)
+        await self._follow.submit(self.spec)
         try:
             first = await self._follow.next(self._ping_seconds if self.request.stream else None)
         except BaseException:
@@ -193,8 +193,8 @@ class ChatRun:
             self.created,
             self.model,
             tools=self._tools,
-            n=self.request.n,
-            logprobs=bool(self.request.logprobs),
+            n=self.spec.sampling.n,
+            logprobs=self.spec.sampling.logprobs,
         )
         try:
             while view.completion is None:
@@ -207,7 +207,7 @@ class ChatRun:
 
     async def stream(self) -> AsyncIterator[str]:
         """SSE lines: role chunk, content chunks, finish chunk, optional usage chunk, [DONE]."""
-        n = self.request.n
+        n = self.spec.sampling.n
         readers = [
             tools.ToolCallReader(_choice_key(self.job_id, i)) if self._tools else None for i in range(n)
         ]
