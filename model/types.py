@@ -43,9 +43,13 @@ SampledLogprobs = tuple[float, tuple[tuple[int, float], ...]]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 512
-    temperature: float = 0.6
-    top_p: float = 0.9
+    """How one sequence samples. The service's defaults and ranges are tasks/sampling.py's, which
+    fills in every field; the defaults here are the engine's own, for direct callers (tests,
+    bench): they leave the model's distribution as it is, as vLLM's and transformers' do."""
+
+    max_tokens: int  # no default: how long is for the caller to say
+    temperature: float = 1.0
+    top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep generating past end-of-turn tokens (benchmarks, soak tests)

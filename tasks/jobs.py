@@ -15,9 +15,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from model.types import ChatMessage, SamplingParams
+from model.types import ChatMessage
 from model.types import ToolCall as ModelToolCall
 from tasks import events, keys
+from tasks.sampling import Sampling
 
 JobStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
 
@@ -38,45 +39,6 @@ class Message(BaseModel):
     content: str
     tool_calls: list[ToolCall] = Field(default_factory=list)
     tool_call_id: str | None = None
-
-
-class Sampling(BaseModel):
-    max_tokens: int = Field(512, ge=1)
-    temperature: float = Field(0.6, ge=0.0, le=2.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-    ignore_eos: bool = False
-    grammar: str | None = None  # structured outputs: an llguidance grammar (api/serving/structured.py)
-    n: int = Field(1, ge=1)  # choices, each a sequence of the batch
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] = Field(default_factory=dict)
-    logprobs: bool = False
-    top_logprobs: int = 0
-    # vLLM's extensions
-    repetition_penalty: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-
-    def to_params(self) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-            stop=tuple(self.stop),
-            ignore_eos=self.ignore_eos,
-            grammar=self.grammar,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            logit_bias=tuple(sorted(self.logit_bias.items())),
-            logprobs=self.logprobs,
-            top_logprobs=self.top_logprobs,
-            repetition_penalty=self.repetition_penalty,
-            top_k=max(self.top_k, 0),
-            min_p=self.min_p,
-        )
 
 
 class ResponseOptions(BaseModel):

@@ -183,14 +183,7 @@ def answer(endpoint: str, spec: jobs.JobSpec, log: list[events.AnyEvent]) -> tup
         for event in log:
             view.apply(event)
         return 200, view.snapshot().model_dump(mode="json")
-    chat_view = chat.ChatView(
-        spec.id,
-        int(spec.created_at),
-        spec.model,
-        tools=bool(spec.tools),
-        n=spec.sampling.n,
-        logprobs=spec.sampling.logprobs,
-    )
+    chat_view = chat.ChatView.of(spec)
     try:
         for event in log:
             chat_view.apply(event)

@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 
 from api.serving import structured
 from api.serving.tools import FunctionTool, ToolCallIn, ToolPlan, plan_tools, with_text_grammar
-from tasks import events, jobs
+from tasks import events, jobs, sampling
+from tasks.sampling import Sampling
 
 
 class TextPart(BaseModel):
@@ -61,9 +62,6 @@ class ChatMessageIn(BaseModel):
         )
 
 
-MAX_LOGIT_BIAS = 300  # entries in logit_bias, as OpenAI allows
-
-
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -85,27 +83,30 @@ class ChatCompletionRequest(BaseModel):
 
     messages: list[ChatMessageIn] = Field(min_length=1)
     model: str | None = None  # optional, as in the seed's curl examples: the served model
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.6, ge=0.0, le=2.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    # The sampling fields take their ranges from tasks/sampling.py; one left out (or null) gets
+    # the default of tasks.sampling.Sampling (to_sampling() below).
+    max_tokens: sampling.MaxTokens | None = None
+    max_completion_tokens: sampling.MaxTokens | None = None
+    temperature: sampling.Temperature | None = None
+    top_p: sampling.TopP | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI documents it
+    seed: sampling.Seed | None = None
     user: str | None = None
-    n: int = Field(1, ge=1)  # at most MAX_N, checked in api/chat_completion/serving.py validate()
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    n: sampling.Choices | None = None  # at most MAX_N, checked in api/chat_completion/serving.py validate()
+    presence_penalty: sampling.Penalty | None = None
+    frequency_penalty: sampling.Penalty | None = None
     # Token id (as a string, JSON keys being strings) to a bias added to its logit.
-    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    logit_bias: dict[str, float] | None = Field(None, max_length=sampling.MAX_LOGIT_BIAS)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    # --- not in the OpenAI spec: vLLM's extensions, with vLLM's meanings ---
-    ignore_eos: bool = False  # generate max_tokens regardless of end-of-turn tokens
-    top_k: int = Field(-1, ge=-1, le=2**31 - 1)  # keep the k likeliest tokens; -1 (or 0): all
-    min_p: float = Field(0.0, ge=0.0, le=1.0)  # drop tokens below min_p times the likeliest's
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # >1 discourages prompt and output tokens
+    top_logprobs: sampling.TopLogprobs | None = None
+    # --- not in the OpenAI spec: vLLM's extensions, with vLLM's meanings (tasks/sampling.py) ---
+    ignore_eos: bool | None = None  # generate max_tokens regardless of end-of-turn tokens
+    top_k: sampling.TopK | None = None
+    min_p: sampling.MinP | None = None
+    repetition_penalty: sampling.RepetitionPenalty | None = None
+    # --- end of vLLM's extensions ---
     response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     tools: list[FunctionTool] | None = None
@@ -118,16 +119,17 @@ class ChatCompletionRequest(BaseModel):
         for key, bias in (value or {}).items():
             if not key.isascii() or not key.isdigit():
                 raise ValueError(f"keys must be token ids; got '{key[:20]}'")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"bias for token {key} must be between -100 and 100")
+            if not -sampling.LOGIT_BIAS_BOUND <= bias <= sampling.LOGIT_BIAS_BOUND:
+                bound = sampling.LOGIT_BIAS_BOUND
+                raise ValueError(f"bias for token {key} must be between {-bound:g} and {bound:g}")
         return value
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
+        if len(stops) > sampling.MAX_STOPS:
+            raise ValueError(f"at most {sampling.MAX_STOPS} stop sequences are allowed")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
         return value
@@ -156,32 +158,33 @@ class ChatCompletionRequest(BaseModel):
         text_grammar = structured.chat_grammar(self.response_format)
         return with_text_grammar(self.tool_plan, text_grammar, "response_format")
 
-    def to_job_spec(self, job_id: str, model: str, max_tokens_default: int = 512) -> jobs.JobSpec:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+    def to_sampling(self, max_tokens_default: int) -> Sampling:
+        """How the job samples: the fields named as Sampling's pass as they are, the rest convert."""
+        return Sampling(
+            **self.model_dump(include=_SAMPLING_FIELDS, exclude_none=True),
+            max_tokens=self.max_completion_tokens or self.max_tokens or max_tokens_default,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            grammar=self.grammar(),
+        )
+
+    def to_job_spec(self, job_id: str, model: str, max_tokens_default: int) -> jobs.JobSpec:
         return jobs.JobSpec(
             id=job_id,
             model=model,
             messages=[m.to_job_message() for m in self.messages],
             tools=self.tool_plan.prompt_tools(),
-            sampling=jobs.Sampling(
-                max_tokens=self.max_completion_tokens or self.max_tokens or max_tokens_default,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                seed=self.seed,
-                stop=stops,
-                ignore_eos=self.ignore_eos,
-                grammar=self.grammar(),
-                n=self.n,
-                presence_penalty=self.presence_penalty or 0.0,
-                frequency_penalty=self.frequency_penalty or 0.0,
-                logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
-                logprobs=bool(self.logprobs),
-                top_logprobs=self.top_logprobs or 0,
-                repetition_penalty=self.repetition_penalty,
-                top_k=self.top_k,
-                min_p=self.min_p,
-            ),
+            sampling=self.to_sampling(max_tokens_default),
         )
+
+
+# The request's fields that mean the same as Sampling's, under the same name; to_sampling() passes
+# them through and converts the others (the token budget, the stop list, the bias's string keys).
+_SAMPLING_FIELDS = (set(Sampling.model_fields) & set(ChatCompletionRequest.model_fields)) - {
+    "max_tokens",
+    "stop",
+    "logit_bias",
+}
 
 
 class Usage(BaseModel):

@@ -1,14 +1,14 @@
 """Serving a chat completion: submit the job, then turn its events into one response or SSE chunks.
 
-The blocking and the streamed response are two views of the same event sequence, so a greedy
-request returns the same text either way.
+The blocking and the streamed response are two renderings of one fold of the job's events
+(`ChatView`), so a request answers with the same text, calls, logprobs, finish reasons and usage
+either way (tests/unit/test_chat_view.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 
 from api import errors
@@ -39,8 +39,27 @@ log = logging.getLogger(__name__)
 AnyEvent = events.AnyEvent
 
 
+class _ChoiceState:
+    """What one choice's events have said so far: its text (or calls) and its token entries."""
+
+    def __init__(self, reader: tools.ToolCallReader | None, logprobs: bool) -> None:
+        self.reader = reader  # with tools, the text may be calls (api/serving/tools.py)
+        self.content: list[str] = []
+        # With logprobs asked, a choice that generated no text still has its (empty) list.
+        self.logprobs: list[events.TokenLogprob] | None = [] if logprobs else None
+
+    @property
+    def calls(self) -> list[jobs.ToolCall]:
+        return self.reader.calls if self.reader is not None else []
+
+
 class ChatView:
-    """The chat completion a job's events describe (blocking mode, and batch output lines)."""
+    """The chat completion a job's events describe, as one answer and as the chunks that stream it.
+
+    One fold: `apply` takes each event into the choices' state and returns the chunks that say
+    what it added; at the end `completion` is rendered from the same state. So the blocking answer
+    (and a batch's output line) equals what a client assembles from the stream.
+    """
 
     def __init__(
         self,
@@ -48,54 +67,142 @@ class ChatView:
         created: int,
         model: str,
         *,
-        tools: bool = False,
+        with_tools: bool = False,
         n: int = 1,
         logprobs: bool = False,
     ) -> None:
         self.job_id, self.created, self.model = job_id, created, model
-        self._parts: list[list[str]] = [[] for _ in range(n)]  # by choice
-        # With logprobs asked, a choice that generated no text still has its (empty) list.
-        self._logprobs: list[list[events.TokenLogprob]] | None = [[] for _ in range(n)] if logprobs else None
-        self._tools = tools  # the job's text may be tool calls (api/serving/tools.py)
+        self._choices = [
+            _ChoiceState(tools.ToolCallReader(_choice_key(job_id, i)) if with_tools else None, logprobs)
+            for i in range(n)
+        ]
         self.completion: ChatCompletion | None = None
 
-    def apply(self, event: AnyEvent) -> None:
-        """Fold one event in; a terminal event either completes the view or raises its error."""
+    @classmethod
+    def of(cls, spec: jobs.JobSpec) -> ChatView:
+        return cls(
+            spec.id,
+            int(spec.created_at),
+            spec.model,
+            with_tools=bool(spec.tools),  # the prompt offers tools exactly when a call is possible
+            n=spec.sampling.n,
+            logprobs=spec.sampling.logprobs,
+        )
+
+    def opening(self) -> list[ChatCompletionChunk]:
+        """Each choice's first chunk: its role, and empty content."""
+        return [self._chunk(i, Delta(role="assistant", content="")) for i in range(len(self._choices))]
+
+    def apply(self, event: AnyEvent) -> list[ChatCompletionChunk]:
+        """Fold one event in and return its chunks; a terminal event either completes the view
+        (its chunks are the finish reasons) or raises its error."""
         if isinstance(event, events.Delta):
-            self._parts[event.index].append(event.text)
-            if event.logprobs is not None and self._logprobs is not None:
-                self._logprobs[event.index].extend(event.logprobs)
-        elif isinstance(event, events.Finished) and event.finish_reason != "cancelled":
-            self.completion = ChatCompletion(
-                id=self.job_id,
-                created=self.created,
-                model=self.model,
-                choices=[self._choice(i, event) for i in range(len(self._parts))],
-                usage=Usage.of(event.prompt_tokens, event.completion_tokens),
-            )
-        elif events.is_terminal(event):
+            return self._delta(event)
+        if isinstance(event, events.Finished) and event.finish_reason != "cancelled":
+            return self._finish(event)
+        if events.is_terminal(event):
             raise error_for(event)
+        return []
+
+    def _delta(self, event: events.Delta) -> list[ChatCompletionChunk]:
+        choice = self._choices[event.index]
+        pieces = choice.reader.feed(event.text) if choice.reader is not None else [tools.Content(event.text)]
+        deltas = []
+        for piece in pieces:
+            if isinstance(piece, tools.Content):
+                choice.content.append(piece.text)
+                deltas.append(Delta(content=piece.text))
+            elif isinstance(piece, tools.CallStarted):
+                call = ToolCallDelta(index=piece.index, id=piece.id, name=piece.name)
+                deltas.append(Delta(tool_calls=[call]))
+            else:
+                deltas.append(Delta(tool_calls=[ToolCallDelta(index=piece.index, arguments=piece.text)]))
+        chunks = [self._chunk(event.index, delta) for delta in deltas]
+        if choice.logprobs is not None and event.logprobs is not None:
+            choice.logprobs += event.logprobs
+            # The token entries ride with the delta's first chunk, or an empty one of their own.
+            entries = ChoiceLogprobs(content=event.logprobs)
+            first = chunks[0] if chunks else self._chunk(event.index, Delta())
+            first.choices[0].logprobs = entries
+            chunks[:1] = [first]
+        return chunks
+
+    def _finish(self, event: events.Finished) -> list[ChatCompletionChunk]:
+        choices = [self._choice(i, event) for i in range(len(self._choices))]
+        self.completion = ChatCompletion(
+            id=self.job_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=Usage.of(event.prompt_tokens, event.completion_tokens),
+        )
+        return [self._chunk(c.index, Delta(), finish_reason=c.finish_reason) for c in choices]
 
     def _choice(self, index: int, event: events.Finished) -> Choice:
-        text = "".join(self._parts[index])
-        # Each choice's calls get ids of their own: the choice index is part of what they hash.
-        content, calls = (
-            tools.read_whole(_choice_key(self.job_id, index), text) if self._tools else (text, [])
-        )
+        state = self._choices[index]
+        calls = [
+            ToolCallOut(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+            for c in state.calls
+        ]
+        # A choice that made calls has no content, as OpenAI's.
         message = AssistantMessage(
-            content=content,
-            tool_calls=[
-                ToolCallOut(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls
-            ]
-            or None,
+            content=None if calls else "".join(state.content), tool_calls=calls or None
         )
-        entries = None if self._logprobs is None else self._logprobs[index]
         return Choice(
             index=index,
             message=message,
             finish_reason=_finish_reason(event.reason_of(index), called=bool(calls)),
-            logprobs=None if entries is None else ChoiceLogprobs(content=entries),
+            logprobs=None if state.logprobs is None else ChoiceLogprobs(content=state.logprobs),
         )
+
+    def _chunk(
+        self, index: int, delta: Delta, *, finish_reason: FinishReason | None = None
+    ) -> ChatCompletionChunk:
+        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
+        return ChatCompletionChunk(id=self.job_id, created=self.created, model=self.model, choices=[choice])
+
+
+class ChatStream:
+    """The SSE rendering of a ChatView: the lines each event adds, up to and including [DONE].
+
+    After the role chunks, each event's chunks; at the end, with stream_options.include_usage,
+    a chunk with no choices and the answer's usage. An error after the stream has started goes
+    in-band, `data: {"error": ...}`, and then [DONE].
+    """
+
+    def __init__(self, view: ChatView, *, include_usage: bool = False) -> None:
+        self.view = view
+        self._include_usage = include_usage
+        self.ended = False
+
+    def opening(self) -> list[str]:
+        return [self._data(chunk) for chunk in self.view.opening()]
+
+    def lines(self, event: AnyEvent) -> list[str]:
+        try:
+            chunks = self.view.apply(event)
+        except errors.APIError as exc:
+            return self.failed(exc)
+        out = [self._data(chunk) for chunk in chunks]
+        if (completion := self.view.completion) is not None:
+            if self._include_usage:
+                view = self.view
+                usage = ChatCompletionChunk(
+                    id=view.job_id, created=view.created, model=view.model, choices=[], usage=completion.usage
+                )
+                out.append(self._data(usage))
+            out.append(sse.DONE)
+            self.ended = True
+        return out
+
+    def failed(self, error: errors.APIError) -> list[str]:
+        self.ended = True
+        return [sse.data(errors.sse_error(error)), sse.DONE]
+
+    def _data(self, chunk: ChatCompletionChunk) -> str:
+        # With include_usage every chunk has "usage" (null until the last), as OpenAI's.
+        exclude = None if self._include_usage else {"usage"}
+        return sse.data(chunk.model_dump_json(exclude=exclude))
 
 
 def _choice_key(job_id: str, index: int) -> str:
@@ -124,7 +231,7 @@ def validate(request: ChatCompletionRequest, settings: Settings) -> None:
         )
     if request.top_logprobs and not request.logprobs:
         raise errors.InvalidRequest("top_logprobs needs logprobs set to true.", param="top_logprobs")
-    if request.n > settings.max_n:
+    if request.n is not None and request.n > settings.max_n:
         raise errors.InvalidRequest(f"n must be at most {settings.max_n}; got {request.n}.", param="n")
     request.grammar()  # a schema or tool it cannot follow is a 400 now
     for i, message in enumerate(request.messages):
@@ -155,16 +262,13 @@ class ChatRun:
         gone: asyncio.Event | None = None,
     ) -> None:
         self.request = request
-        self.model = settings.model_name
         self.job_id = jobs.new_job_id("chatcmpl-")
         logs.job_id_var.set(self.job_id)
-        self.created = int(time.time())
+        self.spec = request.to_job_spec(self.job_id, settings.model_name, caps.default_max_tokens(settings))
         self._follow = Follow(
             client, self.job_id, timeout_seconds=settings.request_timeout_seconds, gone=gone
         )
         self._ping_seconds = settings.stream_ping_seconds
-        self._max_tokens_default = caps.default_max_tokens(settings)
-        self._tools = request.tool_plan.calls_possible
 
     async def start(self) -> events.Started | None:
         """Subscribe, enqueue, and wait a while for a worker to accept the prompt.
@@ -174,8 +278,7 @@ class ChatRun:
         after `stream_ping_seconds` gets its response head anyway (None here) and keep-alive
         pings, so proxies do not time out; errors then come in-band.
         """
-        spec = self.request.to_job_spec(self.job_id, self.model, self._max_tokens_default)
-        await self._follow.submit(spec)
+        await self._follow.submit(self.spec)
         try:
             first = await self._follow.next(self._ping_seconds if self.request.stream else None)
         except BaseException:
@@ -188,14 +291,7 @@ class ChatRun:
 
     async def complete(self) -> ChatCompletion:
         """Collect the whole answer (blocking mode)."""
-        view = ChatView(
-            self.job_id,
-            self.created,
-            self.model,
-            tools=self._tools,
-            n=self.request.n,
-            logprobs=bool(self.request.logprobs),
-        )
+        view = ChatView.of(self.spec)
         try:
             while view.completion is None:
                 event = await self._follow.next()
@@ -206,83 +302,23 @@ class ChatRun:
             await asyncio.shield(self._follow.close())
 
     async def stream(self) -> AsyncIterator[str]:
-        """SSE lines: role chunk, content chunks, finish chunk, optional usage chunk, [DONE]."""
-        n = self.request.n
-        readers = [
-            tools.ToolCallReader(_choice_key(self.job_id, i)) if self._tools else None for i in range(n)
-        ]
+        """SSE lines: role chunks, the events' chunks, finish chunks, optional usage chunk, [DONE]."""
+        out = ChatStream(ChatView.of(self.spec), include_usage=self.request.include_usage)
         try:
-            for index in range(n):
-                yield sse.data(self._chunk(Delta(role="assistant", content=""), index))
-            while True:
+            for line in out.opening():
+                yield line
+            while not out.ended:
                 try:
                     event = await self._follow.next(self._ping_seconds)
                 except errors.APIError as exc:
-                    yield sse.data(errors.sse_error(exc))
-                    break
-                if event is None:
-                    yield sse.comment("ping")
-                elif isinstance(event, events.Delta):
-                    deltas = _deltas(readers[event.index], event.text)
-                    if event.logprobs is not None:  # the token entries ride with the delta's first chunk
-                        logprobs = ChoiceLogprobs(content=event.logprobs)
-                        yield sse.data(
-                            self._chunk(deltas[0] if deltas else Delta(), event.index, logprobs=logprobs)
-                        )
-                        deltas = deltas[1:]
-                    for delta in deltas:
-                        yield sse.data(self._chunk(delta, event.index))
-                elif isinstance(event, events.Finished) and event.finish_reason != "cancelled":
-                    for index, reader in enumerate(readers):
-                        called = reader is not None and reader.called
-                        reason = _finish_reason(event.reason_of(index), called=called)
-                        yield sse.data(self._chunk(Delta(), index, finish_reason=reason))
-                    if self.request.include_usage:
-                        usage = Usage.of(event.prompt_tokens, event.completion_tokens)
-                        yield sse.data(self._chunk(None, usage=usage))
-                    break
-                elif events.is_terminal(event):
-                    yield sse.data(errors.sse_error(error_for(event)))
-                    break
-            yield sse.DONE
+                    lines = out.failed(exc)
+                else:
+                    lines = [sse.comment("ping")] if event is None else out.lines(event)
+                for line in lines:
+                    yield line
         finally:
             # Runs on normal end and when the client disconnects (the generator is cancelled).
             await asyncio.shield(self._follow.close())
-
-    def _chunk(
-        self,
-        delta: Delta | None,
-        index: int = 0,
-        *,
-        finish_reason: FinishReason | None = None,
-        usage: Usage | None = None,
-        logprobs: ChoiceLogprobs | None = None,
-    ) -> str:
-        choices = (
-            []
-            if delta is None
-            else [ChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs)]
-        )
-        chunk = ChatCompletionChunk(
-            id=self.job_id, created=self.created, model=self.model, choices=choices, usage=usage
-        )
-        exclude = None if self.request.include_usage else {"usage"}
-        return chunk.model_dump_json(exclude=exclude)
-
-
-def _deltas(reader: tools.ToolCallReader | None, text: str) -> list[Delta]:
-    """The chunks a piece of text makes: content, or tool calls (id and name, then arguments)."""
-    if reader is None:
-        return [Delta(content=text)]
-    out = []
-    for item in reader.feed(text):
-        if isinstance(item, tools.Content):
-            out.append(Delta(content=item.text))
-        elif isinstance(item, tools.CallStarted):
-            out.append(Delta(tool_calls=[ToolCallDelta(index=item.index, id=item.id, name=item.name)]))
-        else:
-            out.append(Delta(tool_calls=[ToolCallDelta(index=item.index, arguments=item.text)]))
-    return out
 
 
 def _finish_reason(reason: events.FinishReason, *, called: bool = False) -> FinishReason:

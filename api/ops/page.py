@@ -8,6 +8,8 @@ from importlib.resources import files
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
+from tasks.sampling import Sampling
+
 router = APIRouter()
 
 # The page loads nothing from elsewhere; the policy makes that a rule the browser enforces.
@@ -17,9 +19,17 @@ CONTENT_SECURITY_POLICY = (
 )
 
 
+# The settings the page starts from: the service's own defaults, so the page has no copy of them.
+PAGE_DEFAULTS = ("temperature", "top_p", "max_tokens")
+
+
 @lru_cache(maxsize=1)
 def chat_page() -> str:
-    return (files("api") / "static" / "chat.html").read_text(encoding="utf-8")
+    page = (files("api") / "static" / "chat.html").read_text(encoding="utf-8")
+    defaults = Sampling()
+    for name in PAGE_DEFAULTS:
+        page = page.replace("{{" + name + "}}", str(getattr(defaults, name)))
+    return page
 
 
 @router.get("/", include_in_schema=False)

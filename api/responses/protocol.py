@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from api import errors
 from api.serving import structured
 from api.serving.tools import FunctionDefinition, FunctionTool, ToolPlan, plan_tools, with_text_grammar
-from tasks import events, jobs
+from tasks import events, jobs, sampling
+from tasks.sampling import Sampling
 
 ResponseStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
 
@@ -129,22 +130,25 @@ class ResponseCreateRequest(BaseModel):
     input: str | Annotated[list[InputItem], Field(min_length=1)]
     model: str | None = None
     instructions: str | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(0.6, ge=0.0, le=2.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    # The sampling fields take their ranges from tasks/sampling.py; one left out (or null) gets
+    # the default of tasks.sampling.Sampling (to_sampling() below).
+    max_output_tokens: sampling.MaxTokens | None = None
+    temperature: sampling.Temperature | None = None
+    top_p: sampling.TopP | None = None
     stream: bool = False
     background: bool = False
     metadata: dict[str, str] | None = Field(None, max_length=16)
     store: bool = True
     # --- not in the OpenAI spec (vLLM has the same) ---
-    ignore_eos: bool = False  # generate max_output_tokens regardless of end-of-turn tokens
+    ignore_eos: bool | None = None  # generate max_output_tokens regardless of end-of-turn tokens
+    # --- end of vLLM's extension ---
     text: TextOptions | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     # Logprobs of the message's text, as OpenAI: asked for by `include`, `top_logprobs` alternatives.
     include: list[str] | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: sampling.TopLogprobs | None = None
 
     @property
     def logprobs(self) -> bool:
@@ -192,8 +196,17 @@ class ResponseCreateRequest(BaseModel):
             return "store"  # a background response must be stored to be polled
         return None
 
+    def to_sampling(self, max_tokens_default: int) -> Sampling:
+        """How the job samples: the fields named as Sampling's pass as they are, the rest convert."""
+        return Sampling(
+            **self.model_dump(include=_SAMPLING_FIELDS, exclude_none=True),
+            max_tokens=self.max_output_tokens or max_tokens_default,
+            logprobs=self.logprobs,
+            grammar=self.grammar(),
+        )
+
     def to_job_spec(
-        self, job_id: str, model: str, max_tokens_default: int = 512, owner: str | None = None
+        self, job_id: str, model: str, max_tokens_default: int, owner: str | None = None
     ) -> jobs.JobSpec:
         messages = [jobs.Message(role="system", content=self.instructions)] if self.instructions else []
         if isinstance(self.input, str):
@@ -206,15 +219,7 @@ class ResponseCreateRequest(BaseModel):
             model=model,
             messages=messages,
             tools=plan.prompt_tools(),
-            sampling=jobs.Sampling(
-                max_tokens=self.max_output_tokens or max_tokens_default,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                ignore_eos=self.ignore_eos,
-                grammar=self.grammar(),
-                logprobs=self.logprobs,
-                top_logprobs=self.top_logprobs or 0,
-            ),
+            sampling=self.to_sampling(max_tokens_default),
             response=jobs.ResponseOptions(
                 instructions=self.instructions,
                 metadata=self.metadata or {},
@@ -226,6 +231,11 @@ class ResponseCreateRequest(BaseModel):
             ),
             owner=owner,
         )
+
+
+# The request's fields that mean the same as Sampling's, under the same name; to_sampling() passes
+# them through and converts the others (the token budget, logprobs asked for by `include`).
+_SAMPLING_FIELDS = set(Sampling.model_fields) & set(ResponseCreateRequest.model_fields)
 
 
 class OutputText(BaseModel):

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from api import errors
+from tasks.sampling import DEFAULT_MAX_TOKENS
 from tasks.settings import Settings
-
-# What a request that names no max_tokens gets, unless MAX_TOKENS_LIMIT is lower.
-DEFAULT_MAX_TOKENS = 512
 
 
 def check_messages(settings: Settings, param: str, count: int) -> None:
@@ -26,4 +24,5 @@ def check_max_tokens(settings: Settings, **requested: int | None) -> None:
 
 
 def default_max_tokens(settings: Settings) -> int:
+    """A request's budget when it names none: the service's default, or MAX_TOKENS_LIMIT if lower."""
     return min(DEFAULT_MAX_TOKENS, settings.max_tokens_limit)

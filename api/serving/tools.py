@@ -315,13 +315,6 @@ class ToolCallReader:
         return len(self._pending)
 
 
-def read_whole(job_id: str, text: str) -> tuple[str | None, list[jobs.ToolCall]]:
-    """A finished generation's content and calls (content None when it made calls)."""
-    reader = ToolCallReader(job_id)
-    content = "".join(e.text for e in reader.feed(text) if isinstance(e, Content))
-    return (None if reader.called else content), reader.calls
-
-
 class ToolCallIn(BaseModel):
     """An assistant turn's call in the history the client sends back."""
 

@@ -118,13 +118,23 @@ def test_a_logit_bias_outside_the_vocabulary_is_ignored(engine: Engine, script: 
 
 PENALIZED = {
     # " кот" forced, until 7 per repeat brings its 100 below " дела"'s 21.9 (13 steps in).
-    "frequency": (SamplingParams(frequency_penalty=7.0, logit_bias=((KOT, 100.0),)), "Ответь в JSON."),
+    "frequency": (
+        SamplingParams(max_tokens=20, frequency_penalty=7.0, logit_bias=((KOT, 100.0),)),
+        "Ответь в JSON.",
+    ),
     # Once is enough for presence: 100 - 85 < 21.9.
-    "presence": (SamplingParams(presence_penalty=85.0, logit_bias=((KOT, 100.0),)), "Ответь в JSON."),
+    "presence": (
+        SamplingParams(max_tokens=20, presence_penalty=85.0, logit_bias=((KOT, 100.0),)),
+        "Ответь в JSON.",
+    ),
     # "Пр" is in the prompt, so 80 / 3 loses to the bias of 40; then " кот" itself is seen.
-    "repetition": (SamplingParams(repetition_penalty=3.0, logit_bias=((KOT, 40.0),)), "Привет"),
+    "repetition": (
+        SamplingParams(max_tokens=20, repetition_penalty=3.0, logit_bias=((KOT, 40.0),)),
+        "Привет",
+    ),
     "all-at-once": (
         SamplingParams(
+            max_tokens=20,
             repetition_penalty=1.3,
             frequency_penalty=3.0,
             presence_penalty=10.0,
@@ -201,7 +211,7 @@ def test_penalties_apply_sparsely_as_the_dense_rule(
     rng = np.random.default_rng(0)
     row = rng.normal(0, 3, 1000).astype(np.float32)
     sampling = SamplingParams(
-        repetition_penalty=1.7, frequency_penalty=0.4, presence_penalty=0.9, logit_bias=bias
+        max_tokens=20, repetition_penalty=1.7, frequency_penalty=0.4, presence_penalty=0.9, logit_bias=bias
     )
     penalties = penalties_for(sampling, tokens, generated, vocab_size=row.size)
     assert penalties is not None
@@ -212,7 +222,7 @@ def test_penalties_apply_sparsely_as_the_dense_rule(
     penalties.apply_to_row(got)
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6, atol=1e-5)
     assert (
-        penalties_for(SamplingParams(), tokens, generated, vocab_size=row.size) is None
+        penalties_for(SamplingParams(max_tokens=20), tokens, generated, vocab_size=row.size) is None
     )  # defaults: nothing
 
 
@@ -353,7 +363,7 @@ def fed(tokenizer: Any, tokens: Sequence[int], sampling: SamplingParams) -> list
 def test_a_stop_string_drops_the_entries_of_what_it_cut(
     llama3_tokenizer: Any, script: Script, stop: str, text: str, kept: int
 ) -> None:
-    out = fed(llama3_tokenizer, script.token_ids, SamplingParams(stop=(stop,), logprobs=True))
+    out = fed(llama3_tokenizer, script.token_ids, SamplingParams(max_tokens=100, stop=(stop,), logprobs=True))
     got = [o for o in out if isinstance(o, TextDelta)]
     assert "".join(d.text for d in got) == text
     entries = [e for d in got for e in d.logprobs]
@@ -363,7 +373,7 @@ def test_a_stop_string_drops_the_entries_of_what_it_cut(
 
 def test_entries_of_held_bytes_go_out_with_an_empty_tail(llama3_tokenizer: Any, script: Script) -> None:
     # Cut by max_tokens after the rocket's first byte-level token: no text to go with its entry.
-    out = fed(llama3_tokenizer, script.token_ids[:7], SamplingParams(logprobs=True))
+    out = fed(llama3_tokenizer, script.token_ids[:7], SamplingParams(max_tokens=100, logprobs=True))
     *_, tail, end = out
     assert isinstance(tail, TextDelta) and tail.text == "" and len(tail.logprobs) == 1
     assert isinstance(end, Completion)
