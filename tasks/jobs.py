@@ -20,11 +20,16 @@ from model.types import ToolCall as ModelToolCall
 from tasks import events, keys
 
 JobStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
+# What the job answers: a chat completion or a Response. A line of a batch is one of these too;
+# its batch is a separate field (JobSpec.batch), as a line is answered as its endpoint answers.
+JobKind = Literal["chat", "response"]
+# The id prefix of each kind, as OpenAI's ids have them.
+ID_PREFIXES: dict[JobKind, str] = {"chat": "chatcmpl-", "response": "resp_"}
 
 
-def new_job_id(prefix: str) -> str:
-    """An unguessable id: 128 random bits."""
-    return f"{prefix}{secrets.token_hex(16)}"
+def new_job_id(kind: JobKind) -> str:
+    """An unguessable id: the kind's prefix and 128 random bits."""
+    return f"{ID_PREFIXES[kind]}{secrets.token_hex(16)}"
 
 
 class ToolCall(BaseModel):
@@ -95,6 +100,7 @@ class JobSpec(BaseModel):
     """Everything a worker needs to run the job; written once when the job is created."""
 
     id: str
+    kind: JobKind
     model: str
     messages: list[Message]
     sampling: Sampling

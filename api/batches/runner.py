@@ -265,7 +265,7 @@ class BatchRunner:
     def _line_job(
         self, record: BatchRecord, index: int, job: dict[str, object], attempt: int
     ) -> jobs.JobSpec:
-        prefix = "chatcmpl-" if record.spec.endpoint == "/v1/chat/completions" else "resp_"
+        prefix = jobs.ID_PREFIXES[jobs.JobSpec.model_validate({**job, "id": ""}).kind]
         # Unguessable as the batch id is, and the same on every instance for this attempt.
         digest = hashlib.sha256(f"{record.spec.id}:{index}:{attempt}".encode()).hexdigest()[:32]
         return jobs.JobSpec.model_validate(

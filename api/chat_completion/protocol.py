@@ -160,6 +160,7 @@ class ChatCompletionRequest(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return jobs.JobSpec(
             id=job_id,
+            kind="chat",
             model=model,
             messages=[m.to_job_message() for m in self.messages],
             tools=self.tool_plan.prompt_tools(),

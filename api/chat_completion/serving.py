@@ -156,7 +156,7 @@ class ChatRun:
     ) -> None:
         self.request = request
         self.model = settings.model_name
-        self.job_id = jobs.new_job_id("chatcmpl-")
+        self.job_id = jobs.new_job_id("chat")
         logs.job_id_var.set(self.job_id)
         self.created = int(time.time())
         self._follow = Follow(

@@ -203,6 +203,7 @@ class ResponseCreateRequest(BaseModel):
         plan = self.tool_plan
         return jobs.JobSpec(
             id=job_id,
+            kind="response",
             model=model,
             messages=messages,
             tools=plan.prompt_tools(),

@@ -39,8 +39,8 @@ from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# A response id as jobs.new_job_id("resp_") writes it: the prefix and 128 random bits in hex.
-RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
+# A response id as jobs.new_job_id("response") writes it: the prefix and 128 random bits in hex.
+RESPONSE_ID = re.compile(re.escape(jobs.ID_PREFIXES["response"]) + "[0-9a-f]{32}")
 
 # How long a cancel call waits for a running job to reach its terminal state before answering.
 CANCEL_SETTLE_SECONDS = 3.0
@@ -276,7 +276,7 @@ class ResponsesService:
         the finished Response; `gone` (api.following.ClientWatch) cancels it if the client leaves.
         """
         spec = request.to_job_spec(
-            jobs.new_job_id("resp_"),
+            jobs.new_job_id("response"),
             self._settings.model_name,
             max_tokens_default=caps.default_max_tokens(self._settings),
             owner=self._owner,
@@ -330,7 +330,7 @@ class ResponsesService:
         # A chat completion's job is not a Response; another key's job is not there for this
         # caller: the same 404 as an unknown id, so its existence is not revealed either.
         # A batch line is its batch's: it is read, and cancelled, through /v1/batches only.
-        if record.spec.response is None or record.spec.owner != self._owner or record.spec.batch:
+        if record.spec.kind != "response" or record.spec.owner != self._owner or record.spec.batch:
             raise not_found
         logs.job_id_var.set(job_id)  # this request's logs and x-request-id name the job
         return record.spec
