@@ -17,7 +17,7 @@ from typing import Any, Literal, cast
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
-from tasks import keys
+from tasks import jobs, keys
 
 BatchStatus = Literal[
     "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
@@ -52,12 +52,17 @@ class LineError(BaseModel):
     line: int | None = None
 
 
+# A line's job, as validated, has this id: each attempt at the line gets its own when it is
+# enqueued (api/batches/runner.py derives it from the batch, the line and the attempt).
+LINE_JOB_ID = "pending"
+
+
 class Line(BaseModel):
     """One input line, validated: the job to run for it, or None if the endpoint refused it (the
     error line is then written at validation)."""
 
     custom_id: str
-    job: dict[str, Any] | None = None  # a tasks.jobs.JobSpec without its id, as JSON
+    job: jobs.NewJob | None = None
 
 
 class BatchRecord(BaseModel):

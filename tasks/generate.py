@@ -24,23 +24,23 @@ END_WAIT_MARGIN_SECONDS = 60.0
 
 
 @app.task(name=keys.GENERATE_TASK)
-def generate(spec_json: dict[str, object]) -> None:
-    spec = jobs.JobSpec.model_validate(spec_json)
-    # A batch line's log lines name its batch too.
-    logs.job_id_var.set(spec.id if spec.batch is None else f"{spec.batch}/{spec.id}")
+def generate(job_id: str) -> None:
+    logs.job_id_var.set(job_id)
     rt = runtime()
     settings = rt.settings
-    # Batch lines have no queue deadline: their batch's completion window bounds them.
-    if spec.batch is None and time.time() - spec.created_at > settings.queue_timeout_seconds:
-        # The reaper ends such jobs too; this covers a message that reaches us first.
-        rt.scripts.run(jobs.reap(ttl=settings.job_ttl_seconds, queue_timeout=settings.queue_timeout_seconds))
-        return
     claim = jobs.claim(
-        spec.id, ttl=settings.job_ttl_seconds, worker=rt.name, lease_seconds=settings.job_lease_seconds
+        job_id,
+        ttl=settings.job_ttl_seconds,
+        worker=rt.name,
+        lease_seconds=settings.job_lease_seconds,
+        queue_timeout=settings.queue_timeout_seconds,
     )
-    if not rt.scripts.run(claim):
-        log.info("job %s is no longer queued (cancelled, expired or already run); skipping", spec.id)
+    spec = jobs.claimed(rt.scripts.run(claim))
+    if spec is None:
+        log.info("job %s is no longer queued (cancelled, expired or already run); skipping", job_id)
         return
+    if spec.batch is not None:  # a batch line's log lines name its batch too
+        logs.job_id_var.set(f"{spec.batch}/{spec.id}")
     try:
         job = _prepare(rt, spec)
     except Exception:

@@ -85,7 +85,7 @@ class Sampling(BaseModel):
 
 
 class ResponseOptions(BaseModel):
-    """What a Responses API job echoes back on its Response object. Workers ignore it."""
+    """What a Responses API job echoes back on its Response object."""
 
     instructions: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
@@ -97,7 +97,8 @@ class ResponseOptions(BaseModel):
 
 
 class JobSpec(BaseModel):
-    """Everything a worker needs to run the job; written once when the job is created."""
+    """Everything a worker needs to run the job, and nothing else; written once when the job is
+    created, and handed to the worker that claims it (CLAIM returns it)."""
 
     id: str
     kind: JobKind
@@ -105,15 +106,9 @@ class JobSpec(BaseModel):
     messages: list[Message]
     sampling: Sampling
     created_at: float = Field(default_factory=time.time)
-    response: ResponseOptions | None = None  # set for jobs created through /v1/responses
-    # The creating API key's owner tag (api.edge.auth.owner_tag), never the key; None without API_KEYS.
-    # Only callers with the same tag may read, resume or cancel the job.
-    owner: str | None = None
-    # Set for a line of a batch (tasks/batches.py): its batch's id and the line's index. The job
-    # then queues outside MAX_QUEUED, behind every interactive job, and its end is reported to
-    # the batch's `done` list.
+    # Set for a line of a batch (tasks/batches.py): its batch's id. The job then queues outside
+    # MAX_QUEUED, behind every interactive job, and its end is reported to the batch.
     batch: str | None = None
-    batch_line: int | None = None
     # Function tools the prompt offers the model ({"type": "function", "function": {...}}); the
     # API has already checked them and holds the grammar its calls follow in `sampling.grammar`.
     tools: list[dict[str, Any]] = Field(default_factory=list)
@@ -130,10 +125,28 @@ class JobSpec(BaseModel):
         ]
 
 
+class JobMeta(BaseModel):
+    """What only the API reads back about a job. Workers never see it: it is stored beside the
+    spec (the job hash's `meta` field), by the same script that admits the job."""
+
+    # The creating API key's owner tag (api.edge.auth.owner_tag), never the key; None without API_KEYS.
+    # Only callers with the same tag may read, resume or cancel the job.
+    owner: str | None = None
+    response: ResponseOptions | None = None  # what a Response echoes (jobs of kind "response")
+
+
+class NewJob(BaseModel):
+    """A job as the API creates it: the worker's spec and the API's meta, admitted together."""
+
+    spec: JobSpec
+    meta: JobMeta = Field(default_factory=JobMeta)
+
+
 class JobRecord(BaseModel):
     """The job as stored in its Redis hash."""
 
     spec: JobSpec
+    meta: JobMeta
     status: JobStatus
     worker: str | None = None
     started_at: float | None = None
@@ -146,8 +159,15 @@ class JobRecord(BaseModel):
 
     @classmethod
     def from_hash(cls, fields: dict[str, str]) -> JobRecord:
-        data: dict[str, object] = {k: v for k, v in fields.items() if k != "spec" and v != ""}
-        return cls(spec=JobSpec.model_validate_json(fields["spec"]), **data)  # type: ignore[arg-type]
+        data: dict[str, object] = {k: v for k, v in fields.items() if k not in _JSON_FIELDS and v != ""}
+        return cls(
+            spec=JobSpec.model_validate_json(fields["spec"]),
+            meta=JobMeta.model_validate_json(fields["meta"]),
+            **data,  # type: ignore[arg-type]
+        )
+
+
+_JSON_FIELDS = ("spec", "meta")
 
 
 def status_for(event: events.Finished | events.Failed) -> JobStatus:
@@ -176,6 +196,9 @@ def terminal_fields(event: events.Finished | events.Failed) -> dict[str, str]:
 
 
 # --- Lua scripts: every state change of a job is one atomic script ---------------------------
+
+WORKER_LOST_MESSAGE = "The worker running this job stopped."
+QUEUE_TIMEOUT_MESSAGE = "The job waited in the queue past its deadline."
 # Per-job scripts take KEYS = _job_keys(job_id) and ARGV[1] = job id, ARGV[2] = ttl seconds.
 
 _JOB_KEYS = "local job, log, channel, cancel, lease, running, queued = unpack(KEYS)\n"
@@ -183,6 +206,8 @@ _JOB_KEYS = "local job, log, channel, cancel, lease, running, queued = unpack(KE
 _CONSTANTS = (
     f"local METRICS, BATCH_PREFIX = '{keys.METRICS}', '{keys.BATCH_PREFIX}'\n"
     f"local BATCH_QUEUED, BATCH_RUNNING = '{keys.BATCH_QUEUED}', '{keys.BATCH_RUNNING}'\n"
+    f"local WORKER_LOST_MESSAGE = '{WORKER_LOST_MESSAGE}'\n"
+    f"local QUEUE_TIMEOUT_MESSAGE = '{QUEUE_TIMEOUT_MESSAGE}'\n"
 )
 
 _PRELUDE = (
@@ -225,28 +250,31 @@ end
 """
 )
 
-# ARGV: id, ttl, spec json, now, max queued. Records a queued job unless the queue is full;
-# 1 if admitted, 0 if not. Counting the queued index (not Celery's list) means cancelled and
-# expired jobs stop counting at once.
+# ARGV: id, ttl, spec json, meta json, kind, now, max queued. Records a queued job unless the
+# queue is full; 1 if admitted, 0 if not. Counting the queued index (not Celery's list) means
+# cancelled and expired jobs stop counting at once. The kind is copied out of the spec into its
+# own field so that scripts (end_job) read it without decoding JSON.
 ADMIT = """
 local job, queued = KEYS[1], KEYS[2]
-if redis.call('ZCARD', queued) >= tonumber(ARGV[5]) then return 0 end
-redis.call('HSET', job, 'status', 'queued', 'spec', ARGV[3])
+if redis.call('ZCARD', queued) >= tonumber(ARGV[7]) then return 0 end
+redis.call('HSET', job, 'status', 'queued', 'spec', ARGV[3], 'meta', ARGV[4], 'kind', ARGV[5])
 redis.call('EXPIRE', job, ARGV[2])
-redis.call('ZADD', queued, ARGV[4], ARGV[1])
+redis.call('ZADD', queued, ARGV[6], ARGV[1])
 return 1
 """
 
-# ARGV: id, ttl, spec json, now, batch id. Records a queued batch line unless the job exists (a
-# second enqueue of the same line, after an API restart, changes nothing); 1 if recorded.
+# ARGV: id, ttl, spec json, meta json, kind, now, batch id. Records a queued batch line unless
+# the job exists (a second enqueue of the same line, after an API restart, changes nothing); 1
+# if recorded.
 ADMIT_BATCH_LINE = (
     _CONSTANTS
     + """
 local job = KEYS[1]
 if redis.call('EXISTS', job) == 1 then return 0 end
-redis.call('HSET', job, 'status', 'queued', 'spec', ARGV[3], 'batch', ARGV[5])
+redis.call('HSET', job, 'status', 'queued', 'spec', ARGV[3], 'meta', ARGV[4], 'kind', ARGV[5],
+           'batch', ARGV[7])
 redis.call('EXPIRE', job, ARGV[2])
-redis.call('ZADD', BATCH_QUEUED, ARGV[4], ARGV[1])
+redis.call('ZADD', BATCH_QUEUED, ARGV[6], ARGV[1])
 return 1
 """
 )
@@ -269,16 +297,18 @@ return seq
 """
 )
 
-# ARGV: id, ttl, worker name, now, lease seconds, cancelled-event json. Moves a queued job to
-# in_progress under a lease the worker keeps renewing; 1 if this caller got it, 0 if it was
-# already taken, ended or expired (a redelivered message, a cancelled or timed-out job), or if
-# it is a line of a batch that is being cancelled, has failed or has expired (it then ends
-# cancelled).
+# ARGV: id, ttl, worker name, now, lease seconds, cancelled-event json, queue timeout seconds,
+# queue-timeout event json. Moves a queued job to
+# in_progress under a lease the worker keeps renewing; returns its spec if this caller got it
+# (the Celery message carries only the id: the spec travels once), nil if it was already taken,
+# ended or expired (a redelivered message, a cancelled or timed-out job), if it waited past its
+# queue deadline (it then fails), or if it is a line of a batch that is being cancelled, has
+# failed or has expired (it then ends cancelled).
 CLAIM = (
     _PRELUDE
     + _JOB_KEYS
     + """
-if redis.call('HGET', job, 'status') ~= 'queued' then return 0 end
+if redis.call('HGET', job, 'status') ~= 'queued' then return false end
 local batch = redis.call('HGET', job, 'batch')
 if batch then
   -- A line of a batch that is being cancelled, has failed (api/batches/runner.py gave it up) or
@@ -289,7 +319,16 @@ if batch then
       or (b_expires and tonumber(ARGV[4]) >= tonumber(b_expires)) then
     end_job(job, log, channel, lease, running, queued, ARGV[1], ARGV[2], ARGV[6],
             {'status', 'cancelled', 'finish_reason', 'cancelled', 'finished_at', ARGV[4]})
-    return 0
+    return false
+  end
+else
+  -- A message that reaches a worker after its job's queue deadline (before the reaper saw it).
+  local admitted = redis.call('ZSCORE', queued, ARGV[1])
+  if admitted and tonumber(ARGV[4]) - tonumber(admitted) > tonumber(ARGV[7]) then
+    end_job(job, log, channel, lease, running, queued, ARGV[1], ARGV[2], ARGV[8],
+            {'status', 'failed', 'error_code', 'queue_timeout', 'error_message', QUEUE_TIMEOUT_MESSAGE,
+             'finished_at', ARGV[4]})
+    return false
   end
 end
 redis.call('HSET', job, 'status', 'in_progress', 'worker', ARGV[3], 'started_at', ARGV[4])
@@ -300,7 +339,7 @@ if redis.call('HEXISTS', job, 'batch') == 1 then
   redis.call('SADD', BATCH_RUNNING, ARGV[1])
 end
 redis.call('SET', lease, ARGV[3], 'EX', ARGV[5])
-return 1
+return redis.call('HGET', job, 'spec')
 """
 )
 
@@ -346,18 +385,18 @@ local function fail(id, event, code, message)
 end
 for _, id in ipairs(redis.call('SMEMBERS', running)) do
   if redis.call('EXISTS', prefix .. id .. ':lease') == 0 then
-    fail(id, ARGV[5], 'worker_lost', 'The worker running this job stopped.')
+    fail(id, ARGV[5], 'worker_lost', WORKER_LOST_MESSAGE)
   end
 end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', queued, '-inf', ARGV[4])) do
-  fail(id, ARGV[6], 'queue_timeout', 'The job waited in the queue past its deadline.')
+  fail(id, ARGV[6], 'queue_timeout', QUEUE_TIMEOUT_MESSAGE)
 end
 return ended
 """
 )
 
-WORKER_LOST = events.Failed(code="worker_lost", message="The worker running this job stopped.")
-QUEUE_TIMEOUT = events.Failed(code="queue_timeout", message="The job waited in the queue past its deadline.")
+WORKER_LOST = events.Failed(code="worker_lost", message=WORKER_LOST_MESSAGE)
+QUEUE_TIMEOUT = events.Failed(code="queue_timeout", message=QUEUE_TIMEOUT_MESSAGE)
 
 
 def cancelled_event(prompt_tokens: int = 0, completion_tokens: int = 0) -> events.Finished:
@@ -391,21 +430,30 @@ class ScriptCall:
     args: list[str | int | float]
 
 
-def admit(spec: JobSpec, *, ttl: int, max_queued: int) -> ScriptCall:
+def _admit_args(job: NewJob, ttl: int) -> list[str | int | float]:
+    spec = job.spec
+    return [spec.id, ttl, spec.model_dump_json(), job.meta.model_dump_json(), spec.kind, repr(time.time())]
+
+
+def admit(job: NewJob, *, ttl: int, max_queued: int) -> ScriptCall:
     """Record a queued job; returns 1 if admitted, 0 if MAX_QUEUED jobs already wait."""
-    args: list[str | int | float] = [spec.id, ttl, spec.model_dump_json(), repr(time.time()), max_queued]
-    return ScriptCall(ADMIT, [keys.job(spec.id), keys.QUEUED], args)
+    return ScriptCall(ADMIT, [keys.job(job.spec.id), keys.QUEUED], [*_admit_args(job, ttl), max_queued])
 
 
-def admit_batch_line(spec: JobSpec, *, ttl: int) -> ScriptCall:
+def admit_batch_line(job: NewJob, *, ttl: int) -> ScriptCall:
     """Record a queued line of batch `spec.batch`, unless its job exists; 1 if recorded."""
-    assert spec.batch is not None
-    args: list[str | int | float] = [spec.id, ttl, spec.model_dump_json(), repr(time.time()), spec.batch]
-    return ScriptCall(ADMIT_BATCH_LINE, [keys.job(spec.id)], args)
+    assert job.spec.batch is not None
+    return ScriptCall(ADMIT_BATCH_LINE, [keys.job(job.spec.id)], [*_admit_args(job, ttl), job.spec.batch])
 
 
-def claim(job_id: str, *, ttl: int, worker: str, lease_seconds: int) -> ScriptCall:
-    """Move a queued job to in_progress under this worker's lease; returns 1 if it got the job."""
+def claimed(reply: str | None) -> JobSpec | None:
+    """What a claim() call answered: the job's spec if this caller got the job."""
+    return None if reply is None else JobSpec.model_validate_json(reply)
+
+
+def claim(job_id: str, *, ttl: int, worker: str, lease_seconds: int, queue_timeout: float) -> ScriptCall:
+    """Move a queued job to in_progress under this worker's lease; its reply, read by claimed(),
+    is the job's spec if this caller got it."""
     args: list[str | int | float] = [
         job_id,
         ttl,
@@ -413,6 +461,8 @@ def claim(job_id: str, *, ttl: int, worker: str, lease_seconds: int) -> ScriptCa
         repr(time.time()),
         lease_seconds,
         events.encode(cancelled_event()),
+        queue_timeout,
+        events.encode(QUEUE_TIMEOUT),
     ]
     return ScriptCall(CLAIM, _job_keys(job_id), args)
 

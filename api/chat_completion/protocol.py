@@ -156,9 +156,11 @@ class ChatCompletionRequest(BaseModel):
         text_grammar = structured.chat_grammar(self.response_format)
         return with_text_grammar(self.tool_plan, text_grammar, "response_format")
 
-    def to_job_spec(self, job_id: str, model: str, max_tokens_default: int = 512) -> jobs.JobSpec:
+    def to_job(
+        self, job_id: str, model: str, max_tokens_default: int = 512, owner: str | None = None
+    ) -> jobs.NewJob:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return jobs.JobSpec(
+        spec = jobs.JobSpec(
             id=job_id,
             kind="chat",
             model=model,
@@ -183,6 +185,7 @@ class ChatCompletionRequest(BaseModel):
                 min_p=self.min_p,
             ),
         )
+        return jobs.NewJob(spec=spec, meta=jobs.JobMeta(owner=owner))
 
 
 class Usage(BaseModel):

@@ -174,8 +174,8 @@ class ChatRun:
         after `stream_ping_seconds` gets its response head anyway (None here) and keep-alive
         pings, so proxies do not time out; errors then come in-band.
         """
-        spec = self.request.to_job_spec(self.job_id, self.model, self._max_tokens_default)
-        await self._follow.submit(spec)
+        job = self.request.to_job(self.job_id, self.model, self._max_tokens_default)
+        await self._follow.submit(job)
         try:
             first = await self._follow.next(self._ping_seconds if self.request.stream else None)
         except BaseException:

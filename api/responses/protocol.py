@@ -192,16 +192,16 @@ class ResponseCreateRequest(BaseModel):
             return "store"  # a background response must be stored to be polled
         return None
 
-    def to_job_spec(
+    def to_job(
         self, job_id: str, model: str, max_tokens_default: int = 512, owner: str | None = None
-    ) -> jobs.JobSpec:
+    ) -> jobs.NewJob:
         messages = [jobs.Message(role="system", content=self.instructions)] if self.instructions else []
         if isinstance(self.input, str):
             messages.append(jobs.Message(role="user", content=self.input))
         else:
             messages += _messages(self.input)
         plan = self.tool_plan
-        return jobs.JobSpec(
+        spec = jobs.JobSpec(
             id=job_id,
             kind="response",
             model=model,
@@ -216,17 +216,17 @@ class ResponseCreateRequest(BaseModel):
                 logprobs=self.logprobs,
                 top_logprobs=self.top_logprobs or 0,
             ),
-            response=jobs.ResponseOptions(
-                instructions=self.instructions,
-                metadata=self.metadata or {},
-                background=self.background,
-                max_output_tokens=self.max_output_tokens,
-                tools=self.tools or [],
-                tool_choice=self.tool_choice or ("auto" if self.tools else "none"),
-                parallel_tool_calls=plan.parallel,
-            ),
-            owner=owner,
         )
+        options = jobs.ResponseOptions(
+            instructions=self.instructions,
+            metadata=self.metadata or {},
+            background=self.background,
+            max_output_tokens=self.max_output_tokens,
+            tools=self.tools or [],
+            tool_choice=self.tool_choice or ("auto" if self.tools else "none"),
+            parallel_tool_calls=plan.parallel,
+        )
+        return jobs.NewJob(spec=spec, meta=jobs.JobMeta(owner=owner, response=options))
 
 
 class OutputText(BaseModel):

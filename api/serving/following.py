@@ -82,12 +82,12 @@ class Follow:
         self._owns_job = False
         self.ended = False
 
-    async def submit(self, spec: jobs.JobSpec) -> None:
+    async def submit(self, job: jobs.NewJob) -> None:
         """Subscribe, then enqueue the job; on any failure nothing is left subscribed."""
         try:
             with errors.queue_errors():
                 await self.attach()
-                await self._client.create(spec)
+                await self._client.create(job)
         except BaseException:
             await asyncio.shield(self.close())
             raise
