@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
@@ -125,8 +124,17 @@ class BatchStore:
         self._transition = client.register_script(_TRANSITION)
         self._lease = client.register_script(_LEASE)
 
-    def new_spec(self, **fields: Any) -> BatchSpec:
-        return BatchSpec(id=new_batch_id(), created_at=int(time.time()), **fields)
+    async def now(self) -> int:
+        """Redis's clock, in seconds. A batch's window is read by the claim script, on Redis's
+        clock, and by any API instance: one clock for all of them."""
+        seconds, _ = await self._redis.time()
+        return int(seconds)
+
+    async def new_spec(self, window_seconds: int, **fields: Any) -> BatchSpec:
+        created_at = await self.now()
+        return BatchSpec(
+            id=new_batch_id(), created_at=created_at, expires_at=created_at + window_seconds, **fields
+        )
 
     async def create(self, spec: BatchSpec) -> None:
         pipe = self._redis.pipeline(transaction=True)

@@ -48,17 +48,17 @@ class JobClient:
         self._ttl = settings.job_ttl_seconds
         self._scripts = AsyncScripts(client)
 
-    async def create(self, job: jobs.NewJob) -> None:
+    async def create(self, job: jobs.NewJob) -> float:
         """Admit the job as queued, then hand its id to Celery (the worker's claim reads the
-        spec from the record). Subscribe to its events first.
+        spec from the record). Subscribe to its events first. Returns its created_at (Redis's
+        clock, as the record has it).
 
         Raises QueueFull, before anything is enqueued, when MAX_QUEUED jobs are waiting.
         """
         spec = job.spec
-        admitted = await self._scripts.run(
-            jobs.admit(job, ttl=self._ttl, max_queued=self._settings.max_queued)
-        )
-        if not admitted:
+        call = jobs.admit(job, ttl=self._ttl, max_queued=self._settings.max_queued)
+        created_at = jobs.admitted(await self._scripts.run(call))
+        if created_at is None:
             raise QueueFull(f"{self._settings.max_queued} jobs are already waiting")
         log.info("job queued (%d messages, max_tokens=%d)", len(spec.messages), spec.sampling.max_tokens)
         try:
@@ -78,6 +78,7 @@ class JobClient:
             pipe.zrem(keys.QUEUED, spec.id)
             await pipe.execute()
             raise EnqueueFailed("the queue did not accept the job") from exc
+        return created_at
 
     async def create_batch_lines(self, lines: list[jobs.NewJob], *, ttl: int) -> None:
         """Queue lines of a batch behind every interactive job, outside MAX_QUEUED.

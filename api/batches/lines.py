@@ -179,13 +179,13 @@ def answer(job: jobs.JobRecord, log: list[events.AnyEvent]) -> tuple[int, dict[s
     """What the endpoint would have answered for this job: its status code and body."""
     spec = job.spec
     if spec.kind == "response":
-        view = responses.ResponseView(spec, job.meta)
+        view = responses.ResponseView(spec, job.meta, job.created_at)
         for event in log:
             view.apply(event)
         return 200, view.snapshot().model_dump(mode="json")
     chat_view = chat.ChatView(
         spec.id,
-        int(spec.created_at),
+        int(job.created_at),
         spec.model,
         tools=bool(spec.tools),
         n=spec.sampling.n,

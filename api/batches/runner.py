@@ -224,7 +224,7 @@ class BatchRunner:
         if record.ending is None:
             if record.status == "cancelling":
                 record.ending = "cancelled"
-            elif time.time() >= record.spec.expires_at:
+            elif await self._store.now() >= record.spec.expires_at:
                 record.ending = "expired"
             if record.ending is not None:
                 log.info("batch winding down: %s", record.ending)
@@ -265,11 +265,7 @@ class BatchRunner:
     def _line_job(self, record: BatchRecord, index: int, job: jobs.NewJob, attempt: int) -> jobs.NewJob:
         # Unguessable as the batch id is, and the same on every instance for this attempt.
         digest = hashlib.sha256(f"{record.spec.id}:{index}:{attempt}".encode()).hexdigest()[:32]
-        update = {
-            "id": jobs.ID_PREFIXES[job.spec.kind] + digest,
-            "created_at": time.time(),
-            "batch": record.spec.id,
-        }
+        update = {"id": jobs.ID_PREFIXES[job.spec.kind] + digest, "batch": record.spec.id}
         return job.model_copy(update={"spec": job.spec.model_copy(update=update)})
 
     async def _collect(self, record: BatchRecord) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 
 from api import errors
@@ -158,7 +157,7 @@ class ChatRun:
         self.model = settings.model_name
         self.job_id = jobs.new_job_id("chat")
         logs.job_id_var.set(self.job_id)
-        self.created = int(time.time())
+        self.created = 0  # set when the job is admitted, from its record's created_at
         self._follow = Follow(
             client, self.job_id, timeout_seconds=settings.request_timeout_seconds, gone=gone
         )
@@ -175,7 +174,7 @@ class ChatRun:
         pings, so proxies do not time out; errors then come in-band.
         """
         job = self.request.to_job(self.job_id, self.model, self._max_tokens_default)
-        await self._follow.submit(job)
+        self.created = int(await self._follow.submit(job))
         try:
             first = await self._follow.next(self._ping_seconds if self.request.stream else None)
         except BaseException:

@@ -54,8 +54,9 @@ class ResponseView:
     is a function_call item, its arguments streamed as function_call_arguments deltas.
     """
 
-    def __init__(self, spec: jobs.JobSpec, meta: jobs.JobMeta) -> None:
+    def __init__(self, spec: jobs.JobSpec, meta: jobs.JobMeta, created_at: float) -> None:
         self.spec = spec
+        self.created_at = created_at
         self.options = meta.response or jobs.ResponseOptions()
         self.status: ResponseStatus = "queued"
         self.text = ""
@@ -97,7 +98,7 @@ class ResponseView:
         output += self._calls()
         return Response(
             id=self.spec.id,
-            created_at=int(self.spec.created_at),
+            created_at=int(self.created_at),
             status=self.status,
             background=self.options.background,
             error=self.error,
@@ -282,14 +283,13 @@ class ResponsesService:
             owner=self._owner,
         )
         logs.job_id_var.set(job.spec.id)
-        view = ResponseView(job.spec, job.meta)
         if request.background and not request.stream:
             with errors.queue_errors():
-                await self._client.create(job)
-            return view.snapshot()
+                created_at = await self._client.create(job)
+            return ResponseView(job.spec, job.meta, created_at).snapshot()
         # A background job outlives its stream: a client that leaves resumes it later.
         follow = self._follow(job.spec.id, gone=gone, cancel_on_close=not request.background)
-        await follow.submit(job)
+        view = ResponseView(job.spec, job.meta, await follow.submit(job))
         if request.stream:
             return self._stream(view, follow, after=-1)
         return await self._collect(view, follow)
@@ -334,7 +334,7 @@ class ResponsesService:
         if record.spec.kind != "response" or record.meta.owner != self._owner or record.spec.batch:
             raise not_found
         logs.job_id_var.set(job_id)  # this request's logs and x-request-id name the job
-        return ResponseView(record.spec, record.meta)
+        return ResponseView(record.spec, record.meta, record.created_at)
 
     def _follow(self, job_id: str, gone: asyncio.Event | None = None, cancel_on_close: bool = True) -> Follow:
         timeout = self._settings.request_timeout_seconds
