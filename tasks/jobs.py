@@ -169,6 +169,16 @@ class JobRecord(BaseModel):
 _JSON_FIELDS = ("spec", "meta")
 
 
+class Ended(BaseModel):
+    """An entry of the ended stream (keys.ENDED): one job's ending, as end_job recorded it."""
+
+    id: str
+    kind: JobKind
+    status: JobStatus
+    at: float  # Redis's clock, as the record's finished_at
+    batch: str | None = None
+
+
 def status_for(event: events.Finished | events.Failed) -> JobStatus:
     if isinstance(event, events.Failed):
         return "failed"
@@ -202,6 +212,11 @@ def terminal_fields(event: events.Finished | events.Failed) -> dict[str, str]:
 # different hosts, whose clocks need not agree. Redis >= 5 replicates scripts by their effects,
 # so TIME is allowed before writes (7.0 is what we run).
 
+# How many entries the ended stream keeps (about; XADD trims whole macro nodes). It is a feed,
+# not the record (the job hashes are): a consumer reads it within minutes, and 100k endings
+# are hours of a busy deployment's traffic, in roughly 15 MB.
+ENDED_MAXLEN = 100_000
+
 WORKER_LOST_MESSAGE = "The worker running this job stopped."
 QUEUE_TIMEOUT_MESSAGE = "The job waited in the queue past its deadline."
 # Per-job scripts take KEYS = _job_keys(job_id) and ARGV[1] = job id, ARGV[2] = ttl seconds.
@@ -211,6 +226,7 @@ _JOB_KEYS = "local job, log, channel, cancel, lease, running, queued = unpack(KE
 _CONSTANTS = (
     f"local METRICS, BATCH_PREFIX = '{keys.METRICS}', '{keys.BATCH_PREFIX}'\n"
     f"local BATCH_QUEUED, BATCH_RUNNING = '{keys.BATCH_QUEUED}', '{keys.BATCH_RUNNING}'\n"
+    f"local ENDED, ENDED_MAXLEN = '{keys.ENDED}', {ENDED_MAXLEN}\n"
     f"local WORKER_LOST_MESSAGE = '{WORKER_LOST_MESSAGE}'\n"
     f"local QUEUE_TIMEOUT_MESSAGE = '{QUEUE_TIMEOUT_MESSAGE}'\n"
     + """
@@ -231,25 +247,34 @@ _PRELUDE = (
 local function is_open(status)
   return status == 'queued' or status == 'in_progress'
 end
--- How the job ended, for the metrics: its finish reason or its error code.
-local function outcome_of(fields)
+-- The value of the first of `names` among the field/value pairs, or nil.
+local function field_of(fields, names)
   for i = 1, #fields, 2 do
-    if fields[i] == 'finish_reason' or fields[i] == 'error_code' then return fields[i + 1] end
+    if names[fields[i]] then return fields[i + 1] end
   end
-  return 'unknown'
+  return nil
 end
 -- Append the terminal event, write the final fields and the time, drop the job from every
--- index, count it. Callers check first that the job is open: a job ends once.
+-- index, count it, and record the ending once in the ended stream. Callers check first that
+-- the job is open: a job ends once.
 local function end_job(job, log, channel, lease, running, queued, id, ttl, event, fields)
   local seq = redis.call('RPUSH', log, event) - 1
-  redis.call('HINCRBY', METRICS, 'outcome:' .. outcome_of(fields), 1)
-  redis.call('HSET', job, 'finished_at', stamp(clock()), unpack(fields))
+  local outcome = field_of(fields, {finish_reason = true, error_code = true}) or 'unknown'
+  redis.call('HINCRBY', METRICS, 'outcome:' .. outcome, 1)
+  local now = stamp(clock())
+  redis.call('HSET', job, 'finished_at', now, unpack(fields))
   redis.call('EXPIRE', job, ttl)
   redis.call('EXPIRE', log, ttl)
   redis.call('DEL', lease)
   redis.call('SREM', running, id)
   redis.call('ZREM', queued, id)
-  local batch = redis.call('HGET', job, 'batch')
+  local kind, batch = unpack(redis.call('HMGET', job, 'kind', 'batch'))
+  local entry = {'id', id, 'kind', kind or '', 'status', field_of(fields, {status = true}), 'at', now}
+  if batch then
+    table.insert(entry, 'batch')
+    table.insert(entry, batch)
+  end
+  redis.call('XADD', ENDED, 'MAXLEN', '~', ENDED_MAXLEN, '*', unpack(entry))
   if batch then
     redis.call('SREM', BATCH_RUNNING, id)
     redis.call('ZREM', BATCH_QUEUED, id)
