@@ -63,8 +63,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _reap_forever(jobs: JobClient) -> None:
-    """Every API instance also reaps (the script is atomic), so jobs of dead workers end even
-    when no worker is alive to do it."""
+    """The one periodic reaper: it ends jobs whose worker died (lapsed lease) and jobs past their
+    queue deadline.
+
+    It runs here, in every API instance, and nowhere else. Both endings must happen when no
+    worker is alive (the last worker died holding jobs; nothing is consuming the queue), so a
+    reaper in the workers could not be the only one, and the API is where jobs are created and
+    followed: a job's follower is answered only if some API runs. Several instances reaping is
+    safe: the script is atomic and ends a job only while it is open. A message that reaches a
+    worker after its job's deadline is refused, and the job failed, by the claim itself.
+    """
     while True:
         await asyncio.sleep(REAP_INTERVAL_SECONDS)
         try:

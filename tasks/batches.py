@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 
-from tasks import keys
+from tasks import jobs, keys
 
 BatchStatus = Literal[
     "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
@@ -52,12 +51,17 @@ class LineError(BaseModel):
     line: int | None = None
 
 
+# A line's job, as validated, has this id: each attempt at the line gets its own when it is
+# enqueued (api/batches/runner.py derives it from the batch, the line and the attempt).
+LINE_JOB_ID = "pending"
+
+
 class Line(BaseModel):
     """One input line, validated: the job to run for it, or None if the endpoint refused it (the
     error line is then written at validation)."""
 
     custom_id: str
-    job: dict[str, Any] | None = None  # a tasks.jobs.JobSpec without its id, as JSON
+    job: jobs.NewJob | None = None
 
 
 class BatchRecord(BaseModel):
@@ -120,8 +124,17 @@ class BatchStore:
         self._transition = client.register_script(_TRANSITION)
         self._lease = client.register_script(_LEASE)
 
-    def new_spec(self, **fields: Any) -> BatchSpec:
-        return BatchSpec(id=new_batch_id(), created_at=int(time.time()), **fields)
+    async def now(self) -> int:
+        """Redis's clock, in seconds. A batch's window is read by the claim script, on Redis's
+        clock, and by any API instance: one clock for all of them."""
+        seconds, _ = await self._redis.time()
+        return int(seconds)
+
+    async def new_spec(self, window_seconds: int, **fields: Any) -> BatchSpec:
+        created_at = await self.now()
+        return BatchSpec(
+            id=new_batch_id(), created_at=created_at, expires_at=created_at + window_seconds, **fields
+        )
 
     async def create(self, spec: BatchSpec) -> None:
         pipe = self._redis.pipeline(transaction=True)

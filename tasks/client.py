@@ -48,15 +48,17 @@ class JobClient:
         self._ttl = settings.job_ttl_seconds
         self._scripts = AsyncScripts(client)
 
-    async def create(self, spec: jobs.JobSpec) -> None:
-        """Admit the job as queued, then hand it to Celery. Subscribe to its events first.
+    async def create(self, job: jobs.NewJob) -> float:
+        """Admit the job as queued, then hand its id to Celery (the worker's claim reads the
+        spec from the record). Subscribe to its events first. Returns its created_at (Redis's
+        clock, as the record has it).
 
         Raises QueueFull, before anything is enqueued, when MAX_QUEUED jobs are waiting.
         """
-        admitted = await self._scripts.run(
-            jobs.admit(spec, ttl=self._ttl, max_queued=self._settings.max_queued)
-        )
-        if not admitted:
+        spec = job.spec
+        call = jobs.admit(job, ttl=self._ttl, max_queued=self._settings.max_queued)
+        created_at = jobs.admitted(await self._scripts.run(call))
+        if created_at is None:
             raise QueueFull(f"{self._settings.max_queued} jobs are already waiting")
         log.info("job queued (%d messages, max_tokens=%d)", len(spec.messages), spec.sampling.max_tokens)
         try:
@@ -64,7 +66,7 @@ class JobClient:
             await asyncio.to_thread(
                 app.send_task,
                 keys.GENERATE_TASK,
-                args=[spec.model_dump(mode="json")],
+                args=[spec.id],
                 task_id=spec.id,
                 queue=keys.GENERATE_QUEUE,
                 # Flower and worker logs show this instead of the arguments: prompts stay private.
@@ -76,21 +78,22 @@ class JobClient:
             pipe.zrem(keys.QUEUED, spec.id)
             await pipe.execute()
             raise EnqueueFailed("the queue did not accept the job") from exc
+        return created_at
 
-    async def create_batch_lines(self, specs: list[jobs.JobSpec], *, ttl: int) -> None:
+    async def create_batch_lines(self, lines: list[jobs.NewJob], *, ttl: int) -> None:
         """Queue lines of a batch behind every interactive job, outside MAX_QUEUED.
 
         Idempotent: a line whose job exists is not recorded again, and a second message for it
         is skipped by the worker's claim, so a restarted API can repeat an enqueue it may or may
         not have finished.
         """
-        await self._scripts.run_many(self._redis, [jobs.admit_batch_line(s, ttl=ttl) for s in specs])
+        await self._scripts.run_many(self._redis, [jobs.admit_batch_line(j, ttl=ttl) for j in lines])
 
         def send_all() -> None:
-            for spec in specs:
+            for spec in (j.spec for j in lines):
                 app.send_task(
                     keys.GENERATE_TASK,
-                    args=[spec.model_dump(mode="json")],
+                    args=[spec.id],
                     task_id=spec.id,
                     queue=keys.GENERATE_QUEUE,
                     priority=keys.BATCH_PRIORITY,

@@ -24,25 +24,29 @@ END_WAIT_MARGIN_SECONDS = 60.0
 
 
 @app.task(name=keys.GENERATE_TASK)
-def generate(spec_json: dict[str, object]) -> None:
-    spec = jobs.JobSpec.model_validate(spec_json)
-    # A batch line's log lines name its batch too.
-    logs.job_id_var.set(spec.id if spec.batch is None else f"{spec.batch}/{spec.id}")
+def generate(job_id: str) -> None:
+    logs.job_id_var.set(job_id)
     rt = runtime()
     settings = rt.settings
-    # Batch lines have no queue deadline: their batch's completion window bounds them.
-    if spec.batch is None and time.time() - spec.created_at > settings.queue_timeout_seconds:
-        # The reaper ends such jobs too; this covers a message that reaches us first.
-        rt.scripts.run(jobs.reap(ttl=settings.job_ttl_seconds, queue_timeout=settings.queue_timeout_seconds))
-        return
     claim = jobs.claim(
-        spec.id, ttl=settings.job_ttl_seconds, worker=rt.name, lease_seconds=settings.job_lease_seconds
+        job_id,
+        ttl=settings.job_ttl_seconds,
+        worker=rt.name,
+        lease_seconds=settings.job_lease_seconds,
+        queue_timeout=settings.queue_timeout_seconds,
     )
-    if not rt.scripts.run(claim):
-        log.info("job %s is no longer queued (cancelled, expired or already run); skipping", spec.id)
+    claimed = jobs.claimed(rt.scripts.run(claim))
+    if claimed is None:
+        log.info("job %s is no longer queued (cancelled, timed out or already run); skipping", job_id)
         return
+    spec = claimed.spec
+    # The wait is Redis's measure; taking it from this host's clock keeps the metrics' spans on
+    # one clock, whatever the API's host says the time is.
+    created_at = time.time() - claimed.waited_seconds
+    if spec.batch is not None:  # a batch line's log lines name its batch too
+        logs.job_id_var.set(f"{spec.batch}/{spec.id}")
     try:
-        job = _prepare(rt, spec)
+        job = _prepare(rt, claimed, created_at)
     except Exception:
         log.exception("job %s failed", spec.id)
         job = None
@@ -55,8 +59,9 @@ def generate(spec_json: dict[str, object]) -> None:
         _write(rt, spec.id, events.Failed(code="internal_error", message="The generation did not end."))
 
 
-def _prepare(rt: WorkerRuntime, spec: jobs.JobSpec) -> SlotJob | None:
+def _prepare(rt: WorkerRuntime, claimed: jobs.Claimed, created_at: float) -> SlotJob | None:
     """The job ready for the loop, its Started event written; None if it ended here instead."""
+    spec = claimed.spec
     if spec.model != rt.settings.model_name:
         message = f"This worker serves '{rt.settings.model_name}', not '{spec.model}'."
         _write(rt, spec.id, events.Failed(code="model_not_found", message=message))
@@ -80,12 +85,11 @@ def _prepare(rt: WorkerRuntime, spec: jobs.JobSpec) -> SlotJob | None:
             return None
     claimed_at = time.time()
     _write(rt, spec.id, events.Started(prompt_tokens=len(prompt.token_ids), worker=rt.name))
-    log.info(
-        "generating: %d prompt tokens, waited %.3fs", len(prompt.token_ids), claimed_at - spec.created_at
-    )
+    log.info("generating: %d prompt tokens, waited %.3fs", len(prompt.token_ids), claimed.waited_seconds)
     return SlotJob(
         spec=spec,
         prompt=prompt,
+        created_at=created_at,
         claimed_at=claimed_at,
         deadline=time.monotonic() + rt.settings.max_generation_seconds,
         buffers=[

@@ -9,7 +9,6 @@ already ended, whoever (worker, API, a later reaper) tries.
 from __future__ import annotations
 
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,11 +20,16 @@ from tasks import events, keys
 from tasks.sampling import Sampling
 
 JobStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
+# What the job answers: a chat completion or a Response. A line of a batch is one of these too;
+# its batch is a separate field (JobSpec.batch), as a line is answered as its endpoint answers.
+JobKind = Literal["chat", "response"]
+# The id prefix of each kind, as OpenAI's ids have them.
+ID_PREFIXES: dict[JobKind, str] = {"chat": "chatcmpl-", "response": "resp_"}
 
 
-def new_job_id(prefix: str) -> str:
-    """An unguessable id: 128 random bits."""
-    return f"{prefix}{secrets.token_hex(16)}"
+def new_job_id(kind: JobKind) -> str:
+    """An unguessable id: the kind's prefix and 128 random bits."""
+    return f"{ID_PREFIXES[kind]}{secrets.token_hex(16)}"
 
 
 class ToolCall(BaseModel):
@@ -42,7 +46,7 @@ class Message(BaseModel):
 
 
 class ResponseOptions(BaseModel):
-    """What a Responses API job echoes back on its Response object. Workers ignore it."""
+    """What a Responses API job echoes back on its Response object."""
 
     instructions: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
@@ -54,22 +58,17 @@ class ResponseOptions(BaseModel):
 
 
 class JobSpec(BaseModel):
-    """Everything a worker needs to run the job; written once when the job is created."""
+    """Everything a worker needs to run the job, and nothing else; written once when the job is
+    created, and handed to the worker that claims it (CLAIM returns it)."""
 
     id: str
+    kind: JobKind
     model: str
     messages: list[Message]
     sampling: Sampling
-    created_at: float = Field(default_factory=time.time)
-    response: ResponseOptions | None = None  # set for jobs created through /v1/responses
-    # The creating API key's owner tag (api.edge.auth.owner_tag), never the key; None without API_KEYS.
-    # Only callers with the same tag may read, resume or cancel the job.
-    owner: str | None = None
-    # Set for a line of a batch (tasks/batches.py): its batch's id and the line's index. The job
-    # then queues outside MAX_QUEUED, behind every interactive job, and its end is reported to
-    # the batch's `done` list.
+    # Set for a line of a batch (tasks/batches.py): its batch's id. The job then queues outside
+    # MAX_QUEUED, behind every interactive job, and its end is reported to the batch.
     batch: str | None = None
-    batch_line: int | None = None
     # Function tools the prompt offers the model ({"type": "function", "function": {...}}); the
     # API has already checked them and holds the grammar its calls follow in `sampling.grammar`.
     tools: list[dict[str, Any]] = Field(default_factory=list)
@@ -86,11 +85,30 @@ class JobSpec(BaseModel):
         ]
 
 
+class JobMeta(BaseModel):
+    """What only the API reads back about a job. Workers never see it: it is stored beside the
+    spec (the job hash's `meta` field), by the same script that admits the job."""
+
+    # The creating API key's owner tag (api.edge.auth.owner_tag), never the key; None without API_KEYS.
+    # Only callers with the same tag may read, resume or cancel the job.
+    owner: str | None = None
+    response: ResponseOptions | None = None  # what a Response echoes (jobs of kind "response")
+
+
+class NewJob(BaseModel):
+    """A job as the API creates it: the worker's spec and the API's meta, admitted together."""
+
+    spec: JobSpec
+    meta: JobMeta = Field(default_factory=JobMeta)
+
+
 class JobRecord(BaseModel):
     """The job as stored in its Redis hash."""
 
     spec: JobSpec
+    meta: JobMeta
     status: JobStatus
+    created_at: float  # when it was admitted, by Redis's clock (as every time in the record)
     worker: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
@@ -102,8 +120,25 @@ class JobRecord(BaseModel):
 
     @classmethod
     def from_hash(cls, fields: dict[str, str]) -> JobRecord:
-        data: dict[str, object] = {k: v for k, v in fields.items() if k != "spec" and v != ""}
-        return cls(spec=JobSpec.model_validate_json(fields["spec"]), **data)  # type: ignore[arg-type]
+        data: dict[str, object] = {k: v for k, v in fields.items() if k not in _JSON_FIELDS and v != ""}
+        return cls(
+            spec=JobSpec.model_validate_json(fields["spec"]),
+            meta=JobMeta.model_validate_json(fields["meta"]),
+            **data,  # type: ignore[arg-type]
+        )
+
+
+_JSON_FIELDS = ("spec", "meta")
+
+
+class Ended(BaseModel):
+    """An entry of the ended stream (keys.ENDED): one job's ending, as end_job recorded it."""
+
+    id: str
+    kind: JobKind
+    status: JobStatus
+    at: float  # Redis's clock, as the record's finished_at
+    batch: str | None = None
 
 
 def status_for(event: events.Finished | events.Failed) -> JobStatus:
@@ -119,7 +154,8 @@ def status_for(event: events.Finished | events.Failed) -> JobStatus:
 
 
 def terminal_fields(event: events.Finished | events.Failed) -> dict[str, str]:
-    fields = {"status": status_for(event), "finished_at": repr(time.time())}
+    """The record's final fields, but `finished_at`: end_job stamps that with Redis's clock."""
+    fields: dict[str, str] = {"status": status_for(event)}
     if isinstance(event, events.Failed):
         fields |= {"error_code": event.code, "error_message": event.message}
     else:
@@ -132,6 +168,19 @@ def terminal_fields(event: events.Finished | events.Failed) -> dict[str, str]:
 
 
 # --- Lua scripts: every state change of a job is one atomic script ---------------------------
+#
+# Every time a script records or compares (admission, claim, lease, queue deadline, a batch's
+# window, the end) is Redis's own clock (TIME), never a caller's: the API and the workers run on
+# different hosts, whose clocks need not agree. Redis >= 5 replicates scripts by their effects,
+# so TIME is allowed before writes (7.0 is what we run).
+
+# How many entries the ended stream keeps (about; XADD trims whole macro nodes). It is a feed,
+# not the record (the job hashes are): a consumer reads it within minutes, and 100k endings
+# are hours of a busy deployment's traffic, in roughly 15 MB.
+ENDED_MAXLEN = 100_000
+
+WORKER_LOST_MESSAGE = "The worker running this job stopped."
+QUEUE_TIMEOUT_MESSAGE = "The job waited in the queue past its deadline."
 # Per-job scripts take KEYS = _job_keys(job_id) and ARGV[1] = job id, ARGV[2] = ttl seconds.
 
 _JOB_KEYS = "local job, log, channel, cancel, lease, running, queued = unpack(KEYS)\n"
@@ -139,6 +188,19 @@ _JOB_KEYS = "local job, log, channel, cancel, lease, running, queued = unpack(KE
 _CONSTANTS = (
     f"local METRICS, BATCH_PREFIX = '{keys.METRICS}', '{keys.BATCH_PREFIX}'\n"
     f"local BATCH_QUEUED, BATCH_RUNNING = '{keys.BATCH_QUEUED}', '{keys.BATCH_RUNNING}'\n"
+    f"local ENDED, ENDED_MAXLEN = '{keys.ENDED}', {ENDED_MAXLEN}\n"
+    f"local WORKER_LOST_MESSAGE = '{WORKER_LOST_MESSAGE}'\n"
+    f"local QUEUE_TIMEOUT_MESSAGE = '{QUEUE_TIMEOUT_MESSAGE}'\n"
+    + """
+-- Redis's clock, in seconds; and as a record stores it (tostring would keep 14 digits only).
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function stamp(seconds)
+  return string.format('%.6f', seconds)
+end
+"""
 )
 
 _PRELUDE = (
@@ -147,24 +209,34 @@ _PRELUDE = (
 local function is_open(status)
   return status == 'queued' or status == 'in_progress'
 end
--- How the job ended, for the metrics: its finish reason or its error code.
-local function outcome_of(fields)
+-- The value of the first of `names` among the field/value pairs, or nil.
+local function field_of(fields, names)
   for i = 1, #fields, 2 do
-    if fields[i] == 'finish_reason' or fields[i] == 'error_code' then return fields[i + 1] end
+    if names[fields[i]] then return fields[i + 1] end
   end
-  return 'unknown'
+  return nil
 end
--- Append the terminal event, write the final fields, drop the job from every index, count it.
+-- Append the terminal event, write the final fields and the time, drop the job from every
+-- index, count it, and record the ending once in the ended stream. Callers check first that
+-- the job is open: a job ends once.
 local function end_job(job, log, channel, lease, running, queued, id, ttl, event, fields)
   local seq = redis.call('RPUSH', log, event) - 1
-  redis.call('HINCRBY', METRICS, 'outcome:' .. outcome_of(fields), 1)
-  redis.call('HSET', job, unpack(fields))
+  local outcome = field_of(fields, {finish_reason = true, error_code = true}) or 'unknown'
+  redis.call('HINCRBY', METRICS, 'outcome:' .. outcome, 1)
+  local now = stamp(clock())
+  redis.call('HSET', job, 'finished_at', now, unpack(fields))
   redis.call('EXPIRE', job, ttl)
   redis.call('EXPIRE', log, ttl)
   redis.call('DEL', lease)
   redis.call('SREM', running, id)
   redis.call('ZREM', queued, id)
-  local batch = redis.call('HGET', job, 'batch')
+  local kind, batch = unpack(redis.call('HMGET', job, 'kind', 'batch'))
+  local entry = {'id', id, 'kind', kind or '', 'status', field_of(fields, {status = true}), 'at', now}
+  if batch then
+    table.insert(entry, 'batch')
+    table.insert(entry, batch)
+  end
+  redis.call('XADD', ENDED, 'MAXLEN', '~', ENDED_MAXLEN, '*', unpack(entry))
   if batch then
     redis.call('SREM', BATCH_RUNNING, id)
     redis.call('ZREM', BATCH_QUEUED, id)
@@ -181,28 +253,38 @@ end
 """
 )
 
-# ARGV: id, ttl, spec json, now, max queued. Records a queued job unless the queue is full;
-# 1 if admitted, 0 if not. Counting the queued index (not Celery's list) means cancelled and
-# expired jobs stop counting at once.
-ADMIT = """
+# ARGV: id, ttl, spec json, meta json, kind, max queued. Records a queued job, created now,
+# unless the queue is full; returns its created_at, or false if not admitted. Counting the
+# queued index (not Celery's list) means cancelled and expired jobs stop counting at once. The
+# kind is copied out of the spec into its own field so that scripts (end_job) read it without
+# decoding JSON.
+ADMIT = (
+    _CONSTANTS
+    + """
 local job, queued = KEYS[1], KEYS[2]
-if redis.call('ZCARD', queued) >= tonumber(ARGV[5]) then return 0 end
-redis.call('HSET', job, 'status', 'queued', 'spec', ARGV[3])
+if redis.call('ZCARD', queued) >= tonumber(ARGV[6]) then return false end
+local now = clock()
+redis.call('HSET', job, 'status', 'queued', 'spec', ARGV[3], 'meta', ARGV[4], 'kind', ARGV[5],
+           'created_at', stamp(now))
 redis.call('EXPIRE', job, ARGV[2])
-redis.call('ZADD', queued, ARGV[4], ARGV[1])
-return 1
+redis.call('ZADD', queued, now, ARGV[1])
+return stamp(now)
 """
+)
 
-# ARGV: id, ttl, spec json, now, batch id. Records a queued batch line unless the job exists (a
-# second enqueue of the same line, after an API restart, changes nothing); 1 if recorded.
+# ARGV: id, ttl, spec json, meta json, kind, batch id. Records a queued batch line unless the
+# job exists (a second enqueue of the same line, after an API restart, changes nothing); 1 if
+# recorded.
 ADMIT_BATCH_LINE = (
     _CONSTANTS
     + """
 local job = KEYS[1]
 if redis.call('EXISTS', job) == 1 then return 0 end
-redis.call('HSET', job, 'status', 'queued', 'spec', ARGV[3], 'batch', ARGV[5])
+local now = clock()
+redis.call('HSET', job, 'status', 'queued', 'spec', ARGV[3], 'meta', ARGV[4], 'kind', ARGV[5],
+           'created_at', stamp(now), 'batch', ARGV[6])
 redis.call('EXPIRE', job, ARGV[2])
-redis.call('ZADD', BATCH_QUEUED, ARGV[4], ARGV[1])
+redis.call('ZADD', BATCH_QUEUED, now, ARGV[1])
 return 1
 """
 )
@@ -225,43 +307,53 @@ return seq
 """
 )
 
-# ARGV: id, ttl, worker name, now, lease seconds, cancelled-event json. Moves a queued job to
-# in_progress under a lease the worker keeps renewing; 1 if this caller got it, 0 if it was
-# already taken, ended or expired (a redelivered message, a cancelled or timed-out job), or if
-# it is a line of a batch that is being cancelled, has failed or has expired (it then ends
-# cancelled).
+# ARGV: id, ttl, worker name, lease seconds, cancelled-event json, queue timeout seconds,
+# queue-timeout event json. Moves a queued job to in_progress under a lease the worker keeps
+# renewing. Returns {spec json, seconds it waited} if this caller got it (the Celery message
+# carries only the id: the spec travels once); false if it was already taken, ended or expired
+# (a redelivered message, a cancelled or timed-out job), if it waited past its queue deadline
+# (it then fails, queue_timeout), or if it is a line of a batch that is being cancelled, has
+# failed or has expired (it then ends cancelled).
 CLAIM = (
     _PRELUDE
     + _JOB_KEYS
     + """
-if redis.call('HGET', job, 'status') ~= 'queued' then return 0 end
-local batch = redis.call('HGET', job, 'batch')
+local id, ttl = ARGV[1], ARGV[2]
+if redis.call('HGET', job, 'status') ~= 'queued' then return false end
+local now = clock()
+local created_at, batch = unpack(redis.call('HMGET', job, 'created_at', 'batch'))
+local waited = now - tonumber(created_at)
 if batch then
   -- A line of a batch that is being cancelled, has failed (api/batches/runner.py gave it up) or
   -- whose window has closed never starts, even if its batch has not yet been wound down.
-  local b = BATCH_PREFIX .. batch
-  local b_status, b_expires = unpack(redis.call('HMGET', b, 'status', 'expires_at'))
+  local b_status, b_expires = unpack(redis.call('HMGET', BATCH_PREFIX .. batch, 'status', 'expires_at'))
   if b_status == 'cancelling' or b_status == 'cancelled' or b_status == 'failed'
-      or (b_expires and tonumber(ARGV[4]) >= tonumber(b_expires)) then
-    end_job(job, log, channel, lease, running, queued, ARGV[1], ARGV[2], ARGV[6],
-            {'status', 'cancelled', 'finish_reason', 'cancelled', 'finished_at', ARGV[4]})
-    return 0
+      or (b_expires and now >= tonumber(b_expires)) then
+    end_job(job, log, channel, lease, running, queued, id, ttl, ARGV[5],
+            {'status', 'cancelled', 'finish_reason', 'cancelled'})
+    return false
   end
+elseif waited > tonumber(ARGV[6]) then
+  -- A message that reaches a worker after its job's queue deadline, before the reaper ended it.
+  -- Batch lines have none: their batch's completion window bounds them.
+  end_job(job, log, channel, lease, running, queued, id, ttl, ARGV[7],
+          {'status', 'failed', 'error_code', 'queue_timeout', 'error_message', QUEUE_TIMEOUT_MESSAGE})
+  return false
 end
-redis.call('HSET', job, 'status', 'in_progress', 'worker', ARGV[3], 'started_at', ARGV[4])
-redis.call('ZREM', queued, ARGV[1])
-redis.call('SADD', running, ARGV[1])
-if redis.call('HEXISTS', job, 'batch') == 1 then
-  redis.call('ZREM', BATCH_QUEUED, ARGV[1])
-  redis.call('SADD', BATCH_RUNNING, ARGV[1])
+redis.call('HSET', job, 'status', 'in_progress', 'worker', ARGV[3], 'started_at', stamp(now))
+redis.call('ZREM', queued, id)
+redis.call('SADD', running, id)
+if batch then
+  redis.call('ZREM', BATCH_QUEUED, id)
+  redis.call('SADD', BATCH_RUNNING, id)
 end
-redis.call('SET', lease, ARGV[3], 'EX', ARGV[5])
-return 1
+redis.call('SET', lease, ARGV[3], 'EX', ARGV[4])
+return {redis.call('HGET', job, 'spec'), stamp(waited)}
 """
 )
 
-# ARGV: id, ttl, cancelled-event json, now. Ends a queued job at once; flags a running one for
-# its worker, which stops between tokens. Returns the status the job had.
+# ARGV: id, ttl, cancelled-event json. Ends a queued job at once; flags a running one for its
+# worker, which stops between tokens. Returns the status the job had.
 CANCEL = (
     _PRELUDE
     + _JOB_KEYS
@@ -269,7 +361,7 @@ CANCEL = (
 local status = redis.call('HGET', job, 'status')
 if status == 'queued' then
   end_job(job, log, channel, lease, running, queued, ARGV[1], ARGV[2], ARGV[3],
-          {'status', 'cancelled', 'finish_reason', 'cancelled', 'finished_at', ARGV[4]})
+          {'status', 'cancelled', 'finish_reason', 'cancelled'})
 elseif status == 'in_progress' then
   redis.call('SET', cancel, '1', 'EX', ARGV[2])
 end
@@ -277,21 +369,21 @@ return status
 """
 )
 
-# KEYS: running set, queued index. ARGV: key prefix, ttl, now, queue cutoff (now - queue
-# timeout), worker-lost event json, queue-timeout event json. Fails running jobs whose lease
-# expired (their worker died) and queued jobs past their deadline; returns how many it ended.
-# It works across jobs, so it builds their key names from the prefix in tasks/keys.py.
+# KEYS: running set, queued index. ARGV: key prefix, ttl, queue timeout seconds, worker-lost
+# event json, queue-timeout event json. Fails running jobs whose lease expired (their worker
+# died) and queued jobs past their deadline; returns how many it ended. It works across jobs,
+# so it builds their key names from the prefix in tasks/keys.py.
 REAP = (
     _PRELUDE
     + """
 local running, queued = KEYS[1], KEYS[2]
-local prefix, ttl, now = ARGV[1], ARGV[2], ARGV[3]
+local prefix, ttl = ARGV[1], ARGV[2]
 local ended = 0
 local function fail(id, event, code, message)
   local job = prefix .. id
   if is_open(redis.call('HGET', job, 'status')) then
     end_job(job, job .. ':log', job .. ':events', job .. ':lease', running, queued, id, ttl, event,
-            {'status', 'failed', 'error_code', code, 'error_message', message, 'finished_at', now})
+            {'status', 'failed', 'error_code', code, 'error_message', message})
     ended = ended + 1
   else
     redis.call('SREM', running, id)
@@ -302,18 +394,19 @@ local function fail(id, event, code, message)
 end
 for _, id in ipairs(redis.call('SMEMBERS', running)) do
   if redis.call('EXISTS', prefix .. id .. ':lease') == 0 then
-    fail(id, ARGV[5], 'worker_lost', 'The worker running this job stopped.')
+    fail(id, ARGV[4], 'worker_lost', WORKER_LOST_MESSAGE)
   end
 end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', queued, '-inf', ARGV[4])) do
-  fail(id, ARGV[6], 'queue_timeout', 'The job waited in the queue past its deadline.')
+local cutoff = clock() - tonumber(ARGV[3])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', queued, '-inf', '(' .. cutoff)) do
+  fail(id, ARGV[5], 'queue_timeout', QUEUE_TIMEOUT_MESSAGE)
 end
 return ended
 """
 )
 
-WORKER_LOST = events.Failed(code="worker_lost", message="The worker running this job stopped.")
-QUEUE_TIMEOUT = events.Failed(code="queue_timeout", message="The job waited in the queue past its deadline.")
+WORKER_LOST = events.Failed(code="worker_lost", message=WORKER_LOST_MESSAGE)
+QUEUE_TIMEOUT = events.Failed(code="queue_timeout", message=QUEUE_TIMEOUT_MESSAGE)
 
 
 def cancelled_event(prompt_tokens: int = 0, completion_tokens: int = 0) -> events.Finished:
@@ -347,28 +440,55 @@ class ScriptCall:
     args: list[str | int | float]
 
 
-def admit(spec: JobSpec, *, ttl: int, max_queued: int) -> ScriptCall:
-    """Record a queued job; returns 1 if admitted, 0 if MAX_QUEUED jobs already wait."""
-    args: list[str | int | float] = [spec.id, ttl, spec.model_dump_json(), repr(time.time()), max_queued]
-    return ScriptCall(ADMIT, [keys.job(spec.id), keys.QUEUED], args)
+def _admit_args(job: NewJob, ttl: int) -> list[str | int | float]:
+    spec = job.spec
+    return [spec.id, ttl, spec.model_dump_json(), job.meta.model_dump_json(), spec.kind]
 
 
-def admit_batch_line(spec: JobSpec, *, ttl: int) -> ScriptCall:
+def admit(job: NewJob, *, ttl: int, max_queued: int) -> ScriptCall:
+    """Record a queued job; its reply, read by admitted(), is when it was created (Redis's
+    clock), or nothing if MAX_QUEUED jobs already wait."""
+    return ScriptCall(ADMIT, [keys.job(job.spec.id), keys.QUEUED], [*_admit_args(job, ttl), max_queued])
+
+
+def admitted(reply: str | None) -> float | None:
+    """What an admit() call answered: the job's created_at, or None if the queue was full."""
+    return None if reply is None else float(reply)
+
+
+def admit_batch_line(job: NewJob, *, ttl: int) -> ScriptCall:
     """Record a queued line of batch `spec.batch`, unless its job exists; 1 if recorded."""
-    assert spec.batch is not None
-    args: list[str | int | float] = [spec.id, ttl, spec.model_dump_json(), repr(time.time()), spec.batch]
-    return ScriptCall(ADMIT_BATCH_LINE, [keys.job(spec.id)], args)
+    assert job.spec.batch is not None
+    return ScriptCall(ADMIT_BATCH_LINE, [keys.job(job.spec.id)], [*_admit_args(job, ttl), job.spec.batch])
 
 
-def claim(job_id: str, *, ttl: int, worker: str, lease_seconds: int) -> ScriptCall:
-    """Move a queued job to in_progress under this worker's lease; returns 1 if it got the job."""
+@dataclass(frozen=True)
+class Claimed:
+    """A job this worker got: its spec, and how long it waited for a worker (Redis's clock)."""
+
+    spec: JobSpec
+    waited_seconds: float
+
+
+def claimed(reply: list[str] | None) -> Claimed | None:
+    """What a claim() call answered: the job if this caller got it."""
+    if reply is None:
+        return None
+    spec, waited = reply
+    return Claimed(JobSpec.model_validate_json(spec), float(waited))
+
+
+def claim(job_id: str, *, ttl: int, worker: str, lease_seconds: int, queue_timeout: float) -> ScriptCall:
+    """Move a queued job to in_progress under this worker's lease, unless it has ended, been
+    taken, or waited past its deadline; read the reply with claimed()."""
     args: list[str | int | float] = [
         job_id,
         ttl,
         worker,
-        repr(time.time()),
         lease_seconds,
         events.encode(cancelled_event()),
+        queue_timeout,
+        events.encode(QUEUE_TIMEOUT),
     ]
     return ScriptCall(CLAIM, _job_keys(job_id), args)
 
@@ -384,18 +504,15 @@ def append(job_id: str, event: events.AnyEvent, *, ttl: int) -> ScriptCall:
 
 def cancel(job_id: str, *, ttl: int) -> ScriptCall:
     """End a queued job now, or flag a running one for its worker; returns the status it had."""
-    args: list[str | int | float] = [job_id, ttl, events.encode(cancelled_event()), repr(time.time())]
-    return ScriptCall(CANCEL, _job_keys(job_id), args)
+    return ScriptCall(CANCEL, _job_keys(job_id), [job_id, ttl, events.encode(cancelled_event())])
 
 
 def reap(*, ttl: int, queue_timeout: float) -> ScriptCall:
     """End jobs whose worker died or whose queue deadline passed; returns how many."""
-    now = time.time()
     args: list[str | int | float] = [
         keys.job(""),
         ttl,
-        repr(now),
-        repr(now - queue_timeout),
+        queue_timeout,
         events.encode(WORKER_LOST),
         events.encode(QUEUE_TIMEOUT),
     ]

@@ -20,6 +20,9 @@ WORKERS = f"{NAMESPACE}:workers"  # set of worker names ever registered; pruned 
 QUEUED = f"{NAMESPACE}:queued"  # sorted set: waiting job ids by creation time (admission, deadlines)
 METRICS = f"{NAMESPACE}:metrics"  # hash: counters and histogram buckets (tasks/metrics.py)
 RUNNING = f"{NAMESPACE}:running"  # set: job ids a worker has claimed (the reaper checks their leases)
+# Stream: one entry per job ending (id, kind, status, batch, at), added by the script that ends
+# the job (tasks/jobs.py end_job), for consumers that follow endings without polling each job.
+ENDED = f"{NAMESPACE}:ended"
 # Batch lines (tasks/batches.py) wait in their own index: they never count against MAX_QUEUED
 # and have no queue deadline (their batch's completion window bounds them instead).
 BATCH_QUEUED = f"{NAMESPACE}:batch-queued"  # sorted set: queued batch-line job ids by enqueue time

@@ -86,6 +86,7 @@ class SlotJob:
 
     spec: jobs.JobSpec
     prompt: Prompt
+    created_at: float  # this host's wall clock: when the job was admitted (generate.py)
     claimed_at: float  # wall clock, for the queue-time metric
     deadline: float  # monotonic: MAX_GENERATION_SECONDS after the claim
     buffers: list[DeltaBuffer]  # one per choice
@@ -288,9 +289,9 @@ class SlotLoop:
     def _record_metrics(self, job: SlotJob, done: events.Finished) -> None:
         spec = job.spec
         timings = metrics.JobTimings(
-            queue_seconds=job.claimed_at - spec.created_at,
-            ttft_seconds=None if job.first_token_at is None else job.first_token_at - spec.created_at,
-            e2e_seconds=time.time() - spec.created_at,
+            queue_seconds=job.claimed_at - job.created_at,
+            ttft_seconds=None if job.first_token_at is None else job.first_token_at - job.created_at,
+            e2e_seconds=time.time() - job.created_at,
             prompt_tokens=done.prompt_tokens,
             generation_tokens=done.completion_tokens,
         )

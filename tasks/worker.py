@@ -20,7 +20,7 @@ from celery import signals
 
 from model.engine import Engine
 from model.loading import load_model
-from tasks import jobs, keys, logs
+from tasks import keys, logs
 from tasks.redis import sync_client
 from tasks.scripts import Scripts
 from tasks.settings import Settings, get_settings
@@ -101,11 +101,11 @@ def describe(rt: WorkerRuntime) -> dict[str, Any]:
 
 
 def _heartbeat(rt: WorkerRuntime, stop: threading.Event) -> None:
-    """Keep this worker's readiness key and its jobs' leases alive, in one round trip, and reap
-    dead workers' jobs.
+    """Keep this worker's readiness key and its jobs' leases alive, in one round trip.
 
-    The keys expire on their own if this process dies, which is how others notice. A thread,
-    not the decode loop, renews them, so a long prefill does not look like a dead worker.
+    The keys expire on their own if this process dies, which is how others notice (the API's
+    reaper, api/main.py, ends the jobs of lapsed leases). A thread, not the decode loop, renews
+    them, so a long prefill does not look like a dead worker.
     """
     settings = rt.settings
     # Renew well within the lease: a lease shorter than the usual beat would otherwise run out
@@ -119,9 +119,6 @@ def _heartbeat(rt: WorkerRuntime, stop: threading.Event) -> None:
             for job in list(rt.running):
                 pipe.set(keys.job_lease(job), rt.name, ex=settings.job_lease_seconds, xx=True)
             pipe.execute()
-            call = jobs.reap(ttl=settings.job_ttl_seconds, queue_timeout=settings.queue_timeout_seconds)
-            if ended := rt.scripts.run(call):
-                log.warning("reaper ended %s job(s) of dead workers or past their queue deadline", ended)
         except redis.RedisError as exc:  # Redis away: keep trying; readers see us expire
             log.warning("heartbeat failed: %s", exc)
         except Exception:  # anything else must not stop the heartbeat: its jobs would be reaped

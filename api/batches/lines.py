@@ -25,7 +25,7 @@ from api.responses import serving as responses
 from api.responses.protocol import ResponseCreateRequest
 from api.serving import caps
 from tasks import events, jobs
-from tasks.batches import Line, LineError
+from tasks.batches import LINE_JOB_ID, Line, LineError
 from tasks.settings import Settings
 
 # A batch that fails validation lists at most this many problems (OpenAI lists a sample too).
@@ -66,12 +66,12 @@ def parse_input(content: bytes, endpoint: str, settings: Settings, owner: str | 
         return out
     for index, (_, raw, custom_id) in enumerate(envelopes):
         try:
-            spec = _job_of(raw, endpoint, settings, owner)
+            job = _job_of(raw, endpoint, settings, owner)
         except errors.APIError as exc:
             out.refused[index] = error_line(custom_id, exc)
             out.lines.append(Line(custom_id=custom_id))
         else:
-            out.lines.append(Line(custom_id=custom_id, job=spec.model_dump(mode="json", exclude={"id"})))
+            out.lines.append(Line(custom_id=custom_id, job=job))
     return out
 
 
@@ -114,7 +114,7 @@ def _envelope_problem(raw: bytes, endpoint: str, seen: set[str]) -> LineError | 
     return custom_id
 
 
-def _job_of(raw: bytes, endpoint: str, settings: Settings, owner: str | None) -> jobs.JobSpec:
+def _job_of(raw: bytes, endpoint: str, settings: Settings, owner: str | None) -> jobs.NewJob:
     """The line's job, checked as its endpoint checks a request; raises the endpoint's error."""
     try:  # surrogates, NaN, duplicate keys...: the endpoint's own 400s
         request = strict_json.parse(raw)["body"]
@@ -125,14 +125,13 @@ def _job_of(raw: bytes, endpoint: str, settings: Settings, owner: str | None) ->
         if endpoint == "/v1/chat/completions":
             chat_request = ChatCompletionRequest.model_validate(request)
             chat.validate(chat_request, settings)
-            spec = chat_request.to_job_spec("pending", settings.model_name, max_tokens_default)
-            return spec.model_copy(update={"owner": owner})
+            return chat_request.to_job(LINE_JOB_ID, settings.model_name, max_tokens_default, owner=owner)
         response_request = ResponseCreateRequest.model_validate(request)
         responses.validate(response_request, settings)
         # A line is answered in the output file: it never runs as a background response.
         response_request = response_request.model_copy(update={"background": False})
-        return response_request.to_job_spec(
-            "pending", settings.model_name, max_tokens_default=max_tokens_default, owner=owner
+        return response_request.to_job(
+            LINE_JOB_ID, settings.model_name, max_tokens_default=max_tokens_default, owner=owner
         )
     except ValidationError as exc:
         raise errors.validation_error(exc.errors()) from None
@@ -176,14 +175,15 @@ def unanswered_line(custom_id: str, code: str, message: str) -> str:
     return json.dumps(line, ensure_ascii=False)
 
 
-def answer(endpoint: str, spec: jobs.JobSpec, log: list[events.AnyEvent]) -> tuple[int, dict[str, Any]]:
+def answer(job: jobs.JobRecord, log: list[events.AnyEvent]) -> tuple[int, dict[str, Any]]:
     """What the endpoint would have answered for this job: its status code and body."""
-    if endpoint == "/v1/responses":
-        view = responses.ResponseView(spec)
+    spec = job.spec
+    if spec.kind == "response":
+        view = responses.ResponseView(spec, job.meta, job.created_at)
         for event in log:
             view.apply(event)
         return 200, view.snapshot().model_dump(mode="json")
-    chat_view = chat.ChatView.of(spec)
+    chat_view = chat.ChatView.of(spec, int(job.created_at))
     try:
         for event in log:
             chat_view.apply(event)

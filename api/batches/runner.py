@@ -62,7 +62,7 @@ def file_id_for(batch_id: str, kind: str) -> str:
 class Retry:
     """A line to run again: its next job, and which attempt that is."""
 
-    spec: jobs.JobSpec
+    job: jobs.NewJob
     attempt: int
 
 
@@ -224,7 +224,7 @@ class BatchRunner:
         if record.ending is None:
             if record.status == "cancelling":
                 record.ending = "cancelled"
-            elif time.time() >= record.spec.expires_at:
+            elif await self._store.now() >= record.spec.expires_at:
                 record.ending = "expired"
             if record.ending is not None:
                 log.info("batch winding down: %s", record.ending)
@@ -247,14 +247,14 @@ class BatchRunner:
         batch_id = record.spec.id
         start = record.enqueued
         lines = await self._store.lines(batch_id, start, ENQUEUE_CHUNK)
-        specs = {
+        line_jobs = {
             start + offset: self._line_job(record, start + offset, line.job, attempt=1)
             for offset, line in enumerate(lines)
             if line.job is not None
         }
-        if specs:
-            await self._jobs.create_batch_lines(list(specs.values()), ttl=self._line_ttl(record))
-            await self._store.assign(batch_id, {i: (s.id, 1) for i, s in specs.items()})
+        if line_jobs:
+            await self._jobs.create_batch_lines(list(line_jobs.values()), ttl=self._line_ttl(record))
+            await self._store.assign(batch_id, {i: (j.spec.id, 1) for i, j in line_jobs.items()})
         await self._store.update(batch_id, enqueued=start + len(lines))
 
     def _line_ttl(self, record: BatchRecord) -> int:
@@ -262,21 +262,11 @@ class BatchRunner:
         window_left = max(0, int(record.spec.expires_at - time.time()))
         return window_left + self._settings.job_ttl_seconds
 
-    def _line_job(
-        self, record: BatchRecord, index: int, job: dict[str, object], attempt: int
-    ) -> jobs.JobSpec:
-        prefix = "chatcmpl-" if record.spec.endpoint == "/v1/chat/completions" else "resp_"
+    def _line_job(self, record: BatchRecord, index: int, job: jobs.NewJob, attempt: int) -> jobs.NewJob:
         # Unguessable as the batch id is, and the same on every instance for this attempt.
         digest = hashlib.sha256(f"{record.spec.id}:{index}:{attempt}".encode()).hexdigest()[:32]
-        return jobs.JobSpec.model_validate(
-            {
-                **job,
-                "id": prefix + digest,
-                "created_at": time.time(),
-                "batch": record.spec.id,
-                "batch_line": index,
-            }
-        )
+        update = {"id": jobs.ID_PREFIXES[job.spec.kind] + digest, "batch": record.spec.id}
+        return job.model_copy(update={"spec": job.spec.model_copy(update=update)})
 
     async def _collect(self, record: BatchRecord) -> None:
         batch_id = record.spec.id
@@ -305,8 +295,8 @@ class BatchRunner:
         if retries:
             log.warning("retrying %d line(s) whose worker was lost", len(retries))
             ttl = self._line_ttl(record)
-            await self._jobs.create_batch_lines([r.spec for r in retries.values()], ttl=ttl)
-            await self._store.assign(batch_id, {i: (r.spec.id, r.attempt) for i, r in retries.items()})
+            await self._jobs.create_batch_lines([r.job for r in retries.values()], ttl=ttl)
+            await self._store.assign(batch_id, {i: (r.job.spec.id, r.attempt) for i, r in retries.items()})
         await self._store.update(batch_id, collected=record.collected + len(ended_ids))
 
     async def _outcome(
@@ -330,7 +320,7 @@ class BatchRunner:
                 return Retry(self._line_job(record, index, line.job, attempt=attempts + 1), attempts + 1)
             message = "The worker running this request stopped, on every attempt."
             return 500, batch_lines.unanswered_line(line.custom_id, job.error_code or "worker_lost", message)
-        status, body = batch_lines.answer(record.spec.endpoint, job.spec, await self._jobs.log(job_id))
+        status, body = batch_lines.answer(job, await self._jobs.log(job_id))
         return status, batch_lines.output_line(line.custom_id, job_id, status, body)
 
     async def _wind_down(self, record: BatchRecord) -> None:

@@ -53,12 +53,12 @@ class BatchesService:
                 param="input_file_id",
                 code="too_many_requests",
             )
-        spec = self._batches.new_spec(
+        spec = await self._batches.new_spec(
+            self._settings.batch_completion_window_seconds,
             endpoint=request.endpoint,
             input_file_id=record.id,
             completion_window=request.completion_window,
             metadata=request.metadata,
-            expires_at=int(time.time()) + self._settings.batch_completion_window_seconds,
             owner=self._owner,
         )
         await self._batches.create(spec)

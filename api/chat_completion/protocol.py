@@ -168,14 +168,18 @@ class ChatCompletionRequest(BaseModel):
             grammar=self.grammar(),
         )
 
-    def to_job_spec(self, job_id: str, model: str, max_tokens_default: int) -> jobs.JobSpec:
-        return jobs.JobSpec(
+    def to_job(
+        self, job_id: str, model: str, max_tokens_default: int, owner: str | None = None
+    ) -> jobs.NewJob:
+        spec = jobs.JobSpec(
             id=job_id,
+            kind="chat",
             model=model,
             messages=[m.to_job_message() for m in self.messages],
             tools=self.tool_plan.prompt_tools(),
             sampling=self.to_sampling(max_tokens_default),
         )
+        return jobs.NewJob(spec=spec, meta=jobs.JobMeta(owner=owner))
 
 
 # The request's fields that mean the same as Sampling's, under the same name; to_sampling() passes

@@ -79,10 +79,10 @@ class ChatView:
         self.completion: ChatCompletion | None = None
 
     @classmethod
-    def of(cls, spec: jobs.JobSpec) -> ChatView:
+    def of(cls, spec: jobs.JobSpec, created: int) -> ChatView:
         return cls(
             spec.id,
-            int(spec.created_at),
+            created,
             spec.model,
             with_tools=bool(spec.tools),  # the prompt offers tools exactly when a call is possible
             n=spec.sampling.n,
@@ -262,9 +262,10 @@ class ChatRun:
         gone: asyncio.Event | None = None,
     ) -> None:
         self.request = request
-        self.job_id = jobs.new_job_id("chatcmpl-")
+        self.job_id = jobs.new_job_id("chat")
         logs.job_id_var.set(self.job_id)
-        self.spec = request.to_job_spec(self.job_id, settings.model_name, caps.default_max_tokens(settings))
+        self.job = request.to_job(self.job_id, settings.model_name, caps.default_max_tokens(settings))
+        self.created = 0  # set when the job is admitted, from its record's created_at
         self._follow = Follow(
             client, self.job_id, timeout_seconds=settings.request_timeout_seconds, gone=gone
         )
@@ -278,7 +279,7 @@ class ChatRun:
         after `stream_ping_seconds` gets its response head anyway (None here) and keep-alive
         pings, so proxies do not time out; errors then come in-band.
         """
-        await self._follow.submit(self.spec)
+        self.created = int(await self._follow.submit(self.job))
         try:
             first = await self._follow.next(self._ping_seconds if self.request.stream else None)
         except BaseException:
@@ -291,7 +292,7 @@ class ChatRun:
 
     async def complete(self) -> ChatCompletion:
         """Collect the whole answer (blocking mode)."""
-        view = ChatView.of(self.spec)
+        view = ChatView.of(self.job.spec, self.created)
         try:
             while view.completion is None:
                 event = await self._follow.next()
@@ -303,7 +304,7 @@ class ChatRun:
 
     async def stream(self) -> AsyncIterator[str]:
         """SSE lines: role chunks, the events' chunks, finish chunks, optional usage chunk, [DONE]."""
-        out = ChatStream(ChatView.of(self.spec), include_usage=self.request.include_usage)
+        out = ChatStream(ChatView.of(self.job.spec, self.created), include_usage=self.request.include_usage)
         try:
             for line in out.opening():
                 yield line

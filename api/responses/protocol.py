@@ -205,32 +205,33 @@ class ResponseCreateRequest(BaseModel):
             grammar=self.grammar(),
         )
 
-    def to_job_spec(
+    def to_job(
         self, job_id: str, model: str, max_tokens_default: int, owner: str | None = None
-    ) -> jobs.JobSpec:
+    ) -> jobs.NewJob:
         messages = [jobs.Message(role="system", content=self.instructions)] if self.instructions else []
         if isinstance(self.input, str):
             messages.append(jobs.Message(role="user", content=self.input))
         else:
             messages += _messages(self.input)
         plan = self.tool_plan
-        return jobs.JobSpec(
+        spec = jobs.JobSpec(
             id=job_id,
+            kind="response",
             model=model,
             messages=messages,
             tools=plan.prompt_tools(),
             sampling=self.to_sampling(max_tokens_default),
-            response=jobs.ResponseOptions(
-                instructions=self.instructions,
-                metadata=self.metadata or {},
-                background=self.background,
-                max_output_tokens=self.max_output_tokens,
-                tools=self.tools or [],
-                tool_choice=self.tool_choice or ("auto" if self.tools else "none"),
-                parallel_tool_calls=plan.parallel,
-            ),
-            owner=owner,
         )
+        options = jobs.ResponseOptions(
+            instructions=self.instructions,
+            metadata=self.metadata or {},
+            background=self.background,
+            max_output_tokens=self.max_output_tokens,
+            tools=self.tools or [],
+            tool_choice=self.tool_choice or ("auto" if self.tools else "none"),
+            parallel_tool_calls=plan.parallel,
+        )
+        return jobs.NewJob(spec=spec, meta=jobs.JobMeta(owner=owner, response=options))
 
 
 # The request's fields that mean the same as Sampling's, under the same name; to_sampling() passes

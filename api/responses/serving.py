@@ -39,8 +39,8 @@ from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# A response id as jobs.new_job_id("resp_") writes it: the prefix and 128 random bits in hex.
-RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
+# A response id as jobs.new_job_id("response") writes it: the prefix and 128 random bits in hex.
+RESPONSE_ID = re.compile(re.escape(jobs.ID_PREFIXES["response"]) + "[0-9a-f]{32}")
 
 # How long a cancel call waits for a running job to reach its terminal state before answering.
 CANCEL_SETTLE_SECONDS = 3.0
@@ -54,9 +54,10 @@ class ResponseView:
     is a function_call item, its arguments streamed as function_call_arguments deltas.
     """
 
-    def __init__(self, spec: jobs.JobSpec) -> None:
+    def __init__(self, spec: jobs.JobSpec, meta: jobs.JobMeta, created_at: float) -> None:
         self.spec = spec
-        self.options = spec.response or jobs.ResponseOptions()
+        self.created_at = created_at
+        self.options = meta.response or jobs.ResponseOptions()
         self.status: ResponseStatus = "queued"
         self.text = ""
         self.logprobs: list[events.TokenLogprob] = []  # of the message's text, when asked for
@@ -97,7 +98,7 @@ class ResponseView:
         output += self._calls()
         return Response(
             id=self.spec.id,
-            created_at=int(self.spec.created_at),
+            created_at=int(self.created_at),
             status=self.status,
             background=self.options.background,
             error=self.error,
@@ -275,40 +276,39 @@ class ResponsesService:
         """Background: enqueue and answer at once. Streamed: the events as they come. Blocking:
         the finished Response; `gone` (api.following.ClientWatch) cancels it if the client leaves.
         """
-        spec = request.to_job_spec(
-            jobs.new_job_id("resp_"),
+        job = request.to_job(
+            jobs.new_job_id("response"),
             self._settings.model_name,
             max_tokens_default=caps.default_max_tokens(self._settings),
             owner=self._owner,
         )
-        logs.job_id_var.set(spec.id)
+        logs.job_id_var.set(job.spec.id)
         if request.background and not request.stream:
             with errors.queue_errors():
-                await self._client.create(spec)
-            return ResponseView(spec).snapshot()
+                created_at = await self._client.create(job)
+            return ResponseView(job.spec, job.meta, created_at).snapshot()
         # A background job outlives its stream: a client that leaves resumes it later.
-        follow = self._follow(spec.id, gone=gone, cancel_on_close=not request.background)
-        await follow.submit(spec)
+        follow = self._follow(job.spec.id, gone=gone, cancel_on_close=not request.background)
+        view = ResponseView(job.spec, job.meta, await follow.submit(job))
         if request.stream:
-            return self._stream(spec, follow, after=-1)
-        return await self._collect(spec, follow)
+            return self._stream(view, follow, after=-1)
+        return await self._collect(view, follow)
 
     async def retrieve(self, job_id: str) -> Response:
-        spec = await self._spec(job_id)
-        view = ResponseView(spec)
+        view = await self._view(job_id)
         for event in await self._client.log(job_id):
             view.apply(event)
         return view.snapshot()
 
     async def resume(self, job_id: str, starting_after: int) -> AsyncIterator[str]:
-        spec = await self._spec(job_id)
+        view = await self._view(job_id)
         follow = self._follow(job_id)
         with errors.queue_errors():
             await follow.attach()
-        return self._stream(spec, follow, after=starting_after)
+        return self._stream(view, follow, after=starting_after)
 
     async def cancel(self, job_id: str) -> Response:
-        await self._spec(job_id)
+        await self._view(job_id)
         await self._client.cancel(job_id)
         deadline = time.monotonic() + CANCEL_SETTLE_SECONDS
         while True:  # bounded: a running job stops between tokens, well within the deadline
@@ -317,7 +317,8 @@ class ResponsesService:
                 return response
             await asyncio.sleep(0.05)
 
-    async def _spec(self, job_id: str) -> jobs.JobSpec:
+    async def _view(self, job_id: str) -> ResponseView:
+        """The caller's response with this id, before any of its events; NotFound otherwise."""
         not_found = errors.NotFound(f"No response with id '{job_id[:80]}'.", param="response_id")
         # Only ids this service hands out reach Redis: a key built from "resp_X:log" would be
         # another key of job X (and the wrong type), so anything else is unknown without a look.
@@ -330,10 +331,10 @@ class ResponsesService:
         # A chat completion's job is not a Response; another key's job is not there for this
         # caller: the same 404 as an unknown id, so its existence is not revealed either.
         # A batch line is its batch's: it is read, and cancelled, through /v1/batches only.
-        if record.spec.response is None or record.spec.owner != self._owner or record.spec.batch:
+        if record.spec.kind != "response" or record.meta.owner != self._owner or record.spec.batch:
             raise not_found
         logs.job_id_var.set(job_id)  # this request's logs and x-request-id name the job
-        return record.spec
+        return ResponseView(record.spec, record.meta, record.created_at)
 
     def _follow(self, job_id: str, gone: asyncio.Event | None = None, cancel_on_close: bool = True) -> Follow:
         timeout = self._settings.request_timeout_seconds
@@ -341,8 +342,7 @@ class ResponsesService:
             self._client, job_id, timeout_seconds=timeout, gone=gone, cancel_on_close=cancel_on_close
         )
 
-    async def _collect(self, spec: jobs.JobSpec, follow: Follow) -> Response:
-        view = ResponseView(spec)
+    async def _collect(self, view: ResponseView, follow: Follow) -> Response:
         try:
             while not follow.ended:
                 event = await follow.next()
@@ -352,8 +352,7 @@ class ResponsesService:
         finally:
             await asyncio.shield(follow.close())
 
-    async def _stream(self, spec: jobs.JobSpec, follow: Follow, after: int) -> AsyncIterator[str]:
-        view = ResponseView(spec)
+    async def _stream(self, view: ResponseView, follow: Follow, after: int) -> AsyncIterator[str]:
         try:
             for out in view.opening():
                 if out["sequence_number"] > after:

@@ -82,16 +82,18 @@ class Follow:
         self._owns_job = False
         self.ended = False
 
-    async def submit(self, spec: jobs.JobSpec) -> None:
-        """Subscribe, then enqueue the job; on any failure nothing is left subscribed."""
+    async def submit(self, job: jobs.NewJob) -> float:
+        """Subscribe, then enqueue the job; on any failure nothing is left subscribed. Returns
+        the job's created_at."""
         try:
             with errors.queue_errors():
                 await self.attach()
-                await self._client.create(spec)
+                created_at = await self._client.create(job)
         except BaseException:
             await asyncio.shield(self.close())
             raise
         self._owns_job = True
+        return created_at
 
     async def attach(self) -> None:
         """Subscribe to an existing job's events (resuming a stream)."""

@@ -350,7 +350,7 @@ def test_an_interactive_request_goes_ahead_of_queued_batch_lines(batches: Stack)
         )
     assert r.status_code == 200, r.text
     interactive = rdb(batches).hgetall(keys.job(r.headers["x-request-id"]))
-    queued_at = json.loads(interactive["spec"])["created_at"]
+    queued_at = float(interactive["created_at"])
     started_at = float(interactive["started_at"])
     done = wait_batch(client, batch.id, ENDED)
     assert done.status == "completed"

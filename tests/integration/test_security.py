@@ -286,8 +286,10 @@ def test_stored_job_has_the_owner_tag_and_a_capped_default(
     client_a.responses.cancel(job.id)
     stored = redis.Redis.from_url(sec.redis_url, decode_responses=True).hgetall(keys.job(job.id))
     spec = jobs.JobSpec.model_validate_json(stored["spec"])
+    meta = jobs.JobMeta.model_validate_json(stored["meta"])
     assert spec.sampling.max_tokens == MAX_TOKENS_LIMIT
-    assert spec.owner == hashlib.sha256(KEY_A.encode()).hexdigest()[:32]
+    assert meta.owner == hashlib.sha256(KEY_A.encode()).hexdigest()[:32]
+    assert "owner" not in stored["spec"]  # the worker's spec holds no API-only data
     assert all(KEY_A not in value for value in stored.values())  # the key itself is never stored
 
 

@@ -29,8 +29,8 @@ def test_valid_lines_become_jobs_in_order_with_the_owner() -> None:
     assert not parsed.errors and not parsed.refused
     assert [x.custom_id for x in parsed.lines] == ["a", "b"]
     job = parsed.lines[1].job
-    assert job is not None and "id" not in job
-    assert job["owner"] == "tag" and job["sampling"]["max_tokens"] == 5
+    assert job is not None and job.spec.kind == "chat"
+    assert job.meta.owner == "tag" and job.spec.sampling.max_tokens == 5
 
 
 def test_problems_that_fail_the_file_name_every_line() -> None:
@@ -86,7 +86,8 @@ def test_a_responses_line_never_runs_in_the_background() -> None:
         }
     )
     (parsed,) = parse(raw, endpoint="/v1/responses").lines
-    assert parsed.job is not None and parsed.job["response"]["background"] is False
+    assert parsed.job is not None and parsed.job.meta.response is not None
+    assert parsed.job.spec.kind == "response" and parsed.job.meta.response.background is False
 
 
 def test_an_empty_file_fails() -> None:
