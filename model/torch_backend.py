@@ -161,7 +161,7 @@ class TorchBatch:
     Why not transformers' own continuous batching (`model.init_continuous_batching`): its manager
     runs generation on a background thread over a paged cache, and its per-request logits
     processing is limited to built-in temperature/top-k/top-p warpers. The sequence here keeps its
-    own sampler (a seeded CPU generator per request), and the next issue needs a per-sequence
+    own sampler (a seeded CPU generator per request), and grammars and penalties need a per-sequence
     logits mask and penalties at every step; a plain batched forward with cache classes leaves the
     logits of each row to us.
 

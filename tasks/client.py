@@ -111,14 +111,6 @@ class JobClient:
         statuses = await self._scripts.run_many(self._redis, [jobs.cancel(i, ttl=self._ttl) for i in job_ids])
         return [s if isinstance(s, str) else None for s in statuses]
 
-    async def batch_queue_depth(self) -> tuple[int, int]:
-        """(queued, running) batch lines."""
-        pipe = self._redis.pipeline()
-        pipe.zcard(keys.BATCH_QUEUED)
-        pipe.scard(keys.BATCH_RUNNING)
-        queued, running = await pipe.execute()
-        return int(queued), int(running)
-
     async def reap(self) -> int:
         """End jobs whose worker died or whose queue deadline passed; how many were ended."""
         call = jobs.reap(ttl=self._ttl, queue_timeout=self._settings.queue_timeout_seconds)
@@ -133,13 +125,14 @@ class JobClient:
         fields: dict[str, str] = await self._redis.hgetall(keys.METRICS)  # type: ignore[misc,assignment]
         return fields
 
-    async def queue_depth(self) -> tuple[int, int]:
-        """(waiting, running) jobs."""
+    async def depth(self) -> tuple[int, int, int, int]:
+        """(waiting, running) interactive jobs, then (waiting, running) batch lines: one round trip."""
         pipe = self._redis.pipeline()
-        pipe.zcard(keys.QUEUED)
-        pipe.scard(keys.RUNNING)
-        waiting, running = await pipe.execute()
-        return int(waiting), int(running)
+        for queued, running in ((keys.QUEUED, keys.RUNNING), (keys.BATCH_QUEUED, keys.BATCH_RUNNING)):
+            pipe.zcard(queued)
+            pipe.scard(running)
+        waiting, running, batch_waiting, batch_running = await pipe.execute()
+        return int(waiting), int(running), int(batch_waiting), int(batch_running)
 
     async def record(self, job_id: str) -> jobs.JobRecord:
         fields: dict[str, str] = await self._redis.hgetall(keys.job(job_id))  # type: ignore[misc,assignment]

@@ -17,7 +17,7 @@ EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
 
-    # The seed's three.
+    # The original service's three settings (shared/seed.md): the model, 4-bit, the device.
     model_id: str = Field(EMBEDDED_MODEL_ID, description="Hub id, local HF directory, .gguf file")
     use_4bit: bool = Field(True, description="4-bit NF4 via bitsandbytes; CUDA only")
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"

@@ -82,7 +82,7 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     messages: list[ChatMessageIn] = Field(min_length=1)
-    model: str | None = None  # optional, as in the seed's curl examples: the served model
+    model: str | None = None  # optional, as in the original service's curl examples: the served model
     # The sampling fields take their ranges from tasks/sampling.py; one left out (or null) gets
     # the default of tasks.sampling.Sampling (to_sampling() below).
     max_tokens: sampling.MaxTokens | None = None

@@ -13,12 +13,8 @@ router = APIRouter()
 
 @router.get("/metrics", include_in_schema=False)
 async def prometheus_metrics(jobs: JobsDep, batches: BatchesDep, settings: SettingsDep) -> Response:
-    fields, (waiting, running), workers = (
-        await jobs.metrics_fields(),
-        await jobs.queue_depth(),
-        await jobs.workers(),
-    )
-    batch_waiting, batch_running = await jobs.batch_queue_depth()
+    waiting, running, batch_waiting, batch_running = await jobs.depth()
+    fields, workers = await jobs.metrics_fields(), await jobs.workers()
     snapshot = metrics.Snapshot(
         fields=fields,
         waiting=waiting,

@@ -33,13 +33,12 @@ async def create_response(
     request: ResponseCreateRequest, http_request: Request, svc: ServiceDep
 ) -> Response | StreamingResponse:
     svc.validate(request)
-    if request.stream or request.background:
-        result = await svc.create(request)
-        return result if isinstance(result, Response) else _sse_response(result)
+    if request.stream:
+        return _sse_response(await svc.create_stream(request))
+    if request.background:
+        return await svc.create_background(request)
     with ClientWatch(http_request.receive) as watch:
-        result = await svc.create(request, gone=watch.gone)
-        assert isinstance(result, Response)
-        return result
+        return await svc.create_blocking(request, watch.gone)
 
 
 @router.get("/v1/responses/{response_id}", response_model=None)

@@ -270,12 +270,7 @@ class ResponsesService:
     def validate(self, request: ResponseCreateRequest) -> None:
         validate(request, self._settings)
 
-    async def create(
-        self, request: ResponseCreateRequest, gone: asyncio.Event | None = None
-    ) -> Response | AsyncIterator[str]:
-        """Background: enqueue and answer at once. Streamed: the events as they come. Blocking:
-        the finished Response; `gone` (api.following.ClientWatch) cancels it if the client leaves.
-        """
+    def _new_job(self, request: ResponseCreateRequest) -> jobs.NewJob:
         job = request.to_job(
             jobs.new_job_id("response"),
             self._settings.model_name,
@@ -283,15 +278,29 @@ class ResponsesService:
             owner=self._owner,
         )
         logs.job_id_var.set(job.spec.id)
-        if request.background and not request.stream:
-            with errors.queue_errors():
-                created_at = await self._client.create(job)
-            return ResponseView(job.spec, job.meta, created_at).snapshot()
-        # A background job outlives its stream: a client that leaves resumes it later.
-        follow = self._follow(job.spec.id, gone=gone, cancel_on_close=not request.background)
+        return job
+
+    async def create_background(self, request: ResponseCreateRequest) -> Response:
+        """Enqueue and answer at once, with the response as queued."""
+        job = self._new_job(request)
+        with errors.queue_errors():
+            created_at = await self._client.create(job)
+        return ResponseView(job.spec, job.meta, created_at).snapshot()
+
+    async def create_stream(self, request: ResponseCreateRequest) -> AsyncIterator[str]:
+        """The events as they come. A background job outlives its stream: a client that leaves
+        resumes it later; any other is cancelled with its stream."""
+        job = self._new_job(request)
+        follow = self._follow(job.spec.id, cancel_on_close=not request.background)
         view = ResponseView(job.spec, job.meta, await follow.submit(job))
-        if request.stream:
-            return self._stream(view, follow, after=-1)
+        return self._stream(view, follow, after=-1)
+
+    async def create_blocking(self, request: ResponseCreateRequest, gone: asyncio.Event) -> Response:
+        """The finished Response; `gone` (api.serving.following.ClientWatch) cancels the job if
+        the client leaves first."""
+        job = self._new_job(request)
+        follow = self._follow(job.spec.id, gone=gone)
+        view = ResponseView(job.spec, job.meta, await follow.submit(job))
         return await self._collect(view, follow)
 
     async def retrieve(self, job_id: str) -> Response:

@@ -79,6 +79,9 @@ class Follow:
         self._gone = gone
         self._cancel_on_close = cancel_on_close
         self._follower: EventFollower | None = None
+        # The follower's subscription, left when the follow closes (not a `with` block: a
+        # stream's generator holds it across yields, and close() can come from either side).
+        self._subscription = contextlib.AsyncExitStack()
         self._owns_job = False
         self.ended = False
 
@@ -97,14 +100,12 @@ class Follow:
 
     async def attach(self) -> None:
         """Subscribe to an existing job's events (resuming a stream)."""
-        follower = self._client.subscribe(self.job_id)
-        await follower.__aenter__()
-        self._follower = follower
+        self._follower = await self._subscription.enter_async_context(self._client.subscribe(self.job_id))
 
-    async def next(self, wait: float | None = None, after: int = -1) -> events.AnyEvent | None:
-        """The next event (the first after `after`, on the first call); None if `wait` seconds
-        pass first (the read stays pending). Raises Timeout past the deadline, ClientDisconnected
-        when the client has gone, ServiceUnavailable when Redis is lost.
+    async def next(self, wait: float | None = None) -> events.AnyEvent | None:
+        """The next event; None if `wait` seconds pass first (the read stays pending). Raises
+        Timeout past the deadline, ClientDisconnected when the client has gone,
+        ServiceUnavailable when Redis is lost.
         """
         assert self._follower is not None, "submit or attach first"
         give_up = self._deadline if wait is None else min(self._deadline, time.monotonic() + wait)
@@ -115,7 +116,7 @@ class Follow:
                 raise errors.ClientDisconnected("The client closed the request.")
             slice_seconds = min(max(give_up - time.monotonic(), 0.0), DISCONNECT_POLL_SECONDS)
             try:
-                event = await self._follower.next(slice_seconds, after)
+                event = await self._follower.next(slice_seconds)
             except redis.exceptions.RedisError as exc:
                 log.warning("lost Redis while following %s", self.job_id)
                 raise errors.ServiceUnavailable("Lost the connection to the queue.") from exc
@@ -137,7 +138,6 @@ class Follow:
             log.warning("could not cancel abandoned job %s", self.job_id)
         finally:
             self.ended = True
-            if self._follower is not None:
-                follower, self._follower = self._follower, None
-                with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                    await follower.__aexit__(None, None, None)
+            self._follower = None
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await self._subscription.aclose()
