@@ -41,60 +41,67 @@ class _SnapshotCollector(Collector):
         self._model = model
 
     def collect(self) -> Iterator[Metric]:
-        s, model = self._s, [self._model]
-        waiting = GaugeMetricFamily(
-            "vllm:num_requests_waiting", "Requests waiting in the queue.", labels=["model_name"]
+        parts = (self._queues, self._batches, self._latencies, self._tokens, self._outcomes, self._workers)
+        for part in parts:
+            yield from part()
+
+    def _gauge(self, name: str, help_text: str, value: float, per_model: bool = True) -> Metric:
+        gauge = GaugeMetricFamily(name, help_text, labels=["model_name"] if per_model else [])
+        gauge.add_metric([self._model] if per_model else [], value)
+        return gauge
+
+    def _counter(self, name: str, help_text: str, field: str) -> Metric:
+        counter = CounterMetricFamily(name, help_text, labels=["model_name"])
+        counter.add_metric([self._model], float(self._s.fields.get(field, 0)))
+        return counter
+
+    def _queues(self) -> Iterator[Metric]:
+        s = self._s
+        yield self._gauge("vllm:num_requests_waiting", "Requests waiting in the queue.", s.waiting)
+        yield self._gauge("vllm:num_requests_running", "Requests being generated.", s.running)
+        yield self._gauge(
+            "llmq_batch_lines_waiting",
+            "Batch lines queued (behind every interactive request).",
+            s.batch_waiting,
+            per_model=False,
         )
-        waiting.add_metric(model, s.waiting)
-        running = GaugeMetricFamily(
-            "vllm:num_requests_running", "Requests being generated.", labels=["model_name"]
-        )
-        running.add_metric(model, s.running)
-        yield from (waiting, running)
-        batch_waiting = GaugeMetricFamily(
-            "llmq_batch_lines_waiting", "Batch lines queued (behind every interactive request)."
-        )
-        batch_waiting.add_metric([], s.batch_waiting)
-        batch_running = GaugeMetricFamily("llmq_batch_lines_running", "Batch lines being generated.")
-        batch_running.add_metric([], s.batch_running)
+        yield self._gauge("llmq_batch_lines_running", "Batch lines being generated.", s.batch_running, False)
+
+    def _batches(self) -> Iterator[Metric]:
+        s = self._s
         batches = GaugeMetricFamily("llmq_batches", "Batches not yet ended, by status.", labels=["status"])
         for status in ("validating", "in_progress", "finalizing", "cancelling"):
             batches.add_metric([status], (s.batches or {}).get(status, 0))
         ended = CounterMetricFamily("llmq_batches_ended", "Batches that ended, by status.", labels=["status"])
         for status in ("completed", "failed", "expired", "cancelled"):
             ended.add_metric([status], float(s.fields.get(f"batches_ended:{status}", 0)))
-        yield from (batch_waiting, batch_running, batches, ended)
+        yield from (batches, ended)
 
-        histograms = metrics.histograms(s.fields)
+    def _latencies(self) -> Iterator[Metric]:
+        histograms = metrics.histograms(self._s.fields)
         batch = histograms.pop(metrics.BATCH_SIZE_HISTOGRAM)
-        for name, hist in histograms.items():
-            family = HistogramMetricFamily(f"vllm:{name}", _HELP[name], labels=["model_name"])
-            family.add_metric(model, hist.buckets, hist.sum)
-            yield family
-        per_step = HistogramMetricFamily(
-            "llmq_sequences_per_step",
+        named = {f"vllm:{name}": (_HELP[name], hist) for name, hist in histograms.items()}
+        named["llmq_sequences_per_step"] = (
             "Histogram of sequences decoded together in one step of a worker's loop.",
-            labels=["model_name"],
+            batch,
         )
-        per_step.add_metric(model, batch.buckets, batch.sum)
-        yield per_step
-        shared = CounterMetricFamily(
+        for name, (help_text, hist) in named.items():
+            family = HistogramMetricFamily(name, help_text, labels=["model_name"])
+            family.add_metric([self._model], hist.buckets, hist.sum)
+            yield family
+
+    def _tokens(self) -> Iterator[Metric]:
+        yield self._counter(
             "llmq_shared_prefill_tokens",
             "Prompt tokens a sequence took from a sibling's prefill (n choices, equal prompts) "
             "instead of computing them.",
-            labels=["model_name"],
+            "shared_prefill_tokens",
         )
-        shared.add_metric(model, float(s.fields.get("shared_prefill_tokens", 0)))
-        yield shared
+        yield self._counter("vllm:prompt_tokens", "Prefill tokens processed.", "prompt_tokens")
+        yield self._counter("vllm:generation_tokens", "Tokens generated.", "generation_tokens")
 
-        for name, help_text in (
-            ("prompt_tokens", "Prefill tokens processed."),
-            ("generation_tokens", "Tokens generated."),
-        ):
-            counter = CounterMetricFamily(f"vllm:{name}", help_text, labels=["model_name"])
-            counter.add_metric(model, float(s.fields.get(name, 0)))
-            yield counter
-
+    def _outcomes(self) -> Iterator[Metric]:
+        model = [self._model]
         success = CounterMetricFamily(
             "vllm:request_success",
             "Finished requests by finish reason.",
@@ -104,7 +111,7 @@ class _SnapshotCollector(Collector):
             "llmq_request_failures", "Failed requests by error code.", labels=["model_name", "code"]
         )
         totals: dict[str, int] = {}
-        for outcome, count in metrics.outcomes(s.fields).items():
+        for outcome, count in metrics.outcomes(self._s.fields).items():
             if outcome in _FINISHED_REASONS:
                 reason = _FINISHED_REASONS[outcome]
                 totals[reason] = totals.get(reason, 0) + count
@@ -114,22 +121,25 @@ class _SnapshotCollector(Collector):
             success.add_metric([*model, reason], count)
         yield from (success, failures)
 
-        alive = GaugeMetricFamily("llmq_workers_alive", "Workers with a fresh heartbeat and a loaded model.")
-        alive.add_metric([], len(s.workers))
-        slots = GaugeMetricFamily(
-            "llmq_slots", "Generations the live workers can run at once (WORKER_SLOTS summed)."
+    def _workers(self) -> Iterator[Metric]:
+        workers = self._s.workers
+        yield self._gauge(
+            "llmq_workers_alive", "Workers with a fresh heartbeat and a loaded model.", len(workers), False
         )
-        slots.add_metric([], sum(int(w.get("slots", 1)) for w in s.workers))
-        yield from (alive, slots)
+        yield self._gauge(
+            "llmq_slots",
+            "Generations the live workers can run at once (WORKER_SLOTS summed).",
+            sum(int(w.get("slots", 1)) for w in workers),
+            False,
+        )
         info = GaugeMetricFamily(
             "llmq_worker_info",
             "One series per live worker, describing its model.",
             labels=["worker", "model_name", "engine", "device", "dtype", "quantization"],
         )
-        for w in s.workers:
+        for w in workers:
             fields = ("name", "model", "engine", "device", "dtype", "quantization")
-            labels = [str(w.get(k) or "none") for k in fields]
-            info.add_metric(labels, 1)
+            info.add_metric([str(w.get(k) or "none") for k in fields], 1)
         yield info
 
 
