@@ -15,8 +15,6 @@ import pytest
 
 from tests.processes import Service, start_api, start_redis, start_worker, wait_healthy
 
-pytestmark = pytest.mark.integration
-
 
 @dataclass
 class Stack:
