@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from types import ModuleType
 from typing import NoReturn
 
@@ -35,8 +36,11 @@ def missing(what: str, install: str) -> NoReturn:
 def module(name: str, install: str, package: str | None = None) -> ModuleType:
     """importorskip that fails under CI; `package` names the distribution if it differs."""
     if not hidden(package or name):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            pass
+        # As pytest.importorskip: a package's own warnings on import are not the test's.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return importlib.import_module(name)
+            except ImportError:
+                pass
     missing(f"'{package or name}'", install)
