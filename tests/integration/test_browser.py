@@ -14,10 +14,11 @@ import httpx
 import openai
 import pytest
 
+from tests import needs
 from tests.integration.conftest import Stack
 from tests.processes import ROOT, Service, start_api, start_redis
 
-pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[dev]')")
+needs.module("selenium", "pip install -e '.[dev]'")
 
 from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import TimeoutException  # noqa: E402
@@ -39,11 +40,6 @@ CYRILLIC = re.compile("[А-Яа-яЁё]")
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(600),
-    pytest.mark.skipif(
-        not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-        reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver); "
-        ".ci/run installs them",
-    ),
 ]
 
 T = TypeVar("T")
@@ -118,6 +114,11 @@ class Page:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[WebDriver]:
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        needs.missing(
+            "Debian's chromium and chromium-driver",
+            "apt-get install chromium chromium-driver; .ci/run installs them",
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,800"):
@@ -306,7 +307,7 @@ def workerless(
     """The page on an API with API keys, room for one waiting job, a 3 s queue deadline and no
     worker, on its own Redis: whatever is queued waits, then fails with queue_timeout."""
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        needs.missing("redis-server", "apt-get install redis-server; .ci/run installs it")
     redis_svc, redis_url = start_redis(tmp_path)
     services = [redis_svc]
     env = {

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,57 +14,36 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import redis
 
 from tasks import events, keys
-from tests.integration.conftest import Stack, restart_worker, running_stack
+from tests.integration.conftest import Preset, Stack, restart_worker, stack_fixture
+from tests.integration.helpers import (
+    LONG_PROMPT,
+    TERMINAL,
+    job_events,
+    long_chat,
+    rdb,
+    sdk,
+    start_long_response,
+    wait_for,
+    wait_records,
+    wait_response,
+)
 from tests.processes import start_redis, start_worker
 
-LONG_PROMPT = "Count from 1 to 1000, writing every number in words, one per line."
-TERMINAL = {"completed", "incomplete", "failed", "cancelled"}
 
-
-def sdk(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key="x", max_retries=0, timeout=120)
-
-
-def rdb(stack: Stack) -> redis.Redis:
-    return redis.Redis.from_url(stack.redis_url, decode_responses=True)
-
-
-def wait_status(stack: Stack, job_id: str, statuses: set[str], timeout: float) -> dict[str, str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        record = rdb(stack).hgetall(keys.job(job_id))
-        if record.get("status") in statuses or time.monotonic() > deadline:
-            return record
-        time.sleep(0.1)
-
-
-def job_events(stack: Stack, job_id: str) -> list[events.AnyEvent]:
-    return [events.decode(i, p) for i, p in enumerate(rdb(stack).lrange(keys.job_log(job_id), 0, -1))]
-
-
-def start_long_job(client: openai.OpenAI, **kw: Any) -> str:
-    job = client.responses.create(
-        input=LONG_PROMPT,
-        temperature=0,
-        max_output_tokens=3000,
-        background=True,
-        extra_body={"ignore_eos": True},
-        **kw,
-    )
-    return job.id
+def wait_status(
+    stack: Stack, job_id: str, statuses: set[str] | frozenset[str], timeout: float
+) -> dict[str, str]:
+    return wait_records(stack, [job_id], statuses, timeout)[0]
 
 
 def wait_running_with_text(client: openai.OpenAI, job_id: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = client.responses.retrieve(job_id)
-        if r.status == "in_progress" and r.output_text:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{job_id} never started")
+    wait_for(
+        lambda: (r := client.responses.retrieve(job_id)).status == "in_progress" and r.output_text,
+        timeout,
+        f"{job_id} to be generating",
+    )
 
 
 def indexes_empty(stack: Stack) -> bool:
@@ -76,24 +54,11 @@ def indexes_empty(stack: Stack) -> bool:
 # --- worker faults -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    # Short broker visibility timeout, so redeliveries happen within the test.
-    with running_stack(
-        tmp_path_factory.mktemp("faults"), BROKER_VISIBILITY_TIMEOUT_SECONDS="5", SHUTDOWN_GRACE_SECONDS="2"
-    ) as stack:
-        yield stack
+faults = stack_fixture(Preset.default().faults().named("faults"))
 
 
 def test_sigkill_mid_stream_fails_the_job_in_band_and_it_never_reruns(faults: Stack) -> None:
-    body = {
-        "messages": [{"role": "user", "content": LONG_PROMPT}],
-        "max_tokens": 3000,
-        "temperature": 0,
-        "stream": True,
-        "ignore_eos": True,
-    }
-    with httpx.stream("POST", f"{faults.api_url}/v1/chat/completions", json=body, timeout=120) as r:
+    with httpx.stream("POST", f"{faults.api_url}/v1/chat/completions", json=long_chat(), timeout=120) as r:
         payloads = (line[6:] for line in r.iter_lines() if line.startswith("data: "))
         job_id = json.loads(next(payloads))["id"]
         for _ in range(5):
@@ -119,7 +84,7 @@ def test_sigkill_mid_stream_fails_the_job_in_band_and_it_never_reruns(faults: St
 
 def test_sigkill_keeps_partial_text_for_pollers(faults: Stack) -> None:
     client = sdk(faults)
-    job_id = start_long_job(client)
+    job_id = start_long_response(client)
     wait_running_with_text(client, job_id)
     partial = client.responses.retrieve(job_id).output_text
     faults.worker.stop(signal.SIGKILL)
@@ -135,7 +100,7 @@ def test_sigkill_keeps_partial_text_for_pollers(faults: Stack) -> None:
 
 def test_generation_longer_than_visibility_timeout_runs_once(faults: Stack) -> None:
     client = sdk(faults)
-    job_id = start_long_job(client)
+    job_id = start_long_response(client)
     wait_running_with_text(client, job_id)
     time.sleep(5)  # past the 5 s visibility timeout: Redis now offers the message again
     # A worker joining now restores unacknowledged messages at start-up and receives this one
@@ -154,7 +119,7 @@ def test_generation_longer_than_visibility_timeout_runs_once(faults: Stack) -> N
 
 def test_sigterm_mid_generation_fails_the_job_within_the_grace_period(faults: Stack) -> None:
     client = sdk(faults)
-    job_id = start_long_job(client)
+    job_id = start_long_response(client)
     wait_running_with_text(client, job_id)
     stopped_at = time.monotonic()
     faults.worker.proc.send_signal(signal.SIGTERM)  # the Celery parent, as `docker stop` does
@@ -187,6 +152,9 @@ def test_restarted_worker_takes_queued_jobs_once_ready(faults: Stack) -> None:
 
 def test_redis_outage_gives_fast_503_and_everything_recovers(faults: Stack, tmp_path: Path) -> None:
     client = sdk(faults)
+    ask: Any = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}]}
+    before = client.chat.completions.create(**ask, max_tokens=4, temperature=0).choices[0].message.content
+    assert before
     port = int(faults.redis_url.rsplit(":", 1)[1].split("/")[0])
     faults.redis.stop()
     started = time.monotonic()
@@ -206,29 +174,23 @@ def test_redis_outage_gives_fast_503_and_everything_recovers(faults: Stack, tmp_
     faults.redis, _ = start_redis(tmp_path, port=port)
     # The worker re-registers (heartbeat) and consumes again; the API reconnects by itself.
     faults.worker.wait_until(lambda: httpx.get(f"{faults.api_url}/health", timeout=5).status_code == 200, 60)
-    answer = client.chat.completions.create(
-        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
-    )
-    assert answer.choices[0].message.content is not None
+    answer = client.chat.completions.create(**ask, max_tokens=4, temperature=0)
+    assert answer.choices[0].message.content == before  # served as before the outage
 
 
 # --- overload and deadlines ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def limits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(
-        tmp_path_factory.mktemp("limits"),
-        MAX_QUEUED="2",
-        QUEUE_TIMEOUT_SECONDS="3",
-        MAX_GENERATION_SECONDS="12",
-    ) as stack:
-        yield stack
+limits = stack_fixture(
+    Preset.default()
+    .with_(MAX_QUEUED="2", QUEUE_TIMEOUT_SECONDS="3", MAX_GENERATION_SECONDS="12")
+    .named("limits")
+)
 
 
 def test_admission_control_refuses_beyond_max_queued_before_enqueueing(limits: Stack) -> None:
     client = sdk(limits)
-    running = start_long_job(client)
+    running = start_long_response(client)
     wait_running_with_text(client, running)
     waiting = [client.responses.create(input="Hi", max_output_tokens=2, background=True).id for _ in range(2)]
     celery_queue_before = rdb(limits).llen(keys.GENERATE_LIST)
@@ -251,7 +213,7 @@ def test_admission_control_refuses_beyond_max_queued_before_enqueueing(limits: S
 
 def test_queue_deadline_ends_a_waiting_job_without_running_it(limits: Stack) -> None:
     client = sdk(limits)
-    running = start_long_job(client)
+    running = start_long_response(client)
     wait_running_with_text(client, running)
     late = client.responses.create(input="Hi", max_output_tokens=2, background=True)
     record = wait_status(limits, late.id, TERMINAL, timeout=30)  # deadline 3 s + reaper period
@@ -262,12 +224,8 @@ def test_queue_deadline_ends_a_waiting_job_without_running_it(limits: Stack) -> 
 
 def test_generation_time_limit_ends_with_what_it_has(limits: Stack) -> None:
     client = sdk(limits)
-    job_id = start_long_job(client)
-    done = client.responses.retrieve(job_id)
-    deadline = time.monotonic() + 60
-    while done.status not in TERMINAL and time.monotonic() < deadline:
-        time.sleep(0.2)
-        done = client.responses.retrieve(job_id)
+    job_id = start_long_response(client)
+    done = wait_response(client, job_id)
     assert done.status == "incomplete"
     assert done.incomplete_details is not None and done.incomplete_details.reason == "time_limit"
     assert done.output_text and done.usage is not None and done.usage.output_tokens < 3000
@@ -294,13 +252,7 @@ def rss_kb(pid: int) -> int:
 
 
 def test_slow_reader_does_not_slow_the_worker_or_grow_the_api(stack: Stack) -> None:
-    body = {
-        "messages": [{"role": "user", "content": LONG_PROMPT}],
-        "max_tokens": 120,
-        "temperature": 0,
-        "stream": True,
-        "ignore_eos": True,
-    }
+    body = long_chat(max_tokens=120)
     rss_before = rss_kb(stack.api.proc.pid)
     with httpx.stream("POST", f"{stack.api_url}/v1/chat/completions", json=body, timeout=120) as r:
         lines = r.iter_lines()

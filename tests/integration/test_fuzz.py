@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-schemathesis = pytest.importorskip(
-    "schemathesis", reason="schemathesis is not installed (pip install -e '.[dev]')"
-)
+from tests import needs
+
+schemathesis = needs.module("schemathesis", "pip install -e '.[dev]'")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402

@@ -27,7 +27,8 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.integration.conftest import Stack, running_stack
+from tests.integration.conftest import Preset, Stack, stack_fixture
+from tests.integration.helpers import TERMINAL, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -35,19 +36,18 @@ CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"
 ERROR_FIELDS = {"message", "type", "param", "code"}
 REQUEST_ID = re.compile(r"(req_|chatcmpl-|resp_)[0-9a-f]{32}")
-TERMINAL = {"completed", "incomplete", "failed", "cancelled"}
 JSON = "application/json"
+# How a Responses stream ends (that API has no [DONE]); a cancelled response ends as failed.
+RESPONSE_ENDS = {"response.completed", "response.incomplete", "response.failed"}
+# Every stream here is a few tokens long: one still open after this long never ends. The stack
+# pings every second, so the bound is checked while a stream is silent too.
+STREAM_BOUND_SECONDS = 60
 
-
-@pytest.fixture(scope="module")
-def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(
-        tmp_path_factory.mktemp("hostile"),
-        MAX_TOKENS_LIMIT="4",
-        MAX_MESSAGES="4",
-        REQUEST_TIMEOUT_SECONDS="60",
-    ) as stack:
-        yield stack
+hostile = stack_fixture(
+    Preset.default()
+    .with_(MAX_TOKENS_LIMIT="4", MAX_MESSAGES="4", REQUEST_TIMEOUT_SECONDS="60")
+    .named("hostile")
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +83,24 @@ class Answer:
 
 
 def send(http: httpx.Client, method: str, path: str, content: str | bytes | None = None, **kw: Any) -> Answer:
+    deadline = time.monotonic() + STREAM_BOUND_SECONDS
+    lines: list[str] = []
     with http.stream(method, path, content=content, **kw) as r:
-        lines = list(r.iter_lines())
+        for line in r.iter_lines():
+            lines.append(line)
+            assert time.monotonic() < deadline, (
+                f"{path}: still open after {STREAM_BOUND_SECONDS} s: {lines[-5:]}"
+            )
     text = "\n".join(lines)
     assert "Traceback" not in text, text
     if r.headers.get("content-type", "").startswith("text/event-stream"):
         payloads = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
-        assert payloads and payloads[-1] == "[DONE]" or path.startswith(RESPONSES), text
         body: Any = [httpx.Response(200, content=p).json() for p in payloads if p != "[DONE]"]
+        if path.startswith(RESPONSES):
+            # The stream's last event is its end: the terminal event, or an in-band error.
+            assert body and (body[-1].get("type") in RESPONSE_ENDS or "error" in body[-1]), text
+        else:
+            assert payloads and payloads[-1] == "[DONE]", text
     else:
         body = httpx.Response(200, content=text).json() if text else None
     return Answer(r.status_code, r.headers, body)
@@ -125,13 +135,11 @@ def assert_nothing_left(store: redis.Redis, before: tuple[set[str], set[str]]) -
 
 
 def wait_terminal(http: httpx.Client, response_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    def ended() -> dict[str, Any] | None:
         data: dict[str, Any] = http.get(f"{RESPONSES}/{response_id}").json()
-        if data["status"] in TERMINAL:
-            return data
-        time.sleep(0.1)
-    raise TimeoutError(response_id)
+        return data if data["status"] in TERMINAL else None
+
+    return wait_for(ended, 60, f"{response_id} to end")
 
 
 def settle(http: httpx.Client, path: str, answer: Answer) -> None:
@@ -534,22 +542,24 @@ def mutations(fields: dict[str, str | None]) -> st.SearchStrategy[str]:
 HYPOTHESIS = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 
-@pytest.mark.parametrize("mode", CHAT_MODES.values(), ids=CHAT_MODES.keys())
-def test_chat_generated_bodies(http: httpx.Client, store: redis.Redis, mode: str) -> None:
-    @given(body=mutations(CHAT_FIELDS))
+GENERATED = [
+    pytest.param(path, fields, flag, id=f"{name} {mode}")
+    for name, path, fields, modes in (
+        ("chat", CHAT, CHAT_FIELDS, CHAT_MODES),
+        ("responses", RESPONSES, RESPONSES_FIELDS, RESPONSES_MODES),
+    )
+    for mode, flag in modes.items()
+]
+
+
+@pytest.mark.parametrize(("path", "fields", "mode"), GENERATED)
+def test_generated_bodies(
+    http: httpx.Client, store: redis.Redis, path: str, fields: dict[str, str | None], mode: str
+) -> None:
+    @given(body=mutations(fields))
     @HYPOTHESIS
     def check(body: str) -> None:
-        call(http, store, "POST", CHAT, in_mode(body, mode), headers={"content-type": JSON})
-
-    check()
-
-
-@pytest.mark.parametrize("mode", RESPONSES_MODES.values(), ids=RESPONSES_MODES.keys())
-def test_responses_generated_bodies(http: httpx.Client, store: redis.Redis, mode: str) -> None:
-    @given(body=mutations(RESPONSES_FIELDS))
-    @HYPOTHESIS
-    def check(body: str) -> None:
-        call(http, store, "POST", RESPONSES, in_mode(body, mode), headers={"content-type": JSON})
+        call(http, store, "POST", path, in_mode(body, mode), headers={"content-type": JSON})
 
     check()
 

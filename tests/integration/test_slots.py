@@ -11,81 +11,45 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import redis
 
-from tasks import events, keys
-from tests.integration.conftest import Stack, ready_workers, restart_worker, running_stack
+from tasks import events
+from tests.integration.conftest import Preset, Stack, ready_workers, restart_worker, stack_fixture
+from tests.integration.helpers import (
+    LONG_PROMPT,
+    job_events,
+    long_chat,
+    record,
+    sdk,
+    start_long_response,
+    wait_for,
+    wait_records,
+)
+from tests.tiny_llama import TinyLlamas, gguf_for_worker
 
 pytestmark = pytest.mark.timeout(300)
 
 SLOTS = 4
-LONG_PROMPT = "Count from 1 to 1000, writing every number in words, one per line."
-TERMINAL = {"completed", "incomplete", "failed", "cancelled"}
 
-
-@pytest.fixture(scope="module")
-def slots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with running_stack(
-        tmp_path_factory.mktemp("slots"),
-        WORKER_SLOTS=str(SLOTS),
-        BROKER_VISIBILITY_TIMEOUT_SECONDS="5",
-        SHUTDOWN_GRACE_SECONDS="2",
-    ) as stack:
-        yield stack
-
-
-def sdk(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key="x", max_retries=0, timeout=120)
-
-
-def rdb(stack: Stack) -> redis.Redis:
-    return redis.Redis.from_url(stack.redis_url, decode_responses=True)
-
-
-def record(stack: Stack, job_id: str) -> dict[str, str]:
-    return rdb(stack).hgetall(keys.job(job_id))
-
-
-def job_events(stack: Stack, job_id: str) -> list[events.AnyEvent]:
-    return [events.decode(i, p) for i, p in enumerate(rdb(stack).lrange(keys.job_log(job_id), 0, -1))]
-
-
-def wait_all(stack: Stack, job_ids: list[str], statuses: set[str], timeout: float) -> list[dict[str, str]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        records = [record(stack, j) for j in job_ids]
-        if all(r.get("status") in statuses for r in records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.1)
+slots = stack_fixture(Preset.slots(SLOTS).faults())
 
 
 def start_long_jobs(stack: Stack, n: int, **body: Any) -> list[str]:
     client = sdk(stack)
-    return [
-        client.responses.create(
-            input=f"{LONG_PROMPT} ({i})",
-            temperature=0,
-            max_output_tokens=3000,
-            background=True,
-            extra_body={"ignore_eos": True},
-            **body,
-        ).id
-        for i in range(n)
-    ]
+    return [start_long_response(client, input=f"{LONG_PROMPT} ({i})", **body) for i in range(n)]
 
 
 def wait_all_generating(stack: Stack, job_ids: list[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(any(isinstance(e, events.Delta) for e in job_events(stack, j)) for j in job_ids):
-            return
-        time.sleep(0.1)
-    raise AssertionError("not every job started generating")
+    wait_for(
+        lambda: all(any(isinstance(e, events.Delta) for e in job_events(stack, j)) for j in job_ids),
+        timeout,
+        "every job to be generating",
+    )
 
 
 def worker_description(stack: Stack) -> dict[str, Any]:
@@ -109,7 +73,7 @@ def test_health_and_metrics_show_slots_and_busy_ones(slots: Stack) -> None:
     finally:
         for job_id in job_ids:
             sdk(slots).responses.cancel(job_id)
-    wait_all(slots, job_ids, TERMINAL, timeout=30)
+    wait_records(slots, job_ids)
     text = httpx.get(f"{slots.api_url}/metrics", timeout=5).text
     # Steps of 3 sequences were counted (bucket le="4"), after the loop's periodic flush.
     assert "llmq_sequences_per_step_bucket" in text
@@ -122,15 +86,7 @@ def greedy_stream(
     stack: Stack, content: str, cancel_after: int | None = None
 ) -> tuple[list[Token], str | None]:
     """Stream a greedy chat completion; stop reading (the API then cancels it) after that many chunks."""
-    body = {
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": 48,
-        "temperature": 0,
-        "stream": True,
-        "ignore_eos": True,
-        "logprobs": True,
-        "top_logprobs": 2,
-    }
+    body = long_chat(48, messages=[{"role": "user", "content": content}], logprobs=True, top_logprobs=2)
     tokens: list[Token] = []
     finish = None
     with httpx.stream("POST", f"{stack.api_url}/v1/chat/completions", json=body, timeout=120) as r:
@@ -197,20 +153,19 @@ def test_cancelling_one_of_four_lets_the_others_finish(slots: Stack) -> None:
 
 
 @pytest.fixture(scope="module")
-def f32_slots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def f32_slots(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llamas: TinyLlamas, model_cache: Path
+) -> Iterator[Stack]:
     """A 4-slot worker on a tiny random-weight Llama exported to an F32 GGUF, with the real
     Llama-3 tokenizer: its kernels round a sequence's logits alike whatever it is batched with,
     so only where its cells lie in the unified KV pool moves them, by float noise."""
-    from tests.unit.conftest import random_llama3
-
-    model_dir = tmp_path_factory.mktemp("f32-llama3")
-    random_llama3(model_dir, context_length=1024)
-    with running_stack(
-        tmp_path_factory.mktemp("f32-slots"),
-        MODEL_ID=str(model_dir / "model.gguf"),
+    model_dir, _ = tiny_llamas.random(context_length=1024)
+    f32 = Preset.slots(SLOTS).with_(
+        MODEL_ID=str(gguf_for_worker(model_dir, model_cache)),
+        MODEL_CACHE_DIR=str(model_cache),
         SERVED_MODEL_NAME="tiny-f32",
-        WORKER_SLOTS=str(SLOTS),
-    ) as stack:
+    )
+    with f32.named("f32-slots").running(tmp_path_factory) as stack:
         yield stack
 
 
@@ -250,7 +205,7 @@ def test_a_prompt_too_long_fails_alone_while_others_run(slots: Stack) -> None:
     assert answer.choices[0].finish_reason in ("stop", "length")
     for job_id in running:
         client.responses.cancel(job_id)
-    assert [r["status"] for r in wait_all(slots, running, TERMINAL, 30)] == ["cancelled", "cancelled"]
+    assert [r["status"] for r in wait_records(slots, running)] == ["cancelled", "cancelled"]
 
 
 def test_a_freed_slot_takes_a_queued_job_at_once(slots: Stack) -> None:
@@ -262,13 +217,13 @@ def test_a_freed_slot_takes_a_queued_job_at_once(slots: Stack) -> None:
     assert record(slots, queued.id)["status"] == "queued"  # every slot is busy
     cancelled_at = time.time()
     client.responses.cancel(running[0])
-    done = wait_all(slots, [queued.id], TERMINAL, 30)[0]
+    done = wait_records(slots, [queued.id])[0]
     assert done["status"] in ("completed", "incomplete")
     # Claimed well within a second of the cancel (the cancel poll is 0.1 s, then Celery's fetch).
     assert float(done["started_at"]) - cancelled_at < 2.0
     for job_id in running[1:]:
         client.responses.cancel(job_id)
-    wait_all(slots, running, TERMINAL, 30)
+    wait_records(slots, running)
 
 
 def test_sigterm_with_four_running_ends_each_with_its_text(slots: Stack) -> None:
@@ -276,7 +231,7 @@ def test_sigterm_with_four_running_ends_each_with_its_text(slots: Stack) -> None
     wait_all_generating(slots, job_ids)
     stopped_at = time.monotonic()
     slots.worker.proc.send_signal(signal.SIGTERM)
-    records = wait_all(slots, job_ids, TERMINAL, timeout=30)
+    records = wait_records(slots, job_ids)
     took = time.monotonic() - stopped_at
     assert [(r["status"], r.get("error_code")) for r in records] == [("failed", "worker_shutdown")] * SLOTS
     assert took < 2 + 5, took  # grace 2 s, then stopped between tokens
@@ -290,13 +245,7 @@ def test_sigterm_with_four_running_ends_each_with_its_text(slots: Stack) -> None
 
 def test_kill_9_with_four_running_loses_all_four_once_and_none_reruns(slots: Stack) -> None:
     job_ids = start_long_jobs(slots, SLOTS - 1)
-    body = {
-        "messages": [{"role": "user", "content": LONG_PROMPT}],
-        "max_tokens": 3000,
-        "temperature": 0,
-        "stream": True,
-        "ignore_eos": True,
-    }
+    body = long_chat()
     streamed: list[str] = []
     ready = threading.Event()
 
@@ -316,7 +265,7 @@ def test_kill_9_with_four_running_loses_all_four_once_and_none_reruns(slots: Sta
     all_ids = [*job_ids, stream_id]
     killed_at = time.monotonic()
     slots.worker.stop(signal.SIGKILL)
-    records = wait_all(slots, all_ids, TERMINAL, timeout=30)
+    records = wait_records(slots, all_ids)
     reader.join(30)
     assert time.monotonic() - killed_at < 15 + 5 + 5  # JOB_LEASE_SECONDS + reaper interval + slack
     assert [(r["status"], r.get("error_code")) for r in records] == [("failed", "worker_lost")] * SLOTS

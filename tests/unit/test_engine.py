@@ -77,27 +77,24 @@ def test_the_tables_here_describe_the_session_model(engine: Engine, script: Scri
     assert engine.context_length == CONTEXT_LENGTH
 
 
+# MESSAGES as the Llama-3 template renders it.
+TERSE = (
+    "<|begin_of_text|>"
+    + H.format("system")
+    + "You are terse.<|eot_id|>"
+    + H.format("user")
+    + "Say hi.<|eot_id|>"
+    + ASSISTANT
+)
+
+
 @pytest.mark.parametrize(
     ("messages", "expected"),
     [
-        pytest.param(
-            MESSAGES,
-            "<|begin_of_text|>"
-            + H.format("system")
-            + "You are terse.<|eot_id|>"
-            + H.format("user")
-            + "Say hi.<|eot_id|>"
-            + ASSISTANT,
-            id="system-user",
-        ),
+        pytest.param(MESSAGES, TERSE, id="system-user"),
         pytest.param(
             (ChatMessage("developer", "You are terse."), ChatMessage("user", "Say hi.")),
-            "<|begin_of_text|>"
-            + H.format("system")
-            + "You are terse.<|eot_id|>"
-            + H.format("user")
-            + "Say hi.<|eot_id|>"
-            + ASSISTANT,
+            TERSE,
             id="developer-renders-as-system",
         ),
         pytest.param(

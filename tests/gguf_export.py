@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,14 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
 
 
-def _add_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int) -> None:
+def tokenizer_digest_path(gguf_file: Path) -> Path:
+    """Beside each export: a digest of every tokenizer field written into it (tests/tiny_llama.py
+    shares one tokenizer conversion between GGUFs whose digests are equal)."""
+    return gguf_file.with_name(gguf_file.name + ".tokenizer-sha256")
+
+
+def _add_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int) -> str:
+    """Write the tokenizer fields; return their digest."""
     tokenizer = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
     entries: dict[int, tuple[str, gguf.TokenType]] = {
         i: (token, gguf.TokenType.NORMAL) for token, i in tokenizer["model"]["vocab"].items()
@@ -61,6 +69,16 @@ def _add_vocab(writer: gguf.GGUFWriter, hf_dir: Path, vocab_size: int) -> None:
     # The tests need a GGUF without a chat template, so the service falls back to its built-in one.
     special.chat_template = None
     special.add_to_gguf(writer, quiet=True)
+    written = {
+        "model": "gpt2",
+        "pre": "llama-bpe",
+        "tokens": tokens,
+        "merges": special.merges,
+        "special_token_ids": special.special_token_ids,
+        "add_special_token": special.add_special_token,
+        "chat_template": special.chat_template,
+    }
+    return hashlib.sha256(json.dumps(written, sort_keys=True, default=int).encode()).hexdigest()
 
 
 def _add_tensors(writer: gguf.GGUFWriter, hf_dir: Path, config: dict[str, Any]) -> None:
@@ -88,10 +106,11 @@ def export_gguf(hf_dir: Path, out_file: Path) -> Path:
     config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
     writer = gguf.GGUFWriter(out_file, gguf.MODEL_ARCH_NAMES[ARCH])
     _add_hparams(writer, config)
-    _add_vocab(writer, hf_dir, config["vocab_size"])
+    digest = _add_vocab(writer, hf_dir, config["vocab_size"])
     _add_tensors(writer, hf_dir, config)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    tokenizer_digest_path(out_file).write_text(digest)
     return out_file
