@@ -5,7 +5,9 @@ One worker (WORKER_SLOTS=1, default settings) serves one streaming client sendin
 Over the service's turns it counts CPU seconds of the API, the worker (per thread), redis-server
 and this client, and Redis commands and bytes; in-process it times each scheduler step beside
 its llama_decode. Then one request under MONITOR, a py-spy profile of the worker (when py-spy is
-installed), and the same alternation with STREAM_COALESCE_SECONDS=0.
+installed), the same alternation with STREAM_COALESCE_SECONDS=0, and last the engine driven from
+a second thread (as the worker's decode loop drives the engine its main thread warmed up) beside
+one loaded and driven in a single thread of a fresh process.
 
     python -m bench.profile_stream --seconds 40
 """
@@ -289,7 +291,6 @@ def profile_engine(spy: str, engine: InProcessEngine, seconds: float, out_dir: P
     raw = out_dir / "engine.pyspy.txt"
     samples: list[RequestSample] = []
     proc = record(spy, os.getpid(), seconds, raw)
-    time.sleep(1.0)  # py-spy attached
     while proc.poll() is None:
         samples.append(engine.one())
     tps = _med([t for s in samples if (t := s.decode_tps) is not None])
@@ -341,6 +342,30 @@ def other_thread_tps(engine: InProcessEngine, requests: int) -> float:
     thread.start()
     thread.join()
     return _med([t for s in samples if (t := s.decode_tps) is not None])
+
+
+# The control for other_thread_tps, in a fresh process: load, warm up and decode all in one
+# thread that is not the main one, as the worker would if its loop thread loaded the engine.
+ONE_THREAD = """
+import statistics, threading
+from bench.inprocess import InProcessEngine
+from tasks.settings import get_settings
+out = []
+def run():
+    engine = InProcessEngine(get_settings())
+    out.extend(engine.one().decode_tps for _ in range(REQUESTS))
+thread = threading.Thread(target=run)
+thread.start()
+thread.join()
+print(statistics.median(out))
+"""
+
+
+def one_thread_tps(requests: int) -> float:
+    code = ONE_THREAD.replace("REQUESTS", str(requests))
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
 
 
 def tuner_lines(stack: ServiceStack) -> list[str]:
@@ -501,10 +526,13 @@ def main(argv: list[str] | None = None) -> int:
     clock.recording = False
     main_tps = _med([t for s in (engine.one() for _ in range(6)) if (t := s.decode_tps) is not None])
     other_tps = other_thread_tps(engine, 6)
+    fresh_tps = one_thread_tps(6)
     text = report(runs, clock, engine, tuner, monitor, profiles)
     text += (
         f"\nengine in-process from the thread that warmed it up / from a second thread, tok/s: "
         f"{main_tps:.1f} / {other_tps:.1f} = {other_tps / main_tps:.2f}x"
+        f"\nengine loaded, warmed up and driven all in one non-main thread (fresh process), tok/s: "
+        f"{fresh_tps:.1f}"
     )
     print(text)  # the one thing for a person to read
     log.info("logs and raw py-spy stacks in %s", log_dir)
