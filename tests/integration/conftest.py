@@ -52,6 +52,7 @@ def running_stack(
         worker = start_worker(env, log_dir)
         services.append(worker)
         api, api_url = start_api(env, log_dir)
+        services.append(api)  # before the wait: a worker that never gets ready must not leak the API
         wait_healthy(worker, api_url, timeout=300)
         stack = Stack(redis_url, api_url, env, log_dir, worker, api, redis_svc)
         yield stack
