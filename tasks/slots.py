@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Hashable
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
@@ -34,6 +35,9 @@ STOP_POLL_SECONDS = 0.1
 IDLE_WAIT_SECONDS = 0.5
 # How often the loop adds its count of sequences per step to the shared metrics.
 METRICS_FLUSH_SECONDS = 2.0
+# Bounds the wait for the loop thread's warm-up (two tokens; minutes only for a large model on a
+# slow CPU), so a hung warm-up stops the worker instead of keeping it half-started.
+WARM_UP_TIMEOUT_SECONDS = 600.0
 
 StopReason = Literal["cancelled", "time_limit", "shutdown"]
 
@@ -116,8 +120,18 @@ class SlotLoop:
 
     @classmethod
     def start(cls, rt: WorkerRuntime) -> SlotLoop:
-        cls._instance = loop = cls(rt)
-        threading.Thread(target=loop._run, name="decode-loop", daemon=True).start()
+        """Start the loop's thread, which warms the engine up before its first step; return once
+        it has (or raise what the warm-up raised).
+
+        Every forward pass, the warm-up's included, runs on this one thread: llama.cpp and torch
+        compute through OpenMP, which gives each thread that calls it a team of its own, and a
+        model warmed up on the main thread and then decoded here ran at about 0.65x its speed
+        (docs/benchmarks.md, "Where one stream's time goes")."""
+        loop = cls(rt)
+        warmed: Future[None] = Future()
+        threading.Thread(target=loop._run, args=(warmed,), name="decode-loop", daemon=True).start()
+        warmed.result(timeout=WARM_UP_TIMEOUT_SECONDS)
+        cls._instance = loop
         return loop
 
     @classmethod
@@ -129,7 +143,13 @@ class SlotLoop:
     def submit(self, job: SlotJob) -> None:
         self._inbox.put(job, timeout=60)  # never blocks in practice: one job per pool thread
 
-    def _run(self) -> None:
+    def _run(self, warmed: Future[None]) -> None:
+        try:
+            self._rt.engine.warm_up()
+        except BaseException as exc:  # the worker stops: it must not take jobs it cannot run
+            warmed.set_exception(exc)
+            return
+        warmed.set_result(None)
         while True:
             try:
                 self._once()

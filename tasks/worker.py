@@ -54,8 +54,9 @@ def runtime() -> WorkerRuntime:
     return _runtime
 
 
-def load_engine(settings: Settings) -> Engine:
-    """The engine MODEL_ID and the settings describe, loaded and warmed up."""
+def load_engine(settings: Settings, warm_up: bool = True) -> Engine:
+    """The engine MODEL_ID and the settings describe, loaded and (unless told not to) warmed up
+    on the calling thread: the thread that will run its forward passes (see SlotLoop.start)."""
     loaded = load_model(
         settings.model_id,
         engine=settings.engine,
@@ -68,7 +69,7 @@ def load_engine(settings: Settings) -> Engine:
     )
     engine = Engine(loaded)
     log.info(
-        "model loaded in %.1fs by %s on %s (%s, %d threads, %d slots); warming up",
+        "model loaded in %.1fs by %s on %s (%s, %d threads, %d slots)",
         loaded.load_seconds,
         loaded.backend,
         loaded.device,
@@ -76,7 +77,8 @@ def load_engine(settings: Settings) -> Engine:
         loaded.threads,
         engine.slots,
     )
-    engine.warm_up()
+    if warm_up:
+        engine.warm_up()
     return engine
 
 
@@ -145,17 +147,18 @@ def load_on_start(**_: Any) -> None:
     name = f"{socket.gethostname()}:{os.getpid()}"
     log.info("worker %s loading model %s", name, settings.model_id)
     try:
-        engine = load_engine(settings)
+        # Warmed up by the decode loop's thread, not here: see SlotLoop.start.
+        engine = load_engine(settings, warm_up=False)
+        client = sync_client(settings, name="llmq-worker")
+        _runtime = WorkerRuntime(
+            name=name, engine=engine, redis=client, scripts=Scripts(client), settings=settings
+        )
+        SlotLoop.start(_runtime)
     except Exception:
         # A worker without its model must not take jobs: stop the whole worker.
         log.exception("could not load model %s; stopping the worker", settings.model_id)
         logging.shutdown()
         os._exit(1)
-    client = sync_client(settings, name="llmq-worker")
-    _runtime = WorkerRuntime(
-        name=name, engine=engine, redis=client, scripts=Scripts(client), settings=settings
-    )
-    SlotLoop.start(_runtime)
     threading.Thread(target=_heartbeat, args=(_runtime, _stop_heartbeat), daemon=True).start()
     loaded = engine.loaded
     log.info(
