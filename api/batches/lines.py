@@ -130,9 +130,7 @@ def _job_of(raw: bytes, endpoint: str, settings: Settings, owner: str | None) ->
         responses.validate(response_request, settings)
         # A line is answered in the output file: it never runs as a background response.
         response_request = response_request.model_copy(update={"background": False})
-        return response_request.to_job(
-            LINE_JOB_ID, settings.model_name, max_tokens_default=max_tokens_default, owner=owner
-        )
+        return response_request.to_job(LINE_JOB_ID, settings.model_name, max_tokens_default, owner=owner)
     except ValidationError as exc:
         raise errors.validation_error(exc.errors()) from None
 

@@ -78,6 +78,16 @@ def wait_response(
     return wait_for(reached, timeout, f"{response_id} to reach {sorted(statuses)}")
 
 
+def wait_batch(client: openai.OpenAI, batch_id: str, statuses: set[str], timeout: float = 120) -> Any:
+    """The batch once its status is one of `statuses`."""
+
+    def reached() -> Any:
+        batch = client.batches.retrieve(batch_id)
+        return batch if batch.status in statuses else None
+
+    return wait_for(reached, timeout, f"batch {batch_id} to reach {sorted(statuses)}", every=0.2)
+
+
 def start_long_response(
     client: openai.OpenAI, max_output_tokens: int = 3000, input: str = LONG_PROMPT, **body: Any
 ) -> str:

@@ -16,7 +16,7 @@ import pytest
 
 from tasks import keys
 from tests.integration.conftest import Preset, Stack, restart_worker, stack_fixture
-from tests.integration.helpers import LONG_PROMPT, TERMINAL, rdb, wait_for
+from tests.integration.helpers import LONG_PROMPT, TERMINAL, rdb, wait_batch, wait_for
 from tests.integration.helpers import sdk as stack_sdk
 from tests.processes import ROOT, start_api, start_redis
 
@@ -66,14 +66,6 @@ def submit(client: openai.OpenAI, content: bytes, endpoint: str = "/v1/chat/comp
         completion_window="24h",
         metadata={"suite": "batches"},
     )
-
-
-def wait_batch(client: openai.OpenAI, batch_id: str, statuses: set[str], timeout: float = 120) -> Any:
-    def reached() -> Any:
-        batch = client.batches.retrieve(batch_id)
-        return batch if batch.status in statuses else None
-
-    return wait_for(reached, timeout, f"batch {batch_id} to reach {sorted(statuses)}", every=0.2)
 
 
 def file_lines(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:

@@ -8,15 +8,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 
 import openai
 import pytest
-import redis
 
 from tasks import keys
 from tests.integration.conftest import Stack, running_stack
+from tests.integration.helpers import rdb, sdk, wait_batch, wait_response
 from tests.processes import BIN, ROOT
 
 # The rules README "Redis" gives an operator who shares one Redis between services: every key
@@ -26,7 +25,6 @@ RULES = ["~llmq:*", "&llmq:*", "&llmq:/0.celeryev", "&llmq:/0.celery.pidbox", "+
 # redis-server takes a config line on its command line: `user default ...` sets the default
 # user's rights, which every client here uses.
 CONFINED = ["--user", "default", "on", "nopass", "resetkeys", "resetchannels", *RULES]
-TERMINAL = {"completed", "incomplete", "failed", "cancelled"}
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +33,16 @@ def confined(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
 
 
-def sdk(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{stack.api_url}/v1", api_key="not-needed", max_retries=0, timeout=60)
-
-
 @pytest.mark.timeout(420)
 def test_a_redis_confined_to_the_prefix_serves_everything_and_denies_nothing(confined: Stack) -> None:
-    db = redis.Redis.from_url(confined.redis_url, decode_responses=True)
+    db = rdb(confined)
     # The rule is in force (DRYRUN asks without logging a denial): otherwise this proves nothing.
     assert db.execute_command("ACL", "DRYRUN", "default", "SET", f"{keys.PREFIX}x", "1") == "OK"
     assert "no permissions" in db.execute_command("ACL", "DRYRUN", "default", "SET", "generate", "1")
     assert "no permissions" in db.execute_command("ACL", "DRYRUN", "default", "PUBLISH", "celeryev", "1")
     # Denials while the worker started (kombu's bindings and listeners) stop it: say so at once.
     assert db.acl_log() == []
-    client = sdk(confined)
+    client = sdk(confined, timeout=60)
     model = client.models.list().data[0].id
     messages: list[openai.types.chat.ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
 
@@ -59,10 +53,7 @@ def test_a_redis_confined_to_the_prefix_serves_everything_and_denies_nothing(con
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
     background = client.responses.create(model=model, input="Hi", max_output_tokens=4, background=True)
-    deadline = time.monotonic() + 120
-    while (response := client.responses.retrieve(background.id)).status not in TERMINAL:
-        assert time.monotonic() < deadline, response.status
-        time.sleep(0.2)
+    response = wait_response(client, background.id, timeout=120)
     assert response.status in ("completed", "incomplete"), response.error
 
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
@@ -71,10 +62,7 @@ def test_a_redis_confined_to_the_prefix_serves_everything_and_denies_nothing(con
     batch = client.batches.create(
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
-    deadline = time.monotonic() + 120
-    while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed", "expired"):
-        assert time.monotonic() < deadline, batch.status
-        time.sleep(0.2)
+    batch = wait_batch(client, batch.id, {"completed", "failed", "expired"})
     assert batch.status == "completed" and batch.request_counts is not None
     assert batch.request_counts.completed == 1, batch
 
