@@ -274,11 +274,8 @@ class SlotLoop:
         if not writes:
             return
         ttl = self._rt.settings.job_ttl_seconds
-        pipe = self._rt.redis.pipeline(transaction=False)
-        for job_id, event in writes:
-            self._rt.scripts.queue(pipe, jobs.append(job_id, event, ttl=ttl))
         try:
-            pipe.execute()
+            self._rt.scripts.run_many([jobs.append(job_id, event, ttl=ttl) for job_id, event in writes])
         except redis.RedisError as exc:
             # Without Redis a job's events cannot be kept in order: end every job that had
             # something to say (best effort; if that fails too, its lease lapses and the reaper

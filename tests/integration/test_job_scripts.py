@@ -336,3 +336,27 @@ def test_reap_ends_queued_jobs_past_their_deadline_by_redis_time(db: redis.Redis
     assert reap(scripts, queue_timeout=PAST) == 1  # a deadline a second ago has
     assert (record(db, waiting).status, record(db, waiting).error_code) == ("failed", "queue_timeout")
     assert record(db, line.spec.id).status == "queued"  # batch lines have no queue deadline
+
+
+# --- pipelines ----------------------------------------------------------------------------------
+
+
+def _calls(db: redis.Redis, name: str) -> int:
+    """How many times redis-server ran the command `name` since the stats were reset."""
+    stats = db.info("commandstats")
+    return int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))  # type: ignore[union-attr]
+
+
+def test_a_pipeline_of_appends_keeps_order_sends_no_script_exists_and_survives_a_flush(
+    db: redis.Redis, scripts: Scripts
+) -> None:
+    job_id = running(scripts)
+    deltas = [events.Delta(text=f"t{i}") for i in range(6)]
+    db.config_resetstat()
+    first = scripts.run_many([jobs.append(job_id, d, ttl=TTL) for d in deltas[:3]])
+    db.script_flush()  # as after a restart or a failover: every script must load again
+    second = scripts.run_many([jobs.append(job_id, d, ttl=TTL) for d in deltas[3:]])
+    third = scripts.run_many([jobs.append(job_id, FINISHED, ttl=TTL)])
+    assert [*first, *second, *third] == list(range(7))  # each event's seq, none lost or repeated
+    assert job_log(db, job_id) == [e.model_copy(update={"seq": i}) for i, e in enumerate([*deltas, FINISHED])]
+    assert _calls(db, "script|exists") == 0
