@@ -25,13 +25,22 @@ from model.chat_tokenizer import ChatTokenizer
 from model.grammar import FORBIDDEN, Constraint
 from model.loading import LoadedModel, ModelNotAvailable, ModelSource, tokenizer_folder
 from model.penalties import FloatArray, Penalties, penalties_for
-from model.scheduler import PREFILL_BATCH_TOKENS, PREFILL_CHUNK_TOKENS
+from model.prefill import PrefillPace, PrefillPolicy
+from model.scheduler import PREFILL_BATCH_TOKENS
 from model.types import SampledLogprobs, SamplingParams, StepOutput
 
 log = logging.getLogger(__name__)
 
 
-def load(source: ModelSource, *, device: str, threads: int, slots: int, cache_dir: Path) -> LoadedModel:
+def load(
+    source: ModelSource,
+    *,
+    device: str,
+    threads: int,
+    slots: int,
+    cache_dir: Path,
+    prefill: PrefillPolicy | None = None,
+) -> LoadedModel:
     """Memory-map the GGUF as it is (no conversion) and take the tokenizer from the same file."""
     started = time.perf_counter()
     gpu_layers, where = _placement(device)
@@ -44,7 +53,9 @@ def load(source: ModelSource, *, device: str, threads: int, slots: int, cache_di
         backend="llama.cpp",
         model=model,
         tokenizer=tokenizer,
-        runner=LlamaCppBatch(ctx, slots, ThreadTuner(ctx, threads) if tuned and threads > 1 else None),
+        runner=LlamaCppBatch(
+            ctx, slots, ThreadTuner(ctx, threads) if tuned and threads > 1 else None, prefill=prefill
+        ),
         eos_token_ids=frozenset({model.token_eos()}),
         device=where,
         dtype=weights,
@@ -177,42 +188,6 @@ class ThreadTuner:
             self._applied = threads
 
 
-class PrefillPace:
-    """How many prompt tokens a step may add while other sequences decode, from measured speed.
-
-    A step that also prefills holds every running stream for its whole length, so the chunk is
-    sized for a step to take at most STALL + 1 times a decode-only step: on a 2-core CPU, where
-    this llama.cpp prefills about 200-300 tokens a second in such mixed steps, a fixed chunk of
-    256 stalled three streams for 1.4-1.8 s against a 47 ms median gap; on a GPU the measured
-    speed lets the chunk grow to PREFILL_CHUNK_TOKENS.
-    """
-
-    STALL = 3.0
-    MIN_CHUNK = 16
-    SMOOTHING = 0.2
-
-    def __init__(self) -> None:
-        self._decode_s: float | None = None  # a decode-only step
-        self._prefill_token_s: float | None = None  # one prompt token's share of a step
-
-    def observe(self, seconds: float, *, decoded: int, prefilled: int) -> None:
-        if prefilled == 0:
-            self._decode_s = self._smooth(self._decode_s, seconds)
-            return
-        decode_share = self._decode_s if decoded and self._decode_s is not None else 0.0
-        per_token = max(seconds - decode_share, 0.0) / prefilled
-        self._prefill_token_s = self._smooth(self._prefill_token_s, per_token)
-
-    def chunk(self) -> int:
-        if self._decode_s is None or not self._prefill_token_s:
-            return PREFILL_CHUNK_TOKENS
-        tokens = int(self.STALL * self._decode_s / self._prefill_token_s)
-        return max(self.MIN_CHUNK, min(PREFILL_CHUNK_TOKENS, tokens))
-
-    def _smooth(self, old: float | None, new: float) -> float:
-        return new if old is None else old + self.SMOOTHING * (new - old)
-
-
 @dataclass
 class _Slot:
     """One sequence's place in the shared context (its llama.cpp seq_id is the slot's index)."""
@@ -243,9 +218,9 @@ class LlamaCppBatch:
     """Every running sequence in one llama_decode per step, each sampled by its own sampler chain.
 
     Per step: one token for each sequence that is decoding, then prompt tokens of sequences
-    being prefilled, a chunk sized by PrefillPace while anything decodes (a whole prompt batch
-    when nothing does). A prompt's last token is fed as the first decode step, never inside a
-    prefill chunk.
+    being prefilled: while anything decodes, a chunk when model/prefill.py's policy gives one
+    (big chunks, spaced by decode-only steps); a whole prompt batch when nothing does. A
+    prompt's last token is fed as the first decode step, never inside a prefill chunk.
 
     Prompt caching per slot: a finished sequence leaves its prompt's KV in its slot, and a new
     prompt goes to the free slot that shares the longest prefix with it, so only the rest is
@@ -261,10 +236,12 @@ class LlamaCppBatch:
     and the others wait for that one instead.
     """
 
-    def __init__(self, ctx: Any, slots: int, tuner: ThreadTuner | None = None) -> None:
+    def __init__(
+        self, ctx: Any, slots: int, tuner: ThreadTuner | None = None, prefill: PrefillPolicy | None = None
+    ) -> None:
         self._ctx = ctx
         self._tuner = tuner
-        self._pace = PrefillPace()
+        self._pace = PrefillPace(prefill)
         self._mem = llama_cpp.llama_get_memory(ctx.ctx)
         self._pool = ctx.n_ctx()
         self._batch_cap = max(ctx.params.n_batch, slots)

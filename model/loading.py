@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from model.prefill import PrefillPolicy
 from model.types import Backend, BatchRunner
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ def load_model(
     slots: int = 1,
     cache_dir: Path,
     quantize_on_cpu: bool = False,  # tests only: NF4 on CPU too (see torch_backend.load)
+    prefill: PrefillPolicy | None = None,  # llama.cpp's; transformers prefills fixed chunks
 ) -> LoadedModel:
     """Load weights and tokenizer once, on the backend `engine` picks (see choose_backend)."""
     source = resolve_source(model_id)
@@ -134,7 +136,9 @@ def load_model(
     if backend == "llama.cpp":
         from model import llamacpp_backend
 
-        return llamacpp_backend.load(source, device=device, threads=threads, slots=slots, cache_dir=cache_dir)
+        return llamacpp_backend.load(
+            source, device=device, threads=threads, slots=slots, cache_dir=cache_dir, prefill=prefill
+        )
     from model import torch_backend
 
     return torch_backend.load(

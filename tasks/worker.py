@@ -20,6 +20,7 @@ from celery import signals
 
 from model.engine import Engine
 from model.loading import load_model
+from model.prefill import PrefillPolicy
 from tasks import keys, logs
 from tasks.redis import sync_client
 from tasks.scripts import Scripts
@@ -66,6 +67,7 @@ def load_engine(settings: Settings, warm_up: bool = True) -> Engine:
         dtype=settings.dtype,
         use_4bit=settings.use_4bit,
         cache_dir=settings.model_cache_dir,
+        prefill=PrefillPolicy(stall_seconds=settings.prefill_stall_seconds, share=settings.prefill_share),
     )
     engine = Engine(loaded)
     log.info(

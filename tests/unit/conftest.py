@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from model.engine import Engine
 from model.loading import llama_cpp_installed, load_model
+from model.prefill import PrefillPolicy
 from model.types import Backend
 from tests.needs import hidden, missing
 from tests.tiny_llama import (
@@ -44,7 +45,9 @@ def model_id(path: Path, cache_dir: Path, backend: Backend) -> str:
     return str(gguf_for_worker(path, cache_dir)) if backend == "llama.cpp" else str(path)
 
 
-def batch_engine(path: Path, cache: Path, backend: Backend, slots: int) -> Engine:
+def batch_engine(
+    path: Path, cache: Path, backend: Backend, slots: int, prefill: PrefillPolicy | None = None
+) -> Engine:
     """Load a saved test model the way a worker with WORKER_SLOTS=`slots` does, on CPU:
     transformers in float32 from the directory, llama.cpp from the GGUF export (F32 weights)."""
     needs_backend(backend)
@@ -56,6 +59,7 @@ def batch_engine(path: Path, cache: Path, backend: Backend, slots: int) -> Engin
         use_4bit=False,
         slots=slots,
         cache_dir=cache,
+        prefill=prefill,
     )
     return Engine(loaded)
 

@@ -11,6 +11,7 @@ import pytest
 
 from model.engine import Engine
 from model.generation import Generation, Output
+from model.prefill import PrefillPolicy
 from model.scheduler import Event, Failure
 from model.types import Backend, ChatMessage, Completion, SampledLogprobs, SamplingParams, TextDelta
 from tests.unit.conftest import batch_engine
@@ -25,6 +26,14 @@ QUESTIONS = ("Расскажи про космос кратко.", "Hi!", "На�
 @pytest.fixture(scope="module")
 def batched(batch_llama3_dir: Path, backend: Backend, model_cache: Path) -> Engine:
     return batch_engine(batch_llama3_dir, model_cache, backend, SLOTS)
+
+
+@pytest.fixture(scope="module")
+def paced(batch_llama3_dir: Path, backend: Backend, model_cache: Path) -> Engine:
+    """Batched, with a prefill policy that puts at most a few dozen tokens in each step (a tiny
+    model prefills a whole 600-token prompt within the default half-second step)."""
+    policy = PrefillPolicy(stall_seconds=1e-4, first_chunk=32)
+    return batch_engine(batch_llama3_dir, model_cache, backend, SLOTS, prefill=policy)
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +110,9 @@ def test_join_mid_run_and_cancel_one_leave_the_others_unchanged(batched: Engine,
 
 
 def test_a_long_prompt_prefills_in_chunks_without_stalling_running_streams(
-    batched: Engine, single: Engine
+    paced: Engine, single: Engine
 ) -> None:
+    batched = paced
     sampling = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
     running = [submit(batched, q, q, sampling) for q in ("Hi!", "2+2?")]
     drive(batched, steps=3)  # both are decoding now
