@@ -130,10 +130,10 @@ def _probe_wait(http: httpx.Client, db: redis.Redis) -> float | None:
     r = http.post("/v1/chat/completions", json=body)
     if r.status_code != 200:
         return None
-    spec, started = db.hmget(keys.job(r.headers["x-request-id"]), ["spec", "started_at"])
-    if not spec or not started:
+    created, started = db.hmget(keys.job(r.headers["x-request-id"]), ["created_at", "started_at"])
+    if not created or not started:
         return None
-    return float(started) - float(json.loads(spec)["created_at"])  # type: ignore[arg-type]
+    return float(started) - float(created)  # type: ignore[arg-type]
 
 
 def run(stack: Measured, round_no: int) -> BatchRun:

@@ -118,6 +118,8 @@ class InterferenceResult:
     median_gap_s: float  # over all gaps of the running streams
     p99_gap_s: float
     max_gap_during_prefill_s: float  # gaps that overlap the long request's wait for its first token
+    median_gap_before_s: float  # gaps that ended before the long request was sent
+    median_gap_during_prefill_s: float  # gaps that overlap its wait for its first token
     long_ttft_s: float  # the long request's time to first token
     stream_chunks: list[int]  # text chunks each running stream received
     outlasted: bool  # every running stream was still decoding when the long one got its first token
@@ -169,7 +171,8 @@ def run(
     errors = [e for s in [*streams, long] if (e := s.error)]
     first = long.chunks[0] if long.chunks else float("inf")
     gaps: list[float] = []
-    prefill_gaps: list[float] = [0.0]
+    prefill_gaps: list[float] = []
+    before: list[float] = []
     timed: list[list[float]] = []
     for s in streams:
         for a, b in zip(s.chunks, s.chunks[1:], strict=False):
@@ -177,6 +180,8 @@ def run(
             timed.append([round(b - sent, 3), round(b - a, 4)])
             if b > sent and a < first:
                 prefill_gaps.append(b - a)
+            elif b <= sent:
+                before.append(b - a)
     if errors:
         log.warning("interference on %s: %s", system, errors)
     return InterferenceResult(
@@ -186,7 +191,9 @@ def run(
         max_gap_s=max(gaps, default=0.0),
         median_gap_s=statistics.median(gaps) if gaps else 0.0,
         p99_gap_s=percentile(gaps, 99) if gaps else 0.0,
-        max_gap_during_prefill_s=max(prefill_gaps),
+        max_gap_during_prefill_s=max(prefill_gaps, default=0.0),
+        median_gap_before_s=statistics.median(before) if before else 0.0,
+        median_gap_during_prefill_s=statistics.median(prefill_gaps) if prefill_gaps else 0.0,
         long_ttft_s=first - sent,
         stream_chunks=[len(s.chunks) for s in streams],
         outlasted=all(not s.ended and s.chunks and s.chunks[-1] > first for s in streams),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -109,13 +108,14 @@ class ServiceStack:
         return BatchResult(self.name, concurrency, round_no, wall, samples)
 
     def _queue_wait(self, sample: RequestSample) -> float | None:
-        """From the job hash: the API's created_at to the worker's claim (the job id is the chunk id)."""
+        """From the job hash: its admission to the worker's claim, both by Redis's clock (the job id
+        is the chunk id)."""
         if sample.job_id is None or sample.error:
             return None
-        spec, started = self._redis.hmget(keys.job(sample.job_id), ["spec", "started_at"])
-        if not spec or not started:
+        created, started = self._redis.hmget(keys.job(sample.job_id), ["created_at", "started_at"])
+        if not created or not started:
             return None
-        return float(started) - float(json.loads(spec)["created_at"])
+        return float(started) - float(created)
 
     def rss_mib(self) -> dict[str, float]:
         rss = {"api": tree_rss_mib(self.api.proc.pid)}
