@@ -44,8 +44,10 @@ task_acks_late = True
 worker_send_task_events = True
 task_send_sent_event = True
 
-task_default_queue = keys.GENERATE_QUEUE
-task_routes = {keys.GENERATE_TASK: {"queue": keys.GENERATE_QUEUE}}
+# A worker consumes its own model's queue only (SERVED_MODEL_NAME, else MODEL_ID), so a request
+# never reaches a worker of another model; the API names each job's queue when it sends it
+# (tasks/client.py), so its own MODEL_ID plays no part.
+task_default_queue = keys.generate_queue(settings.model_name)
 # Results travel as events and job records (tasks/jobs.py), not through a result backend.
 task_ignore_result = True
 task_serializer = "json"

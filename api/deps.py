@@ -10,12 +10,18 @@ from api.edge.auth import caller
 from tasks.batches import BatchStore
 from tasks.client import JobClient
 from tasks.files import FileStore
+from tasks.registry import ModelRegistry
 from tasks.settings import Settings, get_settings
 
 
 def job_client(request: Request) -> JobClient:
     client: JobClient = request.app.state.jobs
     return client
+
+
+def model_registry(request: Request) -> ModelRegistry:
+    registry: ModelRegistry = request.app.state.models
+    return registry
 
 
 def file_store(request: Request) -> FileStore:
@@ -30,6 +36,7 @@ def batch_store(request: Request) -> BatchStore:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 JobsDep = Annotated[JobClient, Depends(job_client)]
+ModelsDep = Annotated[ModelRegistry, Depends(model_registry)]
 FilesDep = Annotated[FileStore, Depends(file_store)]
 BatchesDep = Annotated[BatchStore, Depends(batch_store)]
 # The caller's owner tag (api.auth); None when API_KEYS is empty.

@@ -19,6 +19,7 @@ official SDKs raise their typed exceptions (BadRequestError, NotFoundError, ...)
     +-- UnsupportedMediaType      415 code=unsupported_media_type (a body that is not JSON)
     +-- QueueFull                 429 code=queue_full (MAX_QUEUED jobs waiting); sets Retry-After
     +-- ServiceUnavailable        503 (Redis down, queue refused the job); sets Retry-After
+    |   +-- ModelUnavailable      503 code=model_unavailable (a known model with no worker now)
     +-- ClientDisconnected        499 code=client_closed_request (the client went away)
     +-- GenerationFailed          500 code=generation_failed, or the worker's failure code
     +-- (APIError itself)         500 code=internal_error (a bug: logged with its traceback)
@@ -133,6 +134,14 @@ class ServiceUnavailable(APIError):
     type = "service_unavailable"
     code = "service_unavailable"
     retry_after_seconds = 5
+
+
+class ModelUnavailable(ServiceUnavailable):
+    code = "model_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, param="model")
+        self.retry_after_seconds = retry_after
 
 
 class QueueFull(APIError):

@@ -28,6 +28,7 @@ from tasks.batches import BatchStore
 from tasks.client import JobClient
 from tasks.files import FileStore
 from tasks.redis import async_client
+from tasks.registry import ModelRegistry
 from tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # File contents are bytes, whatever was uploaded: they get a client that does not decode.
     file_client = async_client(settings, name="llmq-api-files", decode_responses=False, large_values=True)
     app.state.jobs = JobClient(client, settings)
+    app.state.models = ModelRegistry(client, settings.model_forget_seconds)
     app.state.files = FileStore(file_client, settings.file_ttl_seconds)
     app.state.batches = BatchStore(client, settings.file_ttl_seconds)
-    runner = BatchRunner(app.state.batches, app.state.files, app.state.jobs, settings)
+    runner = BatchRunner(app.state.batches, app.state.files, app.state.jobs, app.state.models, settings)
     background = [
         asyncio.create_task(_reap_forever(app.state.jobs)),
         asyncio.create_task(runner.run_forever()),

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -53,13 +51,17 @@ class JobClient:
         spec from the record). Subscribe to its events first. Returns its created_at (Redis's
         clock, as the record has it).
 
-        Raises QueueFull, before anything is enqueued, when MAX_QUEUED jobs are waiting.
+        Raises QueueFull, before anything is enqueued, when MAX_QUEUED jobs of its model are
+        waiting. The job goes to its model's queue, which only that model's workers consume.
         """
         spec = job.spec
-        call = jobs.admit(job, ttl=self._ttl, max_queued=self._settings.max_queued)
+        settings = self._settings
+        call = jobs.admit(
+            job, ttl=self._ttl, max_queued=settings.max_queued, queue_timeout=settings.queue_timeout_seconds
+        )
         created_at = jobs.admitted(await self._scripts.run(call))
         if created_at is None:
-            raise QueueFull(f"{self._settings.max_queued} jobs are already waiting")
+            raise QueueFull(f"{settings.max_queued} jobs for '{spec.model}' are already waiting")
         log.info("job queued (%d messages, max_tokens=%d)", len(spec.messages), spec.sampling.max_tokens)
         try:
             # send_task talks to the broker synchronously (kombu); keep it off the event loop.
@@ -68,7 +70,7 @@ class JobClient:
                 keys.GENERATE_TASK,
                 args=[spec.id],
                 task_id=spec.id,
-                queue=keys.GENERATE_QUEUE,
+                queue=keys.generate_queue(spec.model),
                 # Flower and worker logs show this instead of the arguments: prompts stay private.
                 argsrepr=f"<job {spec.id}>",
             )
@@ -76,6 +78,7 @@ class JobClient:
             pipe = self._redis.pipeline()
             pipe.delete(keys.job(spec.id))
             pipe.zrem(keys.QUEUED, spec.id)
+            pipe.zrem(keys.queued_of(spec.model), spec.id)
             await pipe.execute()
             raise EnqueueFailed("the queue did not accept the job") from exc
         return created_at
@@ -95,7 +98,7 @@ class JobClient:
                     keys.GENERATE_TASK,
                     args=[spec.id],
                     task_id=spec.id,
-                    queue=keys.GENERATE_QUEUE,
+                    queue=keys.generate_queue(spec.model),
                     priority=keys.BATCH_PRIORITY,
                     argsrepr=f"<job {spec.id} of {spec.batch}>",
                 )
@@ -121,18 +124,26 @@ class JobClient:
         await self._redis.hincrby(keys.METRICS, counter, 1)  # type: ignore[misc]
 
     async def metrics_fields(self) -> dict[str, str]:
-        """The shared metrics hash (tasks/metrics.py)."""
+        """The metrics hash of no one model (tasks/metrics.py)."""
         fields: dict[str, str] = await self._redis.hgetall(keys.METRICS)  # type: ignore[misc,assignment]
         return fields
 
-    async def depth(self) -> tuple[int, int, int, int]:
-        """(waiting, running) interactive jobs, then (waiting, running) batch lines: one round trip."""
-        pipe = self._redis.pipeline()
-        for queued, running in ((keys.QUEUED, keys.RUNNING), (keys.BATCH_QUEUED, keys.BATCH_RUNNING)):
-            pipe.zcard(queued)
-            pipe.scard(running)
-        waiting, running, batch_waiting, batch_running = await pipe.execute()
-        return int(waiting), int(running), int(batch_waiting), int(batch_running)
+    async def model_figures(self, models: list[str]) -> list[tuple[dict[str, str], int]]:
+        """Each model's metrics hash and its waiting interactive jobs, in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for model in models:
+            pipe.hgetall(keys.metrics_of(model))
+            pipe.zcard(keys.queued_of(model))
+        replies = await pipe.execute()
+        return [(replies[i], int(replies[i + 1])) for i in range(0, len(replies), 2)]
+
+    async def batch_depth(self) -> tuple[int, int]:
+        """Batch lines waiting and running, of every model: one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zcard(keys.BATCH_QUEUED)
+        pipe.scard(keys.BATCH_RUNNING)
+        waiting, running = await pipe.execute()
+        return int(waiting), int(running)
 
     async def record(self, job_id: str) -> jobs.JobRecord:
         fields: dict[str, str] = await self._redis.hgetall(keys.job(job_id))  # type: ignore[misc,assignment]
@@ -152,17 +163,6 @@ class JobClient:
 
     def subscribe(self, job_id: str) -> EventFollower:
         return EventFollower(self._redis, job_id)
-
-    async def workers(self) -> list[dict[str, Any]]:
-        """Workers whose heartbeat is fresh, with the model each one holds."""
-        names: list[str] = sorted(await self._redis.smembers(keys.WORKERS))  # type: ignore[misc,arg-type]
-        if not names:
-            return []
-        values = await self._redis.mget([keys.worker(n) for n in names])
-        stale = [n for n, v in zip(names, values, strict=True) if v is None]
-        if stale:
-            await self._redis.srem(keys.WORKERS, *stale)  # type: ignore[misc]
-        return [json.loads(v) for v in values if v is not None]
 
 
 class EventFollower:

@@ -187,6 +187,7 @@ _JOB_KEYS = "local job, log, channel, cancel, lease, running, queued = unpack(KE
 
 _CONSTANTS = (
     f"local METRICS, BATCH_PREFIX = '{keys.METRICS}', '{keys.BATCH_PREFIX}'\n"
+    f"local QUEUED_OF, METRICS_OF = '{keys.queued_of('')}', '{keys.metrics_of('')}'\n"
     f"local BATCH_QUEUED, BATCH_RUNNING = '{keys.BATCH_QUEUED}', '{keys.BATCH_RUNNING}'\n"
     f"local ENDED, ENDED_MAXLEN = '{keys.ENDED}', {ENDED_MAXLEN}\n"
     f"local WORKER_LOST_MESSAGE = '{WORKER_LOST_MESSAGE}'\n"
@@ -216,20 +217,27 @@ local function field_of(fields, names)
   end
   return nil
 end
+-- Drop a job from the queued index and its model's (the model's name is in the job hash).
+local function unqueue(job, queued, id)
+  redis.call('ZREM', queued, id)
+  local model = redis.call('HGET', job, 'model')
+  if model then redis.call('ZREM', QUEUED_OF .. model, id) end
+end
 -- Append the terminal event, write the final fields and the time, drop the job from every
--- index, count it, and record the ending once in the ended stream. Callers check first that
--- the job is open: a job ends once.
+-- index, count it (in its model's metrics), and record the ending once in the ended stream.
+-- Callers check first that the job is open: a job ends once.
 local function end_job(job, log, channel, lease, running, queued, id, ttl, event, fields)
   local seq = redis.call('RPUSH', log, event) - 1
   local outcome = field_of(fields, {finish_reason = true, error_code = true}) or 'unknown'
-  redis.call('HINCRBY', METRICS, 'outcome:' .. outcome, 1)
+  local model = redis.call('HGET', job, 'model')
+  redis.call('HINCRBY', model and (METRICS_OF .. model) or METRICS, 'outcome:' .. outcome, 1)
   local now = stamp(clock())
   redis.call('HSET', job, 'finished_at', now, unpack(fields))
   redis.call('EXPIRE', job, ttl)
   redis.call('EXPIRE', log, ttl)
   redis.call('DEL', lease)
   redis.call('SREM', running, id)
-  redis.call('ZREM', queued, id)
+  unqueue(job, queued, id)
   local kind, batch = unpack(redis.call('HMGET', job, 'kind', 'batch'))
   local entry = {'id', id, 'kind', kind or '', 'status', field_of(fields, {status = true}), 'at', now}
   if batch then
@@ -253,26 +261,30 @@ end
 """
 )
 
-# ARGV: id, ttl, spec json, meta json, kind, max queued. Records a queued job, created now,
-# unless the queue is full; returns its created_at, or false if not admitted. Counting the
-# queued index (not Celery's list) means cancelled and expired jobs stop counting at once. The
-# kind is copied out of the spec into its own field so that scripts (end_job) read it without
-# decoding JSON.
+# KEYS: job, queued index, the model's queued index. ARGV: id, ttl, spec json, meta json, kind,
+# model, max queued, queue timeout. Records a queued job, created now, unless MAX_QUEUED jobs of
+# its model wait; returns its created_at, or false if not admitted. Counting the queued index
+# (not Celery's list) means cancelled and expired jobs stop counting at once; entries older
+# than the queue timeout are dropped first (their jobs have ended, or the reaper ends them now),
+# so the count cannot drift. The kind and model are copied out of the spec into fields of their
+# own so that scripts (end_job) read them without decoding JSON.
 ADMIT = (
     _CONSTANTS
     + """
-local job, queued = KEYS[1], KEYS[2]
-if redis.call('ZCARD', queued) >= tonumber(ARGV[6]) then return false end
+local job, queued, model_queued = KEYS[1], KEYS[2], KEYS[3]
 local now = clock()
+redis.call('ZREMRANGEBYSCORE', model_queued, '-inf', '(' .. (now - tonumber(ARGV[8])))
+if redis.call('ZCARD', model_queued) >= tonumber(ARGV[7]) then return false end
 redis.call('HSET', job, 'status', 'queued', 'spec', ARGV[3], 'meta', ARGV[4], 'kind', ARGV[5],
-           'created_at', stamp(now))
+           'model', ARGV[6], 'created_at', stamp(now))
 redis.call('EXPIRE', job, ARGV[2])
 redis.call('ZADD', queued, now, ARGV[1])
+redis.call('ZADD', model_queued, now, ARGV[1])
 return stamp(now)
 """
 )
 
-# ARGV: id, ttl, spec json, meta json, kind, batch id. Records a queued batch line unless the
+# ARGV: id, ttl, spec json, meta json, kind, model, batch id. Records a queued batch line unless the
 # job exists (a second enqueue of the same line, after an API restart, changes nothing); 1 if
 # recorded.
 ADMIT_BATCH_LINE = (
@@ -282,7 +294,7 @@ local job = KEYS[1]
 if redis.call('EXISTS', job) == 1 then return 0 end
 local now = clock()
 redis.call('HSET', job, 'status', 'queued', 'spec', ARGV[3], 'meta', ARGV[4], 'kind', ARGV[5],
-           'created_at', stamp(now), 'batch', ARGV[6])
+           'model', ARGV[6], 'created_at', stamp(now), 'batch', ARGV[7])
 redis.call('EXPIRE', job, ARGV[2])
 redis.call('ZADD', BATCH_QUEUED, now, ARGV[1])
 return 1
@@ -341,7 +353,7 @@ elseif waited > tonumber(ARGV[6]) then
   return false
 end
 redis.call('HSET', job, 'status', 'in_progress', 'worker', ARGV[3], 'started_at', stamp(now))
-redis.call('ZREM', queued, id)
+unqueue(job, queued, id)
 redis.call('SADD', running, id)
 if batch then
   redis.call('ZREM', BATCH_QUEUED, id)
@@ -387,7 +399,7 @@ local function fail(id, event, code, message)
     ended = ended + 1
   else
     redis.call('SREM', running, id)
-    redis.call('ZREM', queued, id)
+    unqueue(job, queued, id)
     redis.call('SREM', BATCH_RUNNING, id)
     redis.call('ZREM', BATCH_QUEUED, id)
   end
@@ -442,13 +454,15 @@ class ScriptCall:
 
 def _admit_args(job: NewJob, ttl: int) -> list[str | int | float]:
     spec = job.spec
-    return [spec.id, ttl, spec.model_dump_json(), job.meta.model_dump_json(), spec.kind]
+    return [spec.id, ttl, spec.model_dump_json(), job.meta.model_dump_json(), spec.kind, spec.model]
 
 
-def admit(job: NewJob, *, ttl: int, max_queued: int) -> ScriptCall:
+def admit(job: NewJob, *, ttl: int, max_queued: int, queue_timeout: float) -> ScriptCall:
     """Record a queued job; its reply, read by admitted(), is when it was created (Redis's
-    clock), or nothing if MAX_QUEUED jobs already wait."""
-    return ScriptCall(ADMIT, [keys.job(job.spec.id), keys.QUEUED], [*_admit_args(job, ttl), max_queued])
+    clock), or nothing if MAX_QUEUED jobs of its model already wait."""
+    spec = job.spec
+    job_keys = [keys.job(spec.id), keys.QUEUED, keys.queued_of(spec.model)]
+    return ScriptCall(ADMIT, job_keys, [*_admit_args(job, ttl), max_queued, queue_timeout])
 
 
 def admitted(reply: str | None) -> float | None:

@@ -13,12 +13,28 @@ PREFIX = f"{NAMESPACE}:"
 # priority p>0 GENERATE_LIST + "\x06\x16" + p), beside its bindings, unacked messages and the
 # event and control channels.
 GENERATE_QUEUE = "generate"
-GENERATE_LIST = f"{PREFIX}{GENERATE_QUEUE}"
 GENERATE_TASK = "tasks.generate"
 
+
+def generate_queue(model: str) -> str:
+    """Celery's queue of one model's jobs: a worker consumes only its own model's queue
+    (celeryconfig.py), so a request never reaches a worker of another model. Redis holds it as
+    the list generate_list(model)."""
+    return f"{GENERATE_QUEUE}:{model}"
+
+
+def generate_list(model: str) -> str:
+    return f"{PREFIX}{generate_queue(model)}"
+
+
 WORKERS = f"{NAMESPACE}:workers"  # set of worker names ever registered; pruned by readers
-QUEUED = f"{NAMESPACE}:queued"  # sorted set: waiting job ids by creation time (admission, deadlines)
-METRICS = f"{NAMESPACE}:metrics"  # hash: counters and histogram buckets (tasks/metrics.py)
+# Hashes: model name -> when a worker first / last announced it (tasks/registry.py).
+MODELS_CREATED = f"{NAMESPACE}:models:created"
+MODELS_SEEN = f"{NAMESPACE}:models:seen"
+QUEUED = f"{NAMESPACE}:queued"  # sorted set: waiting job ids by creation time (deadlines)
+# Hash: counters and histogram buckets not of one model (tasks/metrics.py); each model's own in
+# metrics_of(model).
+METRICS = f"{NAMESPACE}:metrics"
 RUNNING = f"{NAMESPACE}:running"  # set: job ids a worker has claimed (the reaper checks their leases)
 # Stream: one entry per job ending (id, kind, status, batch, at), added by the script that ends
 # the job (tasks/jobs.py end_job), for consumers that follow endings without polling each job.
@@ -31,6 +47,16 @@ BATCHES_ACTIVE = f"{NAMESPACE}:batches:active"  # set: ids of batches not yet en
 # Celery priority of batch lines on the generate queue. On Redis 0 is the highest and messages
 # without one get 0, so every interactive job is taken before any batch line (celeryconfig.py).
 BATCH_PRIORITY = 9
+
+
+def queued_of(model: str) -> str:
+    """Sorted set: one model's waiting job ids by creation time (admission counts these)."""
+    return f"{QUEUED}:{model}"
+
+
+def metrics_of(model: str) -> str:
+    """Hash: one model's counters and histogram buckets (tasks/metrics.py)."""
+    return f"{METRICS}:{model}"
 
 
 def job(job_id: str) -> str:

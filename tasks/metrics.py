@@ -1,8 +1,9 @@
 """Service metrics kept in Redis, so every worker's figures reach the scrape of any API instance.
 
-Workers add to one Redis hash when a job ends (tokens, latencies as histogram buckets); the job
-scripts count every ending there too (tasks/jobs.py), including endings no worker saw (reaped,
-cancelled while queued). The API turns the hash into Prometheus metrics with vLLM's names.
+Workers add to their model's hash (keys.metrics_of) when a job ends (tokens, latencies as
+histogram buckets); the job scripts count every ending there too (tasks/jobs.py), including
+endings no worker saw (reaped, cancelled while queued). The API turns the hashes into Prometheus
+metrics with vLLM's names, labelled by model.
 """
 
 from __future__ import annotations
@@ -88,38 +89,40 @@ def bucket_index(bounds: Sequence[float], value: float) -> int:
     return bisect.bisect_left(bounds, value)
 
 
-def _observe(pipe: redis.client.Pipeline, name: str, value: float, times: int = 1) -> None:
-    """Count `value` into histogram `name`, `times` times over."""
-    pipe.hincrby(keys.METRICS, f"{name}:bucket:{bucket_index(HISTOGRAMS[name], value)}", times)
-    pipe.hincrbyfloat(keys.METRICS, f"{name}:sum", value * times)
-    pipe.hincrby(keys.METRICS, f"{name}:count", times)
+def _observe(pipe: redis.client.Pipeline, key: str, name: str, value: float, times: int = 1) -> None:
+    """Count `value` into histogram `name` of hash `key`, `times` times over."""
+    pipe.hincrby(key, f"{name}:bucket:{bucket_index(HISTOGRAMS[name], value)}", times)
+    pipe.hincrbyfloat(key, f"{name}:sum", value * times)
+    pipe.hincrby(key, f"{name}:count", times)
 
 
-def record(client: redis.Redis, timings: JobTimings) -> None:
-    """Add one job's figures to the shared hash (one round trip)."""
+def record(client: redis.Redis, model: str, timings: JobTimings) -> None:
+    """Add one job's figures to its model's hash (one round trip)."""
+    key = keys.metrics_of(model)
     pipe = client.pipeline(transaction=False)
-    _observe(pipe, "request_queue_time_seconds", timings.queue_seconds)
-    _observe(pipe, "e2e_request_latency_seconds", timings.e2e_seconds)
+    _observe(pipe, key, "request_queue_time_seconds", timings.queue_seconds)
+    _observe(pipe, key, "e2e_request_latency_seconds", timings.e2e_seconds)
     if timings.ttft_seconds is not None:
-        _observe(pipe, "time_to_first_token_seconds", timings.ttft_seconds)
+        _observe(pipe, key, "time_to_first_token_seconds", timings.ttft_seconds)
         if timings.generation_tokens > 1:
             per_token = (timings.e2e_seconds - timings.ttft_seconds) / (timings.generation_tokens - 1)
-            _observe(pipe, "time_per_output_token_seconds", per_token)
-    pipe.hincrby(keys.METRICS, "prompt_tokens", timings.prompt_tokens)
-    pipe.hincrby(keys.METRICS, "generation_tokens", timings.generation_tokens)
+            _observe(pipe, key, "time_per_output_token_seconds", per_token)
+    pipe.hincrby(key, "prompt_tokens", timings.prompt_tokens)
+    pipe.hincrby(key, "generation_tokens", timings.generation_tokens)
     pipe.execute()
 
 
 def record_batch_sizes(
-    client: redis.Redis, counts: Mapping[int, int], shared_prefill_tokens: int = 0
+    client: redis.Redis, model: str, counts: Mapping[int, int], shared_prefill_tokens: int = 0
 ) -> None:
     """Add a worker's count of steps by batch size, and the prompt tokens its sequences took from
-    a sibling's prefill instead of computing, to the shared hash (one round trip)."""
+    a sibling's prefill instead of computing, to its model's hash (one round trip)."""
+    key = keys.metrics_of(model)
     pipe = client.pipeline(transaction=False)
     for size, steps in counts.items():
-        _observe(pipe, BATCH_SIZE_HISTOGRAM, size, times=steps)
+        _observe(pipe, key, BATCH_SIZE_HISTOGRAM, size, times=steps)
     if shared_prefill_tokens:
-        pipe.hincrby(keys.METRICS, "shared_prefill_tokens", shared_prefill_tokens)
+        pipe.hincrby(key, "shared_prefill_tokens", shared_prefill_tokens)
     pipe.execute()
 
 

@@ -75,7 +75,14 @@ class Settings(BaseSettings):
     max_n: int = Field(8, ge=1, description="Most choices (`n`) one chat completion may ask")
 
     # Overload, deadlines and fault recovery.
-    max_queued: int = Field(100, ge=1, description="Waiting jobs beyond which requests get 429")
+    max_queued: int = Field(
+        100, ge=1, description="Waiting jobs of one model beyond which its requests get 429"
+    )
+    model_forget_seconds: float = Field(
+        3600.0,
+        ge=0,
+        description="How long the API still knows a model (503, not 404) after its last worker left",
+    )
     queue_timeout_seconds: float = Field(600.0, gt=0, description="A job queued longer fails")
     max_generation_seconds: float = Field(600.0, gt=0, description="A generation running longer stops")
     shutdown_grace_seconds: float = Field(10.0, ge=0, description="SIGTERM: time to finish a job")

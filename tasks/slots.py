@@ -314,7 +314,7 @@ class SlotLoop:
         )
         token = logs.job_id_var.set(spec.id)
         try:
-            metrics.record(self._rt.redis, timings)
+            metrics.record(self._rt.redis, self._rt.settings.model_name, timings)
         except redis.RedisError as exc:  # metrics must never fail a finished job
             log.warning("could not record metrics: %s", exc)
         finally:
@@ -327,7 +327,9 @@ class SlotLoop:
         counts, self._batch_sizes = self._batch_sizes, Counter()
         shared = self._rt.engine.loaded.runner.shared_prefill_tokens
         try:
-            metrics.record_batch_sizes(self._rt.redis, counts, shared - self._shared_reported)
+            metrics.record_batch_sizes(
+                self._rt.redis, self._rt.settings.model_name, counts, shared - self._shared_reported
+            )
             self._shared_reported = shared
         except redis.RedisError as exc:
             log.warning("could not record batch sizes: %s", exc)

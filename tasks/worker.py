@@ -21,7 +21,7 @@ from celery import signals
 from model.engine import Engine
 from model.loading import load_model
 from model.prefill import PrefillPolicy
-from tasks import keys, logs
+from tasks import keys, logs, registry
 from tasks.redis import sync_client
 from tasks.scripts import Scripts
 from tasks.settings import Settings, get_settings
@@ -120,6 +120,7 @@ def _heartbeat(rt: WorkerRuntime, stop: threading.Event) -> None:
             pipe = rt.redis.pipeline(transaction=False)
             pipe.set(keys.worker(rt.name), json.dumps(describe(rt)), ex=HEARTBEAT_TTL_SECONDS)
             pipe.sadd(keys.WORKERS, rt.name)
+            registry.announce(pipe, settings.model_name)
             for job in list(rt.running):
                 pipe.set(keys.job_lease(job), rt.name, ex=settings.job_lease_seconds, xx=True)
             pipe.execute()

@@ -124,8 +124,11 @@ def start_api(env: dict[str, str], log_dir: Path, name: str = "api") -> tuple[Se
         log_dir,
     )
     url = f"http://127.0.0.1:{port}"
-    # 401: the API is up and API_KEYS is set.
-    svc.start_or_stop(lambda: httpx.get(f"{url}/v1/models", timeout=1).status_code in (200, 401), timeout=30)
+    # 401: the API is up and API_KEYS is set; 503: it is up and Redis is not (it lists models
+    # from Redis).
+    svc.start_or_stop(
+        lambda: httpx.get(f"{url}/v1/models", timeout=1).status_code in (200, 401, 503), timeout=30
+    )
     return svc, url
 
 

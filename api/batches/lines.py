@@ -23,9 +23,10 @@ from api.edge import body as strict_json
 from api.edge import request_ids
 from api.responses import serving as responses
 from api.responses.protocol import ResponseCreateRequest
-from api.serving import caps
+from api.serving import caps, routing
 from tasks import events, jobs
 from tasks.batches import LINE_JOB_ID, Line, LineError
+from tasks.registry import Models
 from tasks.settings import Settings
 
 # A batch that fails validation lists at most this many problems (OpenAI lists a sample too).
@@ -45,8 +46,11 @@ def count_lines(content: bytes) -> int:
     return sum(1 for raw in content.splitlines() if raw.strip())
 
 
-def parse_input(content: bytes, endpoint: str, settings: Settings, owner: str | None) -> ParsedInput:
-    """Validate the whole file; CPU-bound (run it in a thread)."""
+def parse_input(
+    content: bytes, endpoint: str, settings: Settings, models: Models, owner: str | None
+) -> ParsedInput:
+    """Validate the whole file; CPU-bound (run it in a thread). Each line goes to the model its
+    body names, as a request would (a known model without workers now is fine: the line waits)."""
     out = ParsedInput()
     envelopes: list[tuple[int, bytes, str]] = []
     seen: set[str] = set()
@@ -66,7 +70,7 @@ def parse_input(content: bytes, endpoint: str, settings: Settings, owner: str | 
         return out
     for index, (_, raw, custom_id) in enumerate(envelopes):
         try:
-            job = _job_of(raw, endpoint, settings, owner)
+            job = _job_of(raw, endpoint, settings, models, owner)
         except errors.APIError as exc:
             out.refused[index] = error_line(custom_id, exc)
             out.lines.append(Line(custom_id=custom_id))
@@ -114,7 +118,7 @@ def _envelope_problem(raw: bytes, endpoint: str, seen: set[str]) -> LineError | 
     return custom_id
 
 
-def _job_of(raw: bytes, endpoint: str, settings: Settings, owner: str | None) -> jobs.NewJob:
+def _job_of(raw: bytes, endpoint: str, settings: Settings, models: Models, owner: str | None) -> jobs.NewJob:
     """The line's job, checked as its endpoint checks a request; raises the endpoint's error."""
     try:  # surrogates, NaN, duplicate keys...: the endpoint's own 400s
         request = strict_json.parse(raw)["body"]
@@ -125,12 +129,14 @@ def _job_of(raw: bytes, endpoint: str, settings: Settings, owner: str | None) ->
         if endpoint == "/v1/chat/completions":
             chat_request = ChatCompletionRequest.model_validate(request)
             chat.validate(chat_request, settings)
-            return chat_request.to_job(LINE_JOB_ID, settings.model_name, max_tokens_default, owner=owner)
+            model = routing.model_for(models, chat_request.model, can_wait=True)
+            return chat_request.to_job(LINE_JOB_ID, model, max_tokens_default, owner=owner)
         response_request = ResponseCreateRequest.model_validate(request)
         responses.validate(response_request, settings)
         # A line is answered in the output file: it never runs as a background response.
         response_request = response_request.model_copy(update={"background": False})
-        return response_request.to_job(LINE_JOB_ID, settings.model_name, max_tokens_default, owner=owner)
+        model = routing.model_for(models, response_request.model, can_wait=True)
+        return response_request.to_job(LINE_JOB_ID, model, max_tokens_default, owner=owner)
     except ValidationError as exc:
         raise errors.validation_error(exc.errors()) from None
 

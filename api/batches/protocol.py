@@ -45,7 +45,7 @@ class Batch(BaseModel):
     id: str
     object: Literal["batch"] = "batch"
     endpoint: Endpoint
-    model: str | None = None
+    model: str | None = None  # None: its lines name their own models, one or several
     errors: BatchErrors | None = None
     input_file_id: str
     completion_window: str
@@ -65,14 +65,13 @@ class Batch(BaseModel):
     metadata: dict[str, str] | None = None
 
     @classmethod
-    def of(cls, record: BatchRecord, model: str) -> Batch:
+    def of(cls, record: BatchRecord) -> Batch:
         # The record's own fields carry the wire names (timestamps, file ids, status); what the
         # wire nests or renames is added here.
         return cls.model_validate(
             {
                 **record.spec.model_dump(include=set(cls.model_fields)),
                 **record.model_dump(include=set(cls.model_fields)),
-                "model": model,
                 "errors": BatchErrors(data=record.errors) if record.errors else None,
                 "request_counts": RequestCounts(
                     total=record.total, completed=record.completed, failed=record.failed

@@ -32,6 +32,7 @@ from tasks import jobs, logs
 from tasks.batches import BatchRecord, BatchStore, Line, LineError
 from tasks.client import JobClient, JobNotFound
 from tasks.files import FileStore
+from tasks.registry import ModelRegistry
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,17 @@ class Retry:
 
 class BatchRunner:
     def __init__(
-        self, store: BatchStore, files: FileStore, jobs_client: JobClient, settings: Settings
+        self,
+        store: BatchStore,
+        files: FileStore,
+        jobs_client: JobClient,
+        models: ModelRegistry,
+        settings: Settings,
     ) -> None:
         self._store = store
         self._files = files
         self._jobs = jobs_client
+        self._models = models
         self._settings = settings
         self._holder = f"{socket.gethostname()}:{id(self):x}:{time.time():.0f}"
         self._step_failures: dict[str, int] = {}  # active batches only: pruned every tick
@@ -190,8 +197,9 @@ class BatchRunner:
             await self._fail(record, [problem])
             return False
         try:
+            models = await self._models.models(fresh=True)
             parsed = await asyncio.to_thread(
-                batch_lines.parse_input, content, spec.endpoint, self._settings, spec.owner
+                batch_lines.parse_input, content, spec.endpoint, self._settings, models, spec.owner
             )
         except Exception:  # a bug in validation must fail this batch, not wedge it
             log.exception("batch input could not be validated")

@@ -68,7 +68,7 @@ class BatchesService:
         record = await self._batches.get(batch_id) if BATCH_ID.fullmatch(batch_id) else None
         if record is None or record.spec.owner != self._owner:
             raise errors.NotFound(f"No batch with id '{batch_id[:80]}'.", param="batch_id")
-        return Batch.of(record, self._settings.model_name)
+        return Batch.of(record)
 
     async def page(self, limit: int, after: str | None) -> Page[Batch]:
         ids = await self._batches.owned(self._owner)
@@ -81,7 +81,7 @@ class BatchesService:
             if record is None:
                 gone.append(ids[position])
             else:
-                page.append(Batch.of(record, self._settings.model_name))
+                page.append(Batch.of(record))
             position += 1
         await self._batches.forget(self._owner, gone)
         return Page[Batch](

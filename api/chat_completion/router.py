@@ -7,25 +7,31 @@ from fastapi.responses import StreamingResponse
 
 from api.chat_completion.protocol import ChatCompletion, ChatCompletionRequest
 from api.chat_completion.serving import ChatRun, validate
-from api.deps import JobsDep, SettingsDep
+from api.deps import JobsDep, ModelsDep, SettingsDep
 from api.edge import sse
 from api.edge.body import StrictJSONRoute
 from api.serving.following import ClientWatch
+from api.serving.routing import route
 
 router = APIRouter(route_class=StrictJSONRoute)
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    request: ChatCompletionRequest, http_request: Request, jobs: JobsDep, settings: SettingsDep
+    request: ChatCompletionRequest,
+    http_request: Request,
+    jobs: JobsDep,
+    models: ModelsDep,
+    settings: SettingsDep,
 ) -> ChatCompletion | StreamingResponse:
     validate(request, settings)
+    model = await route(models, request.model)
     if request.stream:
         # Once streaming, Starlette's StreamingResponse notices a hang-up and stops the stream.
-        run = ChatRun(request, jobs, settings)
+        run = ChatRun(request, model, jobs, settings)
         await run.start()
         return StreamingResponse(run.stream(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
     with ClientWatch(http_request.receive) as watch:
-        run = ChatRun(request, jobs, settings, gone=watch.gone)
+        run = ChatRun(request, model, jobs, settings, gone=watch.gone)
         await run.start()
         return await run.complete()

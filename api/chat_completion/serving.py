@@ -219,15 +219,11 @@ def error_for(event: AnyEvent) -> errors.APIError:
 
 
 def validate(request: ChatCompletionRequest, settings: Settings) -> None:
-    """Everything checked before a job exists; the batch API checks its lines with this too."""
+    """Everything checked before a job exists but its model (api/serving/routing.py); the batch
+    API checks its lines with this too."""
     if (param := request.unsupported_param()) is not None:
         raise errors.InvalidRequest(
             f"'{param}' is not supported by this server.", param=param, code="unsupported_parameter"
-        )
-    if request.model is not None and request.model != settings.model_name:
-        raise errors.ModelNotFound(
-            f"The model '{request.model}' does not exist; this server serves '{settings.model_name}'.",
-            param="model",
         )
     if request.top_logprobs and not request.logprobs:
         raise errors.InvalidRequest("top_logprobs needs logprobs set to true.", param="top_logprobs")
@@ -257,6 +253,7 @@ class ChatRun:
     def __init__(
         self,
         request: ChatCompletionRequest,
+        model: str,
         client: JobClient,
         settings: Settings,
         gone: asyncio.Event | None = None,
@@ -264,7 +261,7 @@ class ChatRun:
         self.request = request
         self.job_id = jobs.new_job_id("chat")
         logs.job_id_var.set(self.job_id)
-        self.job = request.to_job(self.job_id, settings.model_name, caps.default_max_tokens(settings))
+        self.job = request.to_job(self.job_id, model, caps.default_max_tokens(settings))
         self.created = 0  # set when the job is admitted, from its record's created_at
         self._follow = Follow(
             client, self.job_id, timeout_seconds=settings.request_timeout_seconds, gone=gone

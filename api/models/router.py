@@ -1,27 +1,40 @@
-"""GET /v1/models."""
+"""GET /v1/models: every model with a ready worker, as the workers' heartbeats announce them
+(tasks/registry.py); no model is configured on the API."""
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter
 
-from api.deps import SettingsDep
-from api.models.protocol import ModelCard, ModelList
+from api.deps import ModelsDep
+from api.models.protocol import ModelCard, ModelList, Serving
+from api.serving.routing import model_for
+from tasks.registry import ServedModel
 
 router = APIRouter()
-_STARTED = int(time.time())
+
+
+def _card(model: ServedModel) -> ModelCard:
+    state = model.describe()
+    return ModelCard(
+        id=model.id,
+        created=model.created,
+        llmq=Serving(
+            workers=state["workers"],
+            slots=state["slots"],
+            engine=state["engine"],
+            context_length=state["context_length"],
+        ),
+    )
 
 
 @router.get("/v1/models")
-async def list_models(settings: SettingsDep) -> ModelList:
-    return ModelList(data=[ModelCard(id=settings.model_name, created=_STARTED)])
+async def list_models(models: ModelsDep) -> ModelList:
+    ready = sorted((await models.models()).ready, key=lambda m: m.id)
+    return ModelList(data=[_card(m) for m in ready])
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, settings: SettingsDep) -> ModelCard:
-    from api.errors import ModelNotFound
-
-    if model_id != settings.model_name:
-        raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
-    return ModelCard(id=settings.model_name, created=_STARTED)
+async def retrieve_model(model_id: str, models: ModelsDep) -> ModelCard:
+    """The model's card; 404 if never announced, 503 while it has no worker (as a request)."""
+    current = await models.models()
+    return _card(current.known[model_for(current, model_id)])

@@ -1,4 +1,4 @@
-"""GET /health: ready only when Redis answers and a worker has its model loaded."""
+"""GET /health: ready while Redis answers and at least one model has a ready worker."""
 
 from __future__ import annotations
 
@@ -8,20 +8,25 @@ import redis.exceptions
 from fastapi import APIRouter
 
 from api import errors
-from api.deps import JobsDep, SettingsDep
+from api.deps import ModelsDep
 
 router = APIRouter()
 
 
 @router.get("/health")
-async def health(jobs: JobsDep, settings: SettingsDep) -> dict[str, Any]:
+async def health(models: ModelsDep) -> dict[str, Any]:
+    """Each known model with its ready workers; `workers` lists every ready worker."""
     try:
-        workers = await jobs.workers()
+        current = await models.models(fresh=True)
     except (redis.exceptions.RedisError, OSError) as exc:
         raise errors.ServiceUnavailable("Redis is not answering.", code="redis_unavailable") from exc
-    serving = [w for w in workers if w.get("model") == settings.model_name]
-    if not serving:
-        raise errors.ServiceUnavailable(
-            f"No worker has '{settings.model_name}' loaded yet.", code="no_ready_worker"
-        )
-    return {"status": "ok", "model": settings.model_name, "workers": serving}
+    if not current.ready:
+        raise errors.ServiceUnavailable("No worker has a model loaded yet.", code="no_ready_worker")
+    return {
+        "status": "ok",
+        "models": {
+            m.id: {**m.describe(), "workers": [w["name"] for w in m.workers]}
+            for m in sorted(current.known.values(), key=lambda m: m.id)
+        },
+        "workers": list(current.workers),
+    }

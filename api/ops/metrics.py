@@ -5,23 +5,32 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from api.deps import BatchesDep, JobsDep, SettingsDep
+from api.deps import BatchesDep, JobsDep, ModelsDep
 from api.ops import prometheus as metrics
 
 router = APIRouter()
 
 
 @router.get("/metrics", include_in_schema=False)
-async def prometheus_metrics(jobs: JobsDep, batches: BatchesDep, settings: SettingsDep) -> Response:
-    waiting, running, batch_waiting, batch_running = await jobs.depth()
-    fields, workers = await jobs.metrics_fields(), await jobs.workers()
+async def prometheus_metrics(jobs: JobsDep, models: ModelsDep, batches: BatchesDep) -> Response:
+    """One series per model the registry knows (tasks/registry.py), and the deployment's own."""
+    current = await models.models()
+    names = sorted(current.known)
+    figures = await jobs.model_figures(names)
+    batch_waiting, batch_running = await jobs.batch_depth()
     snapshot = metrics.Snapshot(
-        fields=fields,
-        waiting=waiting,
-        running=running,
-        workers=workers,
+        models={
+            name: metrics.ModelFigures(
+                fields=fields,
+                waiting=waiting,
+                running=sum(int(w.get("running") or 0) for w in current.known[name].workers),
+            )
+            for name, (fields, waiting) in zip(names, figures, strict=True)
+        },
+        workers=list(current.workers),
+        fields=await jobs.metrics_fields(),
         batch_waiting=batch_waiting,
         batch_running=batch_running,
         batches=await batches.active_statuses(),
     )
-    return Response(metrics.render(snapshot, settings.model_name), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.render(snapshot), media_type=CONTENT_TYPE_LATEST)

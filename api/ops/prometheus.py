@@ -25,47 +25,65 @@ _HELP = {
 
 
 @dataclass(frozen=True)
-class Snapshot:
+class ModelFigures:
+    """One model's share of the metrics: its hash (tasks/metrics.py) and its queue."""
+
     fields: dict[str, str]
-    waiting: int
-    running: int
+    waiting: int  # interactive jobs of the model waiting in the queue
+    running: int  # jobs its workers are generating (their heartbeats' count)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    models: dict[str, ModelFigures]
     workers: list[dict[str, Any]]
+    fields: dict[str, str] | None = None  # the figures of no one model (batches ended)
     batch_waiting: int = 0
     batch_running: int = 0
     batches: dict[str, int] | None = None  # batches not yet ended, by status
 
 
 class _SnapshotCollector(Collector):
-    def __init__(self, snapshot: Snapshot, model: str) -> None:
+    """Every per-request series carries `model_name`, one series per model, as vLLM's do."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
         self._s = snapshot
-        self._model = model
 
     def collect(self) -> Iterator[Metric]:
         parts = (self._queues, self._batches, self._latencies, self._tokens, self._outcomes, self._workers)
         for part in parts:
             yield from part()
 
-    def _gauge(self, name: str, help_text: str, value: float, per_model: bool = True) -> Metric:
-        gauge = GaugeMetricFamily(name, help_text, labels=["model_name"] if per_model else [])
-        gauge.add_metric([self._model] if per_model else [], value)
+    def _gauge(self, name: str, help_text: str, value: float) -> Metric:
+        gauge = GaugeMetricFamily(name, help_text)
+        gauge.add_metric([], value)
         return gauge
+
+    def _per_model(self, family: GaugeMetricFamily | CounterMetricFamily, value: Any) -> Metric:
+        for model, figures in sorted(self._s.models.items()):
+            family.add_metric([model], float(value(figures)))
+        return family
 
     def _counter(self, name: str, help_text: str, field: str) -> Metric:
         counter = CounterMetricFamily(name, help_text, labels=["model_name"])
-        counter.add_metric([self._model], float(self._s.fields.get(field, 0)))
-        return counter
+        return self._per_model(counter, lambda f: f.fields.get(field, 0))
 
     def _queues(self) -> Iterator[Metric]:
         s = self._s
-        yield self._gauge("vllm:num_requests_waiting", "Requests waiting in the queue.", s.waiting)
-        yield self._gauge("vllm:num_requests_running", "Requests being generated.", s.running)
+        waiting = GaugeMetricFamily(
+            "vllm:num_requests_waiting", "Requests waiting in the queue.", labels=["model_name"]
+        )
+        yield self._per_model(waiting, lambda f: f.waiting)
+        running = GaugeMetricFamily(
+            "vllm:num_requests_running", "Requests being generated.", labels=["model_name"]
+        )
+        yield self._per_model(running, lambda f: f.running)
         yield self._gauge(
             "llmq_batch_lines_waiting",
             "Batch lines queued (behind every interactive request).",
             s.batch_waiting,
-            per_model=False,
         )
-        yield self._gauge("llmq_batch_lines_running", "Batch lines being generated.", s.batch_running, False)
+        yield self._gauge("llmq_batch_lines_running", "Batch lines being generated.", s.batch_running)
 
     def _batches(self) -> Iterator[Metric]:
         s = self._s
@@ -74,21 +92,23 @@ class _SnapshotCollector(Collector):
             batches.add_metric([status], (s.batches or {}).get(status, 0))
         ended = CounterMetricFamily("llmq_batches_ended", "Batches that ended, by status.", labels=["status"])
         for status in ("completed", "failed", "expired", "cancelled"):
-            ended.add_metric([status], float(s.fields.get(f"batches_ended:{status}", 0)))
+            ended.add_metric([status], float((s.fields or {}).get(f"batches_ended:{status}", 0)))
         yield from (batches, ended)
 
     def _latencies(self) -> Iterator[Metric]:
-        histograms = metrics.histograms(self._s.fields)
-        batch = histograms.pop(metrics.BATCH_SIZE_HISTOGRAM)
-        named = {f"vllm:{name}": (_HELP[name], hist) for name, hist in histograms.items()}
-        named["llmq_sequences_per_step"] = (
-            "Histogram of sequences decoded together in one step of a worker's loop.",
-            batch,
+        help_texts = {f"vllm:{name}": text for name, text in _HELP.items()}
+        help_texts["llmq_sequences_per_step"] = (
+            "Histogram of sequences decoded together in one step of a worker's loop."
         )
-        for name, (help_text, hist) in named.items():
-            family = HistogramMetricFamily(name, help_text, labels=["model_name"])
-            family.add_metric([self._model], hist.buckets, hist.sum)
-            yield family
+        families = {
+            name: HistogramMetricFamily(name, text, labels=["model_name"])
+            for name, text in help_texts.items()
+        }
+        for model, figures in sorted(self._s.models.items()):
+            for name, hist in metrics.histograms(figures.fields).items():
+                wire = "llmq_sequences_per_step" if name == metrics.BATCH_SIZE_HISTOGRAM else f"vllm:{name}"
+                families[wire].add_metric([model], hist.buckets, hist.sum)
+        yield from families.values()
 
     def _tokens(self) -> Iterator[Metric]:
         yield self._counter(
@@ -101,7 +121,6 @@ class _SnapshotCollector(Collector):
         yield self._counter("vllm:generation_tokens", "Tokens generated.", "generation_tokens")
 
     def _outcomes(self) -> Iterator[Metric]:
-        model = [self._model]
         success = CounterMetricFamily(
             "vllm:request_success",
             "Finished requests by finish reason.",
@@ -110,27 +129,27 @@ class _SnapshotCollector(Collector):
         failures = CounterMetricFamily(
             "llmq_request_failures", "Failed requests by error code.", labels=["model_name", "code"]
         )
-        totals: dict[str, int] = {}
-        for outcome, count in metrics.outcomes(self._s.fields).items():
-            if outcome in _FINISHED_REASONS:
-                reason = _FINISHED_REASONS[outcome]
-                totals[reason] = totals.get(reason, 0) + count
-            else:
-                failures.add_metric([*model, outcome], count)
-        for reason, count in sorted(totals.items()):
-            success.add_metric([*model, reason], count)
+        for model, figures in sorted(self._s.models.items()):
+            totals: dict[str, int] = {}
+            for outcome, count in metrics.outcomes(figures.fields).items():
+                if outcome in _FINISHED_REASONS:
+                    reason = _FINISHED_REASONS[outcome]
+                    totals[reason] = totals.get(reason, 0) + count
+                else:
+                    failures.add_metric([model, outcome], count)
+            for reason, count in sorted(totals.items()):
+                success.add_metric([model, reason], count)
         yield from (success, failures)
 
     def _workers(self) -> Iterator[Metric]:
         workers = self._s.workers
         yield self._gauge(
-            "llmq_workers_alive", "Workers with a fresh heartbeat and a loaded model.", len(workers), False
+            "llmq_workers_alive", "Workers with a fresh heartbeat and a loaded model.", len(workers)
         )
         yield self._gauge(
             "llmq_slots",
             "Generations the live workers can run at once (WORKER_SLOTS summed).",
             sum(int(w.get("slots", 1)) for w in workers),
-            False,
         )
         info = GaugeMetricFamily(
             "llmq_worker_info",
@@ -143,7 +162,7 @@ class _SnapshotCollector(Collector):
         yield info
 
 
-def render(snapshot: Snapshot, model: str) -> bytes:
+def render(snapshot: Snapshot) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snapshot, model))
+    registry.register(_SnapshotCollector(snapshot))
     return generate_latest(registry)

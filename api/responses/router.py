@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api.deps import CallerDep, JobsDep, SettingsDep
+from api.deps import CallerDep, JobsDep, ModelsDep, SettingsDep
 from api.edge import sse
 from api.edge.body import StrictJSONRoute
 from api.responses.protocol import Response, ResponseCreateRequest
@@ -17,8 +17,8 @@ from api.serving.following import ClientWatch
 router = APIRouter(route_class=StrictJSONRoute)
 
 
-def service(jobs: JobsDep, settings: SettingsDep, owner: CallerDep) -> ResponsesService:
-    return ResponsesService(jobs, settings, owner)
+def service(jobs: JobsDep, models: ModelsDep, settings: SettingsDep, owner: CallerDep) -> ResponsesService:
+    return ResponsesService(jobs, models, settings, owner)
 
 
 ServiceDep = Annotated[ResponsesService, Depends(service)]
@@ -32,13 +32,13 @@ def _sse_response(stream: object) -> StreamingResponse:
 async def create_response(
     request: ResponseCreateRequest, http_request: Request, svc: ServiceDep
 ) -> Response | StreamingResponse:
-    svc.validate(request)
+    model = await svc.validate(request)
     if request.stream:
-        return _sse_response(await svc.create_stream(request))
+        return _sse_response(await svc.create_stream(request, model))
     if request.background:
-        return await svc.create_background(request)
+        return await svc.create_background(request, model)
     with ClientWatch(http_request.receive) as watch:
-        return await svc.create_blocking(request, watch.gone)
+        return await svc.create_blocking(request, model, watch.gone)
 
 
 @router.get("/v1/responses/{response_id}", response_model=None)

@@ -33,8 +33,10 @@ from api.responses.protocol import (
 )
 from api.serving import caps, tools
 from api.serving.following import Follow
+from api.serving.routing import route
 from tasks import events, jobs, logs
 from tasks.client import JobClient, JobNotFound
+from tasks.registry import ModelRegistry
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -246,8 +248,6 @@ def validate(request: ResponseCreateRequest, settings: Settings) -> None:
         raise errors.InvalidRequest(
             f"'{param}' is not supported by this server.", param=param, code="unsupported_parameter"
         )
-    if request.model is not None and request.model != settings.model_name:
-        raise errors.ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
     if request.top_logprobs and not request.logprobs:
         raise errors.InvalidRequest(
             f"top_logprobs needs include: ['{LOGPROBS_INCLUDE}'].", param="top_logprobs"
@@ -262,43 +262,50 @@ def validate(request: ResponseCreateRequest, settings: Settings) -> None:
 
 
 class ResponsesService:
-    def __init__(self, client: JobClient, settings: Settings, owner: str | None = None) -> None:
+    def __init__(
+        self, client: JobClient, models: ModelRegistry, settings: Settings, owner: str | None = None
+    ) -> None:
         self._client = client
+        self._models = models
         self._settings = settings
         self._owner = owner  # the caller's owner tag (api.auth); jobs of other owners are 404
 
-    def validate(self, request: ResponseCreateRequest) -> None:
+    async def validate(self, request: ResponseCreateRequest) -> str:
+        """Check the request; the served model it goes to."""
         validate(request, self._settings)
+        return await route(self._models, request.model)
 
-    def _new_job(self, request: ResponseCreateRequest) -> jobs.NewJob:
+    def _new_job(self, request: ResponseCreateRequest, model: str) -> jobs.NewJob:
         job = request.to_job(
             jobs.new_job_id("response"),
-            self._settings.model_name,
+            model,
             max_tokens_default=caps.default_max_tokens(self._settings),
             owner=self._owner,
         )
         logs.job_id_var.set(job.spec.id)
         return job
 
-    async def create_background(self, request: ResponseCreateRequest) -> Response:
+    async def create_background(self, request: ResponseCreateRequest, model: str) -> Response:
         """Enqueue and answer at once, with the response as queued."""
-        job = self._new_job(request)
+        job = self._new_job(request, model)
         with errors.queue_errors():
             created_at = await self._client.create(job)
         return ResponseView(job.spec, job.meta, created_at).snapshot()
 
-    async def create_stream(self, request: ResponseCreateRequest) -> AsyncIterator[str]:
+    async def create_stream(self, request: ResponseCreateRequest, model: str) -> AsyncIterator[str]:
         """The events as they come. A background job outlives its stream: a client that leaves
         resumes it later; any other is cancelled with its stream."""
-        job = self._new_job(request)
+        job = self._new_job(request, model)
         follow = self._follow(job.spec.id, cancel_on_close=not request.background)
         view = ResponseView(job.spec, job.meta, await follow.submit(job))
         return self._stream(view, follow, after=-1)
 
-    async def create_blocking(self, request: ResponseCreateRequest, gone: asyncio.Event) -> Response:
+    async def create_blocking(
+        self, request: ResponseCreateRequest, model: str, gone: asyncio.Event
+    ) -> Response:
         """The finished Response; `gone` (api.serving.following.ClientWatch) cancels the job if
         the client leaves first."""
-        job = self._new_job(request)
+        job = self._new_job(request, model)
         follow = self._follow(job.spec.id, gone=gone)
         view = ResponseView(job.spec, job.meta, await follow.submit(job))
         return await self._collect(view, follow)

@@ -16,7 +16,7 @@ import pytest
 
 from tests import needs
 from tests.integration.conftest import Stack
-from tests.processes import ROOT, Service, start_api, start_redis
+from tests.processes import ROOT, Service, start_api, start_redis, start_worker, wait_healthy
 
 needs.module("selenium", "pip install -e '.[dev]'")
 
@@ -304,8 +304,10 @@ def test_invalid_setting_shows_the_400_and_gives_the_message_back(page: Page) ->
 def workerless(
     tmp_path: Path, browser: WebDriver, request: pytest.FixtureRequest
 ) -> Iterator[tuple[Page, Service]]:
-    """The page on an API with API keys, room for one waiting job, a 3 s queue deadline and no
-    worker, on its own Redis: whatever is queued waits, then fails with queue_timeout."""
+    """The page on an API with API keys, room for one waiting job and a 3 s queue deadline, on
+    its own Redis, with one one-slot worker kept busy by a long generation: whatever the page
+    queues waits, then fails with queue_timeout. (A model with no worker at all is 503
+    model_unavailable, not queued.)"""
     if shutil.which("redis-server") is None:
         needs.missing("redis-server", "apt-get install redis-server; .ci/run installs it")
     redis_svc, redis_url = start_redis(tmp_path)
@@ -318,8 +320,18 @@ def workerless(
         "STREAM_PING_SECONDS": "1",
     }
     try:
+        services.append(start_worker(env, tmp_path))
         api, api_url = start_api(env, tmp_path)
         services.append(api)
+        wait_healthy(api, api_url, timeout=300)
+        busy = openai.OpenAI(base_url=f"{api_url}/v1", api_key="browser-key").responses.create(
+            input="Count to a thousand.",
+            max_output_tokens=4000,
+            background=True,
+            extra_body={"ignore_eos": True},
+        )
+        poll = httpx.Client(base_url=api_url, headers={"Authorization": "Bearer browser-key"}, timeout=5)
+        api.wait_until(lambda: poll.get(f"/v1/responses/{busy.id}").json()["status"] == "in_progress", 60)
         for page in open_page(browser, api_url, request):
             yield page, api
     finally:
@@ -334,7 +346,7 @@ def test_errors_are_shown_as_statuses_in_band_and_network_errors(workerless: tup
     assert "code: invalid_api_key" in page.error()
 
     page.fill("api-key", "browser-key")
-    page.el("#background").click()  # fills the queue: with no worker the job waits
+    page.el("#background").click()  # fills the queue: the only slot is busy, so the job waits
     page.wait(lambda: page.text("#job-status") == "queued", UI_WAIT)
     assert page.text("#job-prompt") == "prompt: Привет!"  # the message given back after the 401
     page.send("Ещё раз привет!")

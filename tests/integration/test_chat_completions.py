@@ -363,7 +363,10 @@ def test_prompt_longer_than_context_is_400(stack: Stack, stream: bool) -> None:
 def test_models_lists_the_served_model(client: openai.OpenAI, model_name: str) -> None:
     models = client.models.list().data
     assert [m.id for m in models] == [model_name]
-    assert client.models.retrieve(model_name).id == model_name
+    card = client.models.retrieve(model_name)
+    assert (card.id, card.object, card.owned_by) == (model_name, "model", "llmq") and card.created > 0
+    # The extension, fenced under `llmq`, as the SDK keeps unknown fields.
+    assert card.llmq["workers"] >= 1 and card.llmq["slots"] >= 1 and card.llmq["context_length"] == 8192  # type: ignore[attr-defined]
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
 
@@ -372,6 +375,8 @@ def test_health_reports_the_ready_worker(stack: Stack, model_name: str) -> None:
     r = httpx.get(f"{stack.api_url}/health", timeout=5)
     assert r.status_code == 200
     workers = r.json()["workers"]
+    model = r.json()["models"][model_name]
+    assert (model["ready"], model["workers"]) == (True, [w["name"] for w in workers])
     assert workers and workers[0]["model"] == model_name
     assert workers[0]["device"] == "cpu"
     # The embedded model is a GGUF: ENGINE=auto runs it on llama.cpp wherever that is installed.

@@ -134,13 +134,21 @@ def test_sigterm_mid_generation_fails_the_job_within_the_grace_period(faults: St
 
 
 def test_restarted_worker_takes_queued_jobs_once_ready(faults: Stack) -> None:
+    """Work queued while the model's only worker goes away waits for the next one; new requests
+    meanwhile get 503 model_unavailable (the model is known, nothing serves it) to retry."""
     client = sdk(faults)
-    faults.worker.stop()  # warm shutdown while idle: it unregisters at once
+    running = start_long_response(client)
+    wait_running_with_text(client, running)
+    job = client.responses.create(input="Hi", temperature=0, max_output_tokens=4, background=True)
+    faults.worker.stop()  # warm shutdown: the running job ends at the grace period, it unregisters
     health = httpx.get(f"{faults.api_url}/health", timeout=5)
     assert health.status_code == 503
     assert health.json()["error"]["code"] == "no_ready_worker"
-    job = client.responses.create(input="Hi", temperature=0, max_output_tokens=4, background=True)
-    time.sleep(1)
+    assert wait_status(faults, running, TERMINAL, timeout=30)["error_code"] == "worker_shutdown"
+    with pytest.raises(openai.InternalServerError) as refused:
+        client.responses.create(input="Hi", max_output_tokens=4, background=True)
+    assert refused.value.status_code == 503 and refused.value.body["code"] == "model_unavailable"  # type: ignore[index]
+    assert int(refused.value.response.headers["Retry-After"]) > 0
     assert client.responses.retrieve(job.id).status == "queued"
     restart_worker(faults)
     assert wait_status(faults, job.id, TERMINAL, timeout=60)["status"] in ("completed", "incomplete")
@@ -193,7 +201,8 @@ def test_admission_control_refuses_beyond_max_queued_before_enqueueing(limits: S
     running = start_long_response(client)
     wait_running_with_text(client, running)
     waiting = [client.responses.create(input="Hi", max_output_tokens=2, background=True).id for _ in range(2)]
-    celery_queue_before = rdb(limits).llen(keys.GENERATE_LIST)
+    model = client.models.list().data[0].id
+    celery_queue_before = rdb(limits).llen(keys.generate_list(model))
     for body in (
         {"messages": [{"role": "user", "content": "Hi"}]},
         {"messages": [{"role": "user", "content": "Hi"}], "stream": True},
@@ -204,8 +213,8 @@ def test_admission_control_refuses_beyond_max_queued_before_enqueueing(limits: S
         assert r.json()["error"]["code"] == "queue_full"
     with pytest.raises(openai.RateLimitError):
         client.responses.create(input="Hi", background=True)
-    assert rdb(limits).llen(keys.GENERATE_LIST) == celery_queue_before  # nothing was enqueued
-    assert rdb(limits).zcard(keys.QUEUED) == 2
+    assert rdb(limits).llen(keys.generate_list(model)) == celery_queue_before  # nothing was enqueued
+    assert rdb(limits).zcard(keys.QUEUED) == rdb(limits).zcard(keys.queued_of(model)) == 2
     for job_id in [*waiting, running]:
         client.responses.cancel(job_id)
     assert indexes_empty(limits)

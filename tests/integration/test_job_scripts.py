@@ -65,7 +65,8 @@ def new_job(kind: jobs.JobKind = "chat", batch: str | None = None, owner: str | 
 
 
 def admit(scripts: Scripts, job: jobs.NewJob, max_queued: int = 100) -> float | None:
-    return jobs.admitted(scripts.run(jobs.admit(job, ttl=TTL, max_queued=max_queued)))
+    call = jobs.admit(job, ttl=TTL, max_queued=max_queued, queue_timeout=QUEUE_TIMEOUT)
+    return jobs.admitted(scripts.run(call))
 
 
 def queued(scripts: Scripts, kind: jobs.JobKind = "chat") -> str:

@@ -9,9 +9,12 @@ from typing import Any
 import pytest
 
 from api.batches import lines as batch_lines
+from tasks.registry import Models, ServedModel
 from tasks.settings import Settings
 
 SETTINGS = Settings(max_tokens_limit=100)
+WORKER = {"name": "w1", "model": "m", "slots": 1}
+MODELS = Models(known={"m": ServedModel("m", created=0, last_seen=0.0, workers=(WORKER,))}, workers=(WORKER,))
 CHAT = "/v1/chat/completions"
 
 
@@ -21,7 +24,9 @@ def line(custom_id: str, url: str = CHAT, **body: Any) -> str:
 
 
 def parse(*lines: str, endpoint: str = CHAT) -> batch_lines.ParsedInput:
-    return batch_lines.parse_input(("\n".join(lines) + "\n").encode(), endpoint, SETTINGS, owner="tag")
+    return batch_lines.parse_input(
+        ("\n".join(lines) + "\n").encode(), endpoint, SETTINGS, MODELS, owner="tag"
+    )
 
 
 def test_valid_lines_become_jobs_in_order_with_the_owner() -> None:
