@@ -126,7 +126,7 @@ lock:
 	  "$$py" -m pip freeze --all --exclude pip --exclude llmq \
 	    | awk -F'==' 'NF != 2 { print "cannot pin: " $$0 > "/dev/stderr"; exit 1 }
 	        { n = tolower($$1); gsub(/[-_.]+/, "-", n); v = $$2; sub(/[+].*/, "", v); print n "==" v }' \
-	    | LC_ALL=C sort
+	    | LC_ALL=C sort -t= -k1,1
 	} > "$$tmp/lock.txt"
 	mv "$$tmp/lock.txt" $(LOCK)
 	echo "$(LOCK): $$(grep -c '==' $(LOCK)) pins; git diff $(LOCK) shows what moved"
