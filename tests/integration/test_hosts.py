@@ -340,7 +340,7 @@ def test_a_batch_created_on_api_a_is_finished_by_api_b_once_api_a_stops(hosts: H
     hosts.apis["api-b"][0].stop()  # api-a alone carries the batch at first
     a = hosts.client("api-a")
     custom_ids = [f"line{i}" for i in range(8)]
-    body = {"messages": HI, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    body = {"messages": HI, "max_tokens": 40, "temperature": 0, "ignore_eos": True}  # outlasts api-a
     lines = [
         {"custom_id": c, "method": "POST", "url": "/v1/chat/completions", "body": body} for c in custom_ids
     ]
