@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -141,13 +142,20 @@ def use_service_log_format(logger: logging.Logger, **_: Any) -> None:
     logs.install(logger.handlers, get_settings().log_format)
 
 
+def worker_name() -> str:
+    """This worker's identity in Redis (its heartbeat, its jobs' leases and records): unique to
+    this start of this process. Host name and pid alone are not: two containers sharing their
+    host's network have one host name, and each runs its main process as PID 1."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
 @signals.celeryd_after_setup.connect
 def load_on_start(**_: Any) -> None:
     global _runtime
     from tasks.slots import SlotLoop  # the loop needs the runtime type; keep the import one way
 
     settings = get_settings()
-    name = f"{socket.gethostname()}:{os.getpid()}"
+    name = worker_name()
     log.info("worker %s loading model %s", name, settings.model_id)
     try:
         # Warmed up by the decode loop's thread, not here: see SlotLoop.start.

@@ -30,14 +30,17 @@ def free_port() -> int:
 
 
 class Service:
-    """One child process with its log in a file."""
+    """One child process with its log in a file. `prefix` goes before its command line: a
+    launcher that runs it elsewhere, such as another host's namespaces (tests/netns.py)."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], log_dir: Path, prefix: Sequence[str] = ()
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("ab")  # a restarted service appends to its log
         self.proc = subprocess.Popen(
-            argv,
+            [*prefix, *argv],
             cwd=ROOT,
             env={**os.environ, **env},
             stdout=self._log,
@@ -91,39 +94,59 @@ class Service:
 
 
 def start_redis(
-    log_dir: Path, port: int | None = None, conf: Path | None = None, args: Sequence[str] = ()
+    log_dir: Path,
+    port: int | None = None,
+    conf: Path | None = None,
+    args: Sequence[str] = (),
+    *,
+    host: str = "127.0.0.1",
+    auth: str = "",
+    prefix: Sequence[str] = (),
 ) -> tuple[Service, str]:
-    """A redis-server on `port`; without `conf` it keeps nothing on disk, with one (the shipped
-    redis.conf) it persists into `log_dir`, so a restart with the same arguments reloads it.
-    `args`: more configuration, as redis-server takes it on its command line (`--user ...`)."""
+    """A redis-server on `host`:`port`; without `conf` it keeps nothing on disk, with one (the
+    shipped redis.conf) it persists into `log_dir`, so a restart with the same arguments reloads
+    it. `args`: more configuration, as redis-server takes it on its command line (`--user ...`);
+    `auth`: the `user:password` its URL carries; `prefix`: as Service's."""
     port = port or free_port()
     persistence = ["--save", "", "--appendonly", "no"] if conf is None else ["--dir", str(log_dir)]
-    argv = ["redis-server", *([str(conf)] if conf else []), "--port", str(port), "--bind", "127.0.0.1"]
-    svc = Service("redis", [*argv, *persistence, *args], {}, log_dir)
-    url = f"redis://127.0.0.1:{port}/0"
+    argv = ["redis-server", *([str(conf)] if conf else []), "--port", str(port), "--bind", host]
+    svc = Service("redis", [*argv, *persistence, *args], {}, log_dir, prefix)
+    url = f"redis://{auth + '@' if auth else ''}{host}:{port}/0"
     svc.start_or_stop(lambda: bool(redis.Redis.from_url(url).ping()), timeout=20)
     return svc, url
 
 
-def start_worker(env: dict[str, str], log_dir: Path, name: str = "worker") -> Service:
+def start_worker(
+    env: dict[str, str], log_dir: Path, name: str = "worker", prefix: Sequence[str] = ()
+) -> Service:
     svc = Service(
         name,
         [str(BIN / "celery"), "-A", "tasks", "worker", "--loglevel=INFO", "-n", f"{name}@%h"],
         env,
         log_dir,
+        prefix,
     )
     return svc
 
 
-def start_api(env: dict[str, str], log_dir: Path, name: str = "api") -> tuple[Service, str]:
-    port = free_port()
+def start_api(
+    env: dict[str, str],
+    log_dir: Path,
+    name: str = "api",
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    prefix: Sequence[str] = (),
+) -> tuple[Service, str]:
+    port = port or free_port()
     svc = Service(
         name,
-        [str(BIN / "uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        [str(BIN / "uvicorn"), "api.main:app", "--host", host, "--port", str(port)],
         env,
         log_dir,
+        prefix,
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     # 401: the API is up and API_KEYS is set; 503: it is up and Redis is not (it lists models
     # from Redis).
     svc.start_or_stop(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -81,7 +82,9 @@ class BatchRunner:
         self._jobs = jobs_client
         self._models = models
         self._settings = settings
-        self._holder = f"{socket.gethostname()}:{id(self):x}:{time.time():.0f}"
+        # Unique to this instance: host name, object address and start second are not (two API
+        # containers sharing their host's network, started in the same second, could match).
+        self._holder = f"{socket.gethostname()}:{secrets.token_hex(8)}"
         self._step_failures: dict[str, int] = {}  # active batches only: pruned every tick
 
     async def run_forever(self) -> None:

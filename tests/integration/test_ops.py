@@ -203,6 +203,68 @@ def test_compose_passes_every_setting(compose: list[str]) -> None:
     assert settings - {"DEVICE"} <= set(services["api"]["environment"])
 
 
+# The examples of docs/deploy.md (several machines), rendered by the same tools.
+MAIN_HOST = ["-f", "compose.yaml", "-f", "docs/compose.main-host.yaml"]
+GPU_HOST = ["-f", "docs/compose.gpu-worker.yaml"]
+
+
+def with_files(compose: list[str], files: list[str]) -> list[str]:
+    """The tool's argv (and its empty env file) with other compose files than compose.yaml."""
+    tool = compose[: compose.index("-f")]
+    return [*tool, *files, *compose[compose.index("--env-file") :]]
+
+
+def test_compose_main_host_publishes_redis_with_a_password_only(compose: list[str]) -> None:
+    main = with_files(compose, MAIN_HOST)
+    env = {"REDIS_PASSWORD": "0123abcd", "REDIS_BIND": "10.0.0.5"}
+    services = render(main, "--profile", "gpu", "--profile", "ops", env=env)["services"]
+    redis = services["redis"]
+    assert redis["command"][:2] == ["redis-server", "/usr/local/etc/redis/redis.conf"]  # compose.yaml's
+    assert redis["command"][2:] == ["--requirepass", "0123abcd"]
+    assert redis["environment"]["REDISCLI_AUTH"] == "0123abcd"  # its health check authenticates
+    assert ports(redis) == {("10.0.0.5", 6379, 6379)}  # on the private address, not every interface
+    for name in ("api", "worker", "worker-gpu", "flower"):
+        assert services[name]["environment"]["REDIS_URL"] == "redis://:0123abcd@redis:6379/0", name
+    # Without a password or an address it does not render at all.
+    for missing in env:
+        base = {k: v for k, v in os.environ.items() if k not in {*COMPOSE_VARIABLES, *env}}
+        refused = subprocess.run(
+            [*main, "config"],
+            cwd=ROOT,
+            env={**base, **{k: v for k, v in env.items() if k != missing}},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode != 0 and missing in refused.stderr, refused.stderr
+
+
+def test_compose_gpu_host_runs_one_cuda_worker_on_another_hosts_redis(compose: list[str]) -> None:
+    gpu_host = with_files(compose, GPU_HOST)
+    url = "redis://:0123abcd@10.0.0.5:6379/0"
+    (name, worker), *others = render(gpu_host, env={"REDIS_URL": url})["services"].items()
+    assert name == "worker-gpu" and not others
+    assert Path(worker["build"]["context"]).resolve() == ROOT
+    assert worker["build"]["dockerfile"] == "Dockerfile.cuda"
+    assert worker["command"][:4] == ["celery", "-A", "tasks", "worker"]
+    assert worker["environment"]["REDIS_URL"] == url and worker["environment"]["DEVICE"] == "cuda"
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device["count"] == 1
+    assert "/cache" in mounts(worker) and seconds(worker["stop_grace_period"]) > 10
+    assert worker["healthcheck"]["test"][1].replace("$$", "$") == worker_healthcheck()
+    settings = {name.upper() for name in Settings.model_fields} - {"HOST", "PORT", "MODEL_CACHE_DIR"}
+    assert settings <= set(worker["environment"])  # every setting, as on host A
+    refused = subprocess.run(
+        [*gpu_host, "config"],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k not in {*COMPOSE_VARIABLES, "REDIS_URL"}},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0 and "REDIS_URL" in refused.stderr, refused.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # The Dockerfiles, read as text: no Docker daemon needed.
 
