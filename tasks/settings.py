@@ -38,10 +38,10 @@ class Settings(BaseSettings):
     )
     # The prefill policy (model/prefill.py): how a new prompt shares the loop with running streams.
     prefill_stall_seconds: float = Field(
-        0.5, gt=0, le=10, description="Longest a prefill step may hold running streams (llama.cpp)"
+        0.75, gt=0, le=10, description="Longest a prefill step may hold running streams (llama.cpp)"
     )
     prefill_share: float = Field(
-        0.75, gt=0, le=1, description="Most of the loop's time prefill takes while streams run (llama.cpp)"
+        0.9, gt=0, le=1, description="Most of the loop's time prefill takes while streams run (llama.cpp)"
     )
     served_model_name: str | None = Field(None, description="Name clients use; default MODEL_ID")
     model_cache_dir: Path = Path.home() / ".cache" / "llama3-chat" / "models"
