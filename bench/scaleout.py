@@ -182,9 +182,13 @@ class LoadResult:
     api_rss_mib_before: float
     api_rss_mib_peak: float
     added_ms: list[float] = field(default_factory=list)
+    before_ms: list[float] = field(default_factory=list)  # sent -> admitted (created_at)
+    after_ms: list[float] = field(default_factory=list)  # ended (finished_at) -> [DONE] read
 
     def summary(self) -> dict[str, Any]:
         added = self.added_ms or [float("nan")]
+        before = self.before_ms or [float("nan")]
+        after = self.after_ms or [float("nan")]
         return {
             "streams": self.streams,
             "errors": self.errors,
@@ -195,6 +199,10 @@ class LoadResult:
             "api_rss_mib_peak": round(self.api_rss_mib_peak, 1),
             "added_ms_p50": round(statistics.median(added), 1),
             "added_ms_p99": round(percentile(added, 99), 1),
+            "admission_ms_p50": round(statistics.median(before), 1),
+            "admission_ms_p99": round(percentile(before, 99), 1),
+            "delivery_ms_p50": round(statistics.median(after), 1),
+            "delivery_ms_p99": round(percentile(after, 99), 1),
         }
 
 
@@ -205,23 +213,25 @@ def hold_streams(stack: Stack, streams: int) -> LoadResult:
     peak = rss_before
     body = {**workload.request_body(EMBEDDED_MODEL_ID), "max_tokens": SHORT_TOKENS}
 
-    async def one(client: httpx.AsyncClient) -> tuple[float, str | None, str | None]:
-        started = time.perf_counter()
+    Outcome = tuple[float, float, str | None, str | None]  # sent (wall clock), seconds, job, error
+
+    async def one(client: httpx.AsyncClient) -> Outcome:
+        sent, started = time.time(), time.perf_counter()
         job_id: str | None = None
         try:
             async with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 if response.status_code != 200:
-                    return 0.0, None, f"HTTP {response.status_code}"
+                    return sent, 0.0, None, f"HTTP {response.status_code}"
                 async for line in response.aiter_lines():
                     if line.startswith("data: {") and job_id is None:
                         job_id = json.loads(line[6:]).get("id")
                     if line == "data: [DONE]":
-                        return time.perf_counter() - started, job_id, None
+                        return sent, time.perf_counter() - started, job_id, None
         except httpx.HTTPError as exc:
-            return 0.0, job_id, repr(exc)
-        return 0.0, job_id, "no [DONE]"
+            return sent, 0.0, job_id, repr(exc)
+        return sent, 0.0, job_id, "no [DONE]"
 
-    async def run() -> list[tuple[float, str | None, str | None]]:
+    async def run() -> list[Outcome]:
         nonlocal peak
         limits = httpx.Limits(max_connections=streams + 10)
         timeout = httpx.Timeout(600.0, connect=30.0)
@@ -237,17 +247,22 @@ def hold_streams(stack: Stack, streams: int) -> LoadResult:
     results = asyncio.run(run())
     wall = time.perf_counter() - started
     cpu = sum(api.cpu_times()[:2]) - cpu_before
-    added: list[float] = []
-    for seconds, job_id, error in results:
+    load = LoadResult(streams, 0, wall, cpu, rss_before, peak)
+    for sent, seconds, job_id, error in results:
         if error or job_id is None:
             continue
         created, finished = stack.redis.hmget(keys.job(job_id), ["created_at", "finished_at"])
         if created and finished:
-            added.append(1000 * (seconds - (float(finished) - float(created))))
-    errors = [e for _, _, e in results if e]
+            # The job's own span is Redis's clock; the split uses this machine's wall clock, which
+            # is Redis's too here (one host).
+            load.added_ms.append(1000 * (seconds - (float(finished) - float(created))))
+            load.before_ms.append(1000 * (float(created) - sent))
+            load.after_ms.append(1000 * (sent + seconds - float(finished)))
+    errors = [error for _, _, _, error in results if error]
+    load.errors = len(errors)
     if errors:
         log.warning("%d streams failed, e.g. %s", len(errors), errors[0])
-    return LoadResult(streams, len(errors), wall, cpu, rss_before, peak, added)
+    return load
 
 
 def capacity(per_token: dict[str, float]) -> dict[str, float]:
@@ -259,6 +274,20 @@ def capacity(per_token: dict[str, float]) -> dict[str, float]:
 
 
 def markdown(out: dict[str, Any]) -> str:
+    lines: list[str] = []
+    if out["one_pinned"]:
+        lines += _scaling_rows(out)
+    if out.get("load"):
+        lines += [
+            "",
+            "| load held | value |",
+            "|---|---:|",
+            *(f"| {k} | {v} |" for k, v in out["load"].items()),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _scaling_rows(out: dict[str, Any]) -> list[str]:
     lines = ["| scenario | aggregate tok/s per round | median | ratio |", "|---|---|---:|---:|"]
     base = statistics.median(out["one_pinned"])
     for name, key in (
@@ -277,14 +306,7 @@ def markdown(out: dict[str, Any]) -> str:
         *(f"| {k} | {v:.3f} |" for k, v in per.items()),
         *(f"| {k} | {v:.0f} |" for k, v in out["capacity"].items()),
     ]
-    if out.get("load"):
-        lines += [
-            "",
-            "| load held | value |",
-            "|---|---:|",
-            *(f"| {k} | {v} |" for k, v in out["load"].items()),
-        ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     name = EMBEDDED_MODEL_ID
     out: dict[str, Any] = {"cores": cores, "one_pinned": [], "two_pinned": [], "two_models": []}
     usage = Usage()
-    for round_no in range(args.rounds):
+    for round_no in range(args.rounds):  # --rounds 0: the load part alone
         order = ("one", "two", "models") if round_no % 2 == 0 else ("models", "two", "one")
         for kind in order:
             workers = {
@@ -322,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
             key = {"one": "one_pinned", "two": "two_pinned", "models": "two_models"}[kind]
             out[key].append(tps)
             log.info("round %d, %s: %.1f tok/s aggregate (%d errors)", round_no + 1, key, tps, errors)
-    out["per_token"] = usage.per_token()
-    out["capacity"] = capacity(out["per_token"])
+    if usage.tokens:
+        out["per_token"] = usage.per_token()
+        out["capacity"] = capacity(out["per_token"])
     if args.streams:
         env = {"WORKER_SLOTS": "4", "MAX_QUEUED": str(args.streams * 2), "STREAM_PING_SECONDS": "5"}
         stack = Stack(log_root / "load", [(name, None)], env)
