@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class PrefillPolicy:
-    stall_seconds: float = 0.75
+    stall_seconds: float = 0.6
     share: float = 0.9
     first_chunk: int = 64  # before anything is measured: 0.2-0.4 s on a 2-core CPU, little on a GPU
     min_chunk: int = 16

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     )
     # The prefill policy (model/prefill.py): how a new prompt shares the loop with running streams.
     prefill_stall_seconds: float = Field(
-        0.75, gt=0, le=10, description="Longest a prefill step may hold running streams (llama.cpp)"
+        0.6, gt=0, le=10, description="Longest a prefill step may hold running streams (llama.cpp)"
     )
     prefill_share: float = Field(
         0.9, gt=0, le=1, description="Most of the loop's time prefill takes while streams run (llama.cpp)"
