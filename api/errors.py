@@ -139,7 +139,7 @@ class ServiceUnavailable(APIError):
 class ModelUnavailable(ServiceUnavailable):
     code = "model_unavailable"
 
-    def __init__(self, message: str, *, retry_after: int) -> None:
+    def __init__(self, message: str, *, retry_after: int = ServiceUnavailable.retry_after_seconds) -> None:
         super().__init__(message, param="model")
         self.retry_after_seconds = retry_after
 

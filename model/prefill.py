@@ -72,7 +72,8 @@ class PrefillPace:
             return
         decode_share = self._decode_s if decoded and self._decode_s is not None else 0.0
         extra = max(seconds - decode_share, 0.0)
-        self._prefill_token_s = self._smooth(self._prefill_token_s, extra / prefilled)
+        if extra > 0:  # a chunk lost in the noise of a decode step's time says nothing of its cost
+            self._prefill_token_s = self._smooth(self._prefill_token_s, extra / prefilled)
         share = self.policy.share
         self._owed_s = extra * (1 - share) / share if decoded else 0.0
 

@@ -95,7 +95,9 @@ def greedy_stream(
                 return tokens, "abandoned"
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            choice = json.loads(line[6:])["choices"]
+            chunk = json.loads(line[6:])
+            assert "choices" in chunk, chunk  # else an in-band error: say which
+            choice = chunk["choices"]
             if choice:
                 for entry in (choice[0].get("logprobs") or {}).get("content") or []:
                     best, second = entry["top_logprobs"]

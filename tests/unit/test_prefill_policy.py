@@ -103,3 +103,15 @@ def test_a_prompt_alone_does_not_leave_the_next_streams_owed_a_pause() -> None:
 def test_a_policy_out_of_range_is_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         PrefillPolicy(**kwargs)
+
+
+def test_a_chunk_that_cost_nothing_measurable_leaves_the_estimate_as_it_was() -> None:
+    pace = PrefillPace(PrefillPolicy(stall_seconds=0.5, share=1.0))
+    pace.observe(0.01, decoded=3, prefilled=0)
+    assert pace.chunk() == pace.policy.first_chunk
+    pace.observe(0.005, decoded=3, prefilled=64)  # faster than the decode-only step before it
+    assert pace.chunk() == pace.policy.first_chunk  # no estimate yet: still the first guess
+    pace.observe(0.01 + 64 * 0.002, decoded=3, prefilled=64)  # 2 ms a token
+    sized = pace.chunk()
+    pace.observe(0.009, decoded=3, prefilled=sized)  # noise: cheaper than decoding alone
+    assert pace.chunk() == sized == int((0.5 - 0.01) / 0.002)

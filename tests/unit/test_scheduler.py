@@ -113,7 +113,8 @@ def test_a_long_prompt_prefills_in_chunks_without_stalling_running_streams(
     paced: Engine, single: Engine
 ) -> None:
     batched = paced
-    sampling = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    # Enough budget to outlast the prefill, decode-only steps between its chunks included.
+    sampling = SamplingParams(max_tokens=600, temperature=0.0, ignore_eos=True)
     running = [submit(batched, q, q, sampling) for q in ("Hi!", "2+2?")]
     drive(batched, steps=3)  # both are decoding now
     long_question = "Раз два три. " * 120  # ~600 prompt tokens: several prefill chunks

@@ -13,6 +13,7 @@ import pytest
 
 from model.engine import Engine
 from model.generation import Generation
+from model.prefill import PrefillPolicy
 from model.scheduler import Failure
 from model.types import Backend, ChatMessage, Completion, Prompt, SamplingParams
 from tests.unit.conftest import batch_engine
@@ -26,7 +27,10 @@ LONG_QUESTION = "Раз два три. " * 120  # ~600 prompt tokens: prefilled 
 
 @pytest.fixture(scope="module")
 def batched(batch_llama3_dir: Path, backend: Backend, model_cache: Path) -> Engine:
-    return batch_engine(batch_llama3_dir, model_cache, backend, 4)
+    # Prompts go in small chunks, one every step (a tiny model would take a whole prompt in the
+    # default half-second step), so a sibling can be stopped mid-prefill.
+    policy = PrefillPolicy(stall_seconds=1e-4, share=1.0, first_chunk=32)
+    return batch_engine(batch_llama3_dir, model_cache, backend, 4, prefill=policy)
 
 
 @pytest.fixture(scope="module")
