@@ -248,6 +248,25 @@ def worker_of(hosts: Hosts, job_id: str) -> str:
     return record(hosts.stack(), job_id)["worker"]
 
 
+@dataclass(frozen=True)
+class Victim:
+    """A long job generating on one worker host: that host's worker (its Redis name and role)
+    and the other worker's role."""
+
+    job_id: str
+    name: str
+    role: str
+    other: str
+
+
+def long_job_on_one_worker(hosts: Hosts, client: openai.OpenAI) -> Victim:
+    job_id = start_long_response(client)
+    generating(client, job_id)
+    name = worker_of(hosts, job_id)
+    role = hosts.role_of(name)
+    return Victim(job_id, name, role, next(r for r in WORKERS if r != role))
+
+
 def short_chat(client: openai.OpenAI, model: str) -> str:
     """A short chat completion's id (its job's id): answered, by whichever worker is free."""
     answer = client.chat.completions.create(model=model, messages=HI, max_tokens=8, temperature=0)
@@ -376,10 +395,8 @@ def test_a_batch_created_on_api_a_is_finished_by_api_b_once_api_a_stops(hosts: H
 
 def test_kill_9_of_one_hosts_worker_fails_its_job_once_and_the_other_serves(hosts: Hosts, model: str) -> None:
     a, b = hosts.client("api-a"), hosts.client("api-b")
-    job_id = start_long_response(a)
-    generating(a, job_id)
-    victim = hosts.role_of(worker_of(hosts, job_id))
-    other = next(role for role in WORKERS if role != victim)
+    job = long_job_on_one_worker(hosts, a)
+    job_id, victim, other = job.job_id, job.role, job.other
     hosts.workers[victim].stop(signal.SIGKILL)
     # The lease lapses with nobody to renew it; the reaper of an API host ends the job.
     done = wait_records(hosts.stack(), [job_id], timeout=LEASE_SECONDS + 5 + 10)[0]
@@ -400,11 +417,8 @@ def test_a_worker_host_cut_off_loses_its_job_once_and_rejoins_without_a_restart(
     hosts: Hosts, model: str
 ) -> None:
     a, b = hosts.client("api-a"), hosts.client("api-b")
-    job_id = start_long_response(a)
-    generating(a, job_id)
-    victim_name = worker_of(hosts, job_id)
-    victim = hosts.role_of(victim_name)
-    other = next(role for role in WORKERS if role != victim)
+    job = long_job_on_one_worker(hosts, a)
+    job_id, victim_name, victim, other = job.job_id, job.name, job.role, job.other
     process = hosts.workers[victim].proc
     hosts.network.link(victim, up=False)
     try:
@@ -433,11 +447,8 @@ def test_a_worker_host_cut_off_loses_its_job_once_and_rejoins_without_a_restart(
 
 def test_sigterm_drains_one_worker_within_the_grace_while_the_other_serves(hosts: Hosts, model: str) -> None:
     a, b = hosts.client("api-a"), hosts.client("api-b")
-    job_id = start_long_response(a)
-    generating(a, job_id)
-    victim_name = worker_of(hosts, job_id)
-    victim = hosts.role_of(victim_name)
-    other = next(role for role in WORKERS if role != victim)
+    job = long_job_on_one_worker(hosts, a)
+    job_id, victim_name, victim, other = job.job_id, job.name, job.role, job.other
     stopped_at = time.monotonic()
     hosts.workers[victim].proc.send_signal(signal.SIGTERM)  # to the host's launcher, which passes it on
     assert worker_of(hosts, short_chat(b, model)) == hosts.worker_name(other)
