@@ -27,9 +27,10 @@ class Failure:
 
 Event = Output | Failure
 
-# Prompt tokens a backend feeds per step while other sequences decode: the chunk a new prompt is
-# prefilled in, so running streams wait at most one such chunk between two of their tokens. When
-# nothing else decodes, a whole prompt goes at once, up to llama.cpp's default batch.
+# Prompt tokens the transformers backend feeds per step while other sequences decode, so running
+# streams wait at most one such chunk between two of their tokens (llama.cpp sizes its chunks by
+# the prefill policy, model/prefill.py). When nothing else decodes, a whole prompt goes at once,
+# up to llama.cpp's default batch.
 PREFILL_CHUNK_TOKENS = 256
 PREFILL_BATCH_TOKENS = 2048
 

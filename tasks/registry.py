@@ -60,6 +60,11 @@ class ServedModel:
     def slots(self) -> int:
         return sum(int(w.get("slots") or 0) for w in self.workers)
 
+    @property
+    def running(self) -> int:
+        """Jobs its workers are generating, as their last heartbeats said."""
+        return sum(int(w.get("running") or 0) for w in self.workers)
+
     def describe(self) -> dict[str, Any]:
         """The model's serving state, as /v1/models' extension and /health show it."""
         first = self.workers[0] if self.workers else {}

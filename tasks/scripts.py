@@ -4,8 +4,8 @@ then called by EVALSHA, alone or many in one pipeline (one round trip).
 A pipeline carries bare EVALSHAs. redis-py's own way (a registered Script called with
 `client=pipe`) sends SCRIPT EXISTS for the pipeline's scripts before every execute: with the
 worker's one pipeline per decode step, that was a third of all Redis commands per streamed token
-(bench/profile_stream.py). Scripts are loaded when registered and again only when Redis answers
-NOSCRIPT (a restart, a SCRIPT FLUSH, a failover to a replica that never saw them); the calls it
+(bench/profile_stream.py). A script is loaded when Redis first answers NOSCRIPT for it (its
+first call, a restart, a SCRIPT FLUSH, a failover to a replica that never saw it); the calls it
 refused are then run again, in their order, so each job's events stay in order (every caller
 puts calls of one script in a pipeline, so none of the others ran ahead of them).
 """

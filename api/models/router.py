@@ -14,17 +14,8 @@ router = APIRouter()
 
 
 def _card(model: ServedModel) -> ModelCard:
-    state = model.describe()
-    return ModelCard(
-        id=model.id,
-        created=model.created,
-        llmq=Serving(
-            workers=state["workers"],
-            slots=state["slots"],
-            engine=state["engine"],
-            context_length=state["context_length"],
-        ),
-    )
+    # describe() is the serving state /health shows too; the card keeps Serving's fields of it.
+    return ModelCard(id=model.id, created=model.created, llmq=Serving.model_validate(model.describe()))
 
 
 @router.get("/v1/models")

@@ -23,7 +23,7 @@ async def prometheus_metrics(jobs: JobsDep, models: ModelsDep, batches: BatchesD
             name: metrics.ModelFigures(
                 fields=fields,
                 waiting=waiting,
-                running=sum(int(w.get("running") or 0) for w in current.known[name].workers),
+                running=current.known[name].running,
             )
             for name, (fields, waiting) in zip(names, figures, strict=True)
         },
