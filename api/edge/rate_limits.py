@@ -108,8 +108,9 @@ class RateLimitHeaders:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        limits: quotas.Quotas | None = getattr(scope["app"].state, "quotas", None)
+        if scope["type"] != "http" or limits is None or not limits.enabled:
+            await self.app(scope, receive, send)  # as if it were not there: no limit is on
             return
 
         # Made here if the server did not, so that the routes' request.state is this very dict.
@@ -117,7 +118,7 @@ class RateLimitHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                standing = await _standing(scope)
+                standing = await _standing(scope, limits)
                 if standing is not None:
                     extra = [(k.encode(), v.encode()) for k, v in headers(standing).items()]
                     message = {**message, "headers": [*message.get("headers", ()), *extra]}
@@ -126,11 +127,8 @@ class RateLimitHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-async def _standing(scope: Scope) -> quotas.Standing | None:
-    state = scope.get("state") or {}
-    limits: quotas.Quotas | None = getattr(scope["app"].state, "quotas", None)
-    if limits is None or not limits.enabled:
-        return None
+async def _standing(scope: Scope, limits: quotas.Quotas) -> quotas.Standing | None:
+    state = scope["state"]
     if (taken := state.get(STANDING)) is not None:
         return taken  # type: ignore[no-any-return]
     if (owner := state.get(OWNER)) is None:
