@@ -13,6 +13,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
@@ -79,28 +80,33 @@ def tpm_url(limited: Stack) -> Iterator[str]:
         api.stop()
 
 
-def drain(client: openai.OpenAI, model: str) -> tuple[list[str], list[int], openai.RateLimitError]:
+@contextmanager
+def drained(
+    client: openai.OpenAI, model: str
+) -> Iterator[tuple[list[str], list[int], openai.RateLimitError]]:
     """Background responses (answered once queued) until the key's requests refuse: their ids,
-    the remaining requests each reported, and the refusal. The jobs are cancelled."""
+    the remaining requests each reported, and the refusal. Their jobs are cancelled on leaving."""
     ids, remaining = [], []
     try:
         for _ in range(RPM + 5):  # a slow loop may see a request refill on the way
-            raw = client.responses.with_raw_response.create(
-                model=model, input="Hi", background=True, max_output_tokens=1
-            )
+            try:
+                raw = client.responses.with_raw_response.create(
+                    model=model, input="Hi", background=True, max_output_tokens=1
+                )
+            except openai.RateLimitError as refused:
+                yield ids, remaining, refused
+                return
             ids.append(raw.parse().id)
             remaining.append(int(raw.headers["x-ratelimit-remaining-requests"]))
-    except openai.RateLimitError as refused:
-        return ids, remaining, refused
+        raise AssertionError(f"{len(ids)} requests and none refused")
     finally:
         for job_id in ids:
             client.responses.cancel(job_id)
-    raise AssertionError(f"{len(ids)} requests and none refused")
 
 
 def test_the_request_past_the_limit_gets_openai_s_429(limited: Stack, model: str) -> None:
-    ids, remaining, refused = drain(on(limited.api_url, "key-a"), model)
-    assert len(ids) >= RPM
+    with drained(on(limited.api_url, "key-a"), model) as (ids, remaining, refused):
+        assert len(ids) >= RPM
     assert remaining[:2] == [RPM - 1, RPM - 2]  # each response says what its take left
     assert remaining == sorted(remaining, reverse=True)
     assert (refused.status_code, refused.code, refused.type) == (429, "rate_limit_exceeded", "requests")
@@ -127,12 +133,12 @@ def test_the_request_past_the_limit_gets_openai_s_429(limited: Stack, model: str
 
 
 def test_the_sdk_waits_as_told_and_succeeds_on_its_own(limited: Stack, model: str) -> None:
-    _, _, refused = drain(on(limited.api_url, "key-c"), model)
-    assert int(refused.response.headers["retry-after-ms"]) <= 60_000 / RPM
-    patient = on(limited.api_url, "key-c", retries=2)
-    raw = patient.chat.completions.with_raw_response.create(model=model, messages=HI, max_tokens=2)
-    assert raw.retries_taken >= 1  # refused at first, then let through after the wait it was told
-    assert raw.parse().choices[0].message.content is not None
+    with drained(on(limited.api_url, "key-c"), model) as (_, _, refused):
+        assert int(refused.response.headers["retry-after-ms"]) <= 60_000 / RPM
+        patient = on(limited.api_url, "key-c", retries=2)
+        raw = patient.chat.completions.with_raw_response.create(model=model, messages=HI, max_tokens=2)
+        assert raw.retries_taken >= 1  # refused at first, let through after the wait it was told
+        assert raw.parse().choices[0].message.content is not None
 
 
 def test_headers_on_a_get_a_stream_and_an_error(limited: Stack, model: str) -> None:
