@@ -161,7 +161,9 @@ class RateLimited(APIError):
     status = 429
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, limit: Literal["requests", "tokens"], retry_after: float) -> None:
+    def __init__(
+        self, message: str, *, limit: Literal["requests", "tokens"] = "requests", retry_after: float = 1.0
+    ) -> None:
         super().__init__(message)
         self.type = limit
         self.retry_after_ms = max(1, math.ceil(retry_after * 1000))
