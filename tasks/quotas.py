@@ -32,7 +32,7 @@ CHARS_PER_TOKEN = 4
 
 def estimate_prompt_tokens(spec: JobSpec) -> int:
     """The tokens a job's prompt is taken for before it runs: its messages' characters / 4,
-    OpenAI's rule of thumb (the API cannot tokenize: it never loads a tokenizer). The job's
+    OpenAI's rule of thumb (the API has no tokenizer: each model's is in its workers). The job's
     end settles the difference with the real count. Stored in the job hash as `estimate`."""
     return math.ceil(sum(len(m.content) for m in spec.messages) / CHARS_PER_TOKEN)
 
