@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from api.edge.auth import caller
+from api.edge.rate_limits import RateLimiter
 from tasks.batches import BatchStore
 from tasks.client import JobClient
 from tasks.files import FileStore
@@ -34,10 +35,15 @@ def batch_store(request: Request) -> BatchStore:
     return store
 
 
+def rate_limiter(request: Request) -> RateLimiter:
+    return RateLimiter(request, request.app.state.quotas)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 JobsDep = Annotated[JobClient, Depends(job_client)]
 ModelsDep = Annotated[ModelRegistry, Depends(model_registry)]
 FilesDep = Annotated[FileStore, Depends(file_store)]
 BatchesDep = Annotated[BatchStore, Depends(batch_store)]
+LimitsDep = Annotated[RateLimiter, Depends(rate_limiter)]
 # The caller's owner tag (api.auth); None when API_KEYS is empty.
 CallerDep = Annotated[str | None, Depends(caller)]

@@ -18,6 +18,8 @@ official SDKs raise their typed exceptions (BadRequestError, NotFoundError, ...)
     +-- RequestTooLarge           413 code=request_too_large (body over MAX_REQUEST_BYTES)
     +-- UnsupportedMediaType      415 code=unsupported_media_type (a body that is not JSON)
     +-- QueueFull                 429 code=queue_full (MAX_QUEUED jobs waiting); sets Retry-After
+    +-- RateLimited               429 code=rate_limit_exceeded, type=requests | tokens (a key over
+    |                                 REQUESTS_/TOKENS_PER_MINUTE_PER_KEY); Retry-After, retry-after-ms
     +-- ServiceUnavailable        503 (Redis down, queue refused the job); sets Retry-After
     |   +-- ModelUnavailable      503 code=model_unavailable (a known model with no worker now)
     +-- ClientDisconnected        499 code=client_closed_request (the client went away)
@@ -33,10 +35,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 import redis.exceptions
 from fastapi import FastAPI, Request
@@ -149,6 +152,25 @@ class QueueFull(APIError):
     type = "rate_limit_error"
     code = "queue_full"
     retry_after_seconds = 2
+
+
+class RateLimited(APIError):
+    """A key over its requests or tokens per minute (api/edge/rate_limits.py). The type names the
+    limit, as OpenAI's; retry-after-ms is what the openai SDKs wait by, before Retry-After."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self, message: str, *, limit: Literal["requests", "tokens"] = "requests", retry_after: float = 1.0
+    ) -> None:
+        super().__init__(message)
+        self.type = limit
+        self.retry_after_ms = max(1, math.ceil(retry_after * 1000))
+        self.retry_after_seconds = max(1, math.ceil(retry_after))
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_seconds), "retry-after-ms": str(self.retry_after_ms)}
 
 
 class ClientDisconnected(APIError):

@@ -15,6 +15,7 @@ from api.batches import router as batches_routes
 from api.batches.runner import BatchRunner
 from api.chat_completion import router as chat_routes
 from api.edge.auth import caller
+from api.edge.rate_limits import RateLimitHeaders, note_caller
 from api.edge.request_ids import RequestId
 from api.edge.size_limit import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
 from api.files import router as files_routes
@@ -27,6 +28,7 @@ from tasks import logs
 from tasks.batches import BatchStore
 from tasks.client import JobClient
 from tasks.files import FileStore
+from tasks.quotas import Quotas
 from tasks.redis import async_client
 from tasks.registry import ModelRegistry
 from tasks.settings import get_settings
@@ -48,6 +50,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     file_client = async_client(settings, name="llmq-api-files", decode_responses=False, large_values=True)
     app.state.jobs = JobClient(client, settings)
     app.state.models = ModelRegistry(client, settings.model_forget_seconds)
+    app.state.quotas = Quotas(client, settings)
     app.state.files = FileStore(file_client, settings.file_ttl_seconds)
     app.state.batches = BatchStore(client, settings.file_ttl_seconds)
     runner = BatchRunner(app.state.batches, app.state.files, app.state.jobs, app.state.models, settings)
@@ -93,9 +96,11 @@ def create_app() -> FastAPI:
     settings = get_settings()
     uploads = {"/v1/files": settings.max_file_bytes + MULTIPART_OVERHEAD_BYTES}
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, uploads=uploads)
+    app.add_middleware(RateLimitHeaders)
     app.add_middleware(RequestId)  # added last, so it is outermost: even a 413 carries the id
-    # Every /v1 route needs an API key when API_KEYS is set; /health (and /docs) stay open.
-    v1 = [Depends(caller)]
+    # Every /v1 route needs an API key when API_KEYS is set; /health (and /docs) stay open. The
+    # caller is noted for the rate-limit headers (api/edge/rate_limits.py).
+    v1 = [Depends(caller), Depends(note_caller)]
     app.include_router(chat_routes.router, dependencies=v1)
     app.include_router(responses_routes.router, dependencies=v1)
     app.include_router(models_routes.router, dependencies=v1)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from model.types import ChatMessage
 from model.types import ToolCall as ModelToolCall
-from tasks import events, keys
+from tasks import events, keys, quotas
 from tasks.sampling import Sampling
 
 JobStatus = Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
@@ -206,6 +206,7 @@ end
 
 _PRELUDE = (
     _CONSTANTS
+    + quotas.CHARGE_TOKENS
     + """
 local function is_open(status)
   return status == 'queued' or status == 'in_progress'
@@ -233,6 +234,7 @@ local function end_job(job, log, channel, lease, running, queued, id, ttl, event
   redis.call('HINCRBY', model and (METRICS_OF .. model) or METRICS, 'outcome:' .. outcome, 1)
   local now = stamp(clock())
   redis.call('HSET', job, 'finished_at', now, unpack(fields))
+  charge_tokens(job, fields)
   redis.call('EXPIRE', job, ttl)
   redis.call('EXPIRE', log, ttl)
   redis.call('DEL', lease)
@@ -262,7 +264,8 @@ end
 )
 
 # KEYS: job, queued index, the model's queued index. ARGV: id, ttl, spec json, meta json, kind,
-# model, max queued, queue timeout. Records a queued job, created now, unless MAX_QUEUED jobs of
+# model, max queued, queue timeout, owner tag ('-' without API_KEYS), estimated prompt tokens
+# (tasks/quotas.py). Records a queued job, created now, unless MAX_QUEUED jobs of
 # its model wait; returns its created_at, or false if not admitted. Counting the queued index
 # (not Celery's list) means cancelled and expired jobs stop counting at once; entries older
 # than the queue timeout are dropped first (their jobs have ended, or the reaper ends them now),
@@ -278,6 +281,7 @@ if redis.call('ZCARD', model_queued) >= tonumber(ARGV[7]) then return false end
 redis.call('HSET', job, 'status', 'queued', 'spec', ARGV[3], 'meta', ARGV[4], 'kind', ARGV[5],
            'model', ARGV[6], 'created_at', stamp(now))
 redis.call('EXPIRE', job, ARGV[2])
+redis.call('HSET', job, 'owner', ARGV[9], 'estimate', ARGV[10])  -- for the end charge (tasks/quotas.py)
 redis.call('ZADD', queued, now, ARGV[1])
 redis.call('ZADD', model_queued, now, ARGV[1])
 return stamp(now)
@@ -462,7 +466,9 @@ def admit(job: NewJob, *, ttl: int, max_queued: int, queue_timeout: float) -> Sc
     clock), or nothing if MAX_QUEUED jobs of its model already wait."""
     spec = job.spec
     job_keys = [keys.job(spec.id), keys.QUEUED, keys.queued_of(spec.model)]
-    return ScriptCall(ADMIT, job_keys, [*_admit_args(job, ttl), max_queued, queue_timeout])
+    args = [*_admit_args(job, ttl), max_queued, queue_timeout]
+    args += [job.meta.owner or "-", quotas.estimate_prompt_tokens(spec)]  # for the end charge
+    return ScriptCall(ADMIT, job_keys, args)
 
 
 def admitted(reply: str | None) -> float | None:

@@ -120,3 +120,12 @@ def batch_part(batch_id: str, part: str) -> str:
 def batches_of(owner: str | None) -> str:
     """Sorted set: one owner's batch ids by creation time."""
     return f"{NAMESPACE}:batches:{owner or '-'}"
+
+
+QUOTA_PREFIX = f"{NAMESPACE}:quota:"  # jobs.py's end-of-job script builds quota(owner) from it
+
+
+def quota(owner: str | None) -> str:
+    """Hash with TTL: one owner's rate-limit buckets (tasks/quotas.py); '-' is everyone's
+    without API_KEYS."""
+    return f"{QUOTA_PREFIX}{owner or '-'}"

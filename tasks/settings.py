@@ -99,6 +99,15 @@ class Settings(BaseSettings):
         30 * 86_400, ge=60, description="How long files (and ended batches) are kept"
     )
 
+    # Per-key rate limits (tasks/quotas.py, README "Rate limits"): token buckets per API key,
+    # or one for every caller without API_KEYS. Batch lines are outside them.
+    requests_per_minute_per_key: int = Field(
+        0, ge=0, description="Generation requests a key may make per minute; 0 = off"
+    )
+    tokens_per_minute_per_key: int = Field(
+        0, ge=0, description="Prompt + completion tokens a key may use per minute; 0 = off"
+    )
+
     @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]

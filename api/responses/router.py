@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from api.deps import CallerDep, JobsDep, ModelsDep, SettingsDep
+from api.deps import CallerDep, JobsDep, LimitsDep, ModelsDep, SettingsDep
 from api.edge import sse
 from api.edge.body import StrictJSONRoute
 from api.responses.protocol import Response, ResponseCreateRequest
@@ -17,8 +17,10 @@ from api.serving.following import ClientWatch
 router = APIRouter(route_class=StrictJSONRoute)
 
 
-def service(jobs: JobsDep, models: ModelsDep, settings: SettingsDep, owner: CallerDep) -> ResponsesService:
-    return ResponsesService(jobs, models, settings, owner)
+def service(
+    jobs: JobsDep, models: ModelsDep, settings: SettingsDep, owner: CallerDep, limits: LimitsDep
+) -> ResponsesService:
+    return ResponsesService(jobs, models, settings, owner, limits)
 
 
 ServiceDep = Annotated[ResponsesService, Depends(service)]

@@ -18,6 +18,7 @@ from typing import Any
 
 from api import errors
 from api.edge import sse
+from api.edge.rate_limits import RateLimiter
 from api.responses.protocol import (
     LOGPROBS_INCLUDE,
     FunctionCallItem,
@@ -263,19 +264,25 @@ def validate(request: ResponseCreateRequest, settings: Settings) -> None:
 
 class ResponsesService:
     def __init__(
-        self, client: JobClient, models: ModelRegistry, settings: Settings, owner: str | None = None
+        self,
+        client: JobClient,
+        models: ModelRegistry,
+        settings: Settings,
+        owner: str | None = None,
+        limits: RateLimiter | None = None,
     ) -> None:
         self._client = client
         self._models = models
         self._settings = settings
         self._owner = owner  # the caller's owner tag (api.auth); jobs of other owners are 404
+        self._limits = limits  # the caller's rate limits, taken from by every create
 
     async def validate(self, request: ResponseCreateRequest) -> str:
         """Check the request; the served model it goes to."""
         validate(request, self._settings)
         return await route(self._models, request.model)
 
-    def _new_job(self, request: ResponseCreateRequest, model: str) -> jobs.NewJob:
+    async def _new_job(self, request: ResponseCreateRequest, model: str) -> jobs.NewJob:
         job = request.to_job(
             jobs.new_job_id("response"),
             model,
@@ -283,11 +290,13 @@ class ResponsesService:
             owner=self._owner,
         )
         logs.job_id_var.set(job.spec.id)
+        if self._limits is not None:
+            await self._limits.take(job)
         return job
 
     async def create_background(self, request: ResponseCreateRequest, model: str) -> Response:
         """Enqueue and answer at once, with the response as queued."""
-        job = self._new_job(request, model)
+        job = await self._new_job(request, model)
         with errors.queue_errors():
             created_at = await self._client.create(job)
         return ResponseView(job.spec, job.meta, created_at).snapshot()
@@ -295,7 +304,7 @@ class ResponsesService:
     async def create_stream(self, request: ResponseCreateRequest, model: str) -> AsyncIterator[str]:
         """The events as they come. A background job outlives its stream: a client that leaves
         resumes it later; any other is cancelled with its stream."""
-        job = self._new_job(request, model)
+        job = await self._new_job(request, model)
         follow = self._follow(job.spec.id, cancel_on_close=not request.background)
         view = ResponseView(job.spec, job.meta, await follow.submit(job))
         return self._stream(view, follow, after=-1)
@@ -305,7 +314,7 @@ class ResponsesService:
     ) -> Response:
         """The finished Response; `gone` (api.serving.following.ClientWatch) cancels the job if
         the client leaves first."""
-        job = self._new_job(request, model)
+        job = await self._new_job(request, model)
         follow = self._follow(job.spec.id, gone=gone)
         view = ResponseView(job.spec, job.meta, await follow.submit(job))
         return await self._collect(view, follow)
