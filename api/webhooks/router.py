@@ -1,0 +1,44 @@
+"""GET /v1/webhooks/deliveries: the last deliveries and their attempts, for an operator
+debugging a receiver. Not an OpenAI route (theirs is a dashboard): fenced behind the admin key."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from api import errors
+from api.deps import SettingsDep
+from tasks.webhooks import RECENT_DELIVERIES, WebhookStore
+
+router = APIRouter()
+_bearer = HTTPBearer(auto_error=False, description="ADMIN_API_KEY")
+
+
+def admin(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)], settings: SettingsDep
+) -> None:
+    """ADMIN_API_KEY when set; without it the route is open only where every route is (no
+    API_KEYS), since deliveries name every key's responses and batches and the receivers' URLs."""
+    if not settings.admin_api_key:
+        if settings.api_key_list:
+            raise errors.NotFound("Listing webhook deliveries needs ADMIN_API_KEY to be set.")
+        return
+    presented = credentials.credentials.strip() if credentials else ""
+    digest = hashlib.sha256(presented.encode()).digest()
+    if not hmac.compare_digest(digest, hashlib.sha256(settings.admin_api_key.encode()).digest()):
+        raise errors.InvalidAPIKey("This route needs the admin key (ADMIN_API_KEY).")
+
+
+@router.get("/v1/webhooks/deliveries", dependencies=[Depends(admin)])
+async def list_deliveries(
+    request: Request, limit: Annotated[int, Query(ge=1, le=RECENT_DELIVERIES)] = 20
+) -> dict[str, Any]:
+    store: WebhookStore = request.app.state.webhooks
+    deliveries = await store.recent(limit)
+    for d in deliveries:
+        d.pop("body", None)  # the event is named by its id and type; its receiver has the body
+    return {"object": "list", "data": deliveries}
