@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from tasks import keys
 
@@ -41,18 +41,20 @@ end
 )
 
 # ARGV: the cursor as the caller read it ('' if unset), the new cursor, seconds an open record
-# lives, then 7 values per delivery: id, event time, event id, type, subject id, endpoint id, body.
-# Records the deliveries that do not exist yet and moves the cursor, unless it moved meanwhile
-# (another instance fanned these entries out): 1 if this call moved it.
+# lives, the retry window, then 7 values per delivery: id, event time, event id, type, subject
+# id, endpoint id, body. Records the deliveries that do not exist yet and moves the cursor, unless
+# it moved meanwhile (another instance fanned these entries out): 1 if this call moved it. An
+# event older than the retry window (webhooks were off, or every API down, that long) is passed
+# over: its receiver would no longer be retried for it either.
 _FAN_OUT = (
     _CONSTANTS
     + """
 if (redis.call('GET', CURSOR) or '') ~= ARGV[1] then return 0 end
 local now = clock()
-for i = 4, #ARGV, 7 do
+for i = 5, #ARGV, 7 do
   local id = ARGV[i]
   local record = PREFIX .. id
-  if redis.call('EXISTS', record) == 0 then
+  if tonumber(ARGV[i + 1]) + tonumber(ARGV[4]) >= now and redis.call('EXISTS', record) == 0 then
     redis.call('HSET', record, 'status', 'pending', 'attempts', 0, 'created_at', string.format('%.6f', now),
                'event_at', ARGV[i + 1], 'event_id', ARGV[i + 2], 'type', ARGV[i + 3],
                'subject', ARGV[i + 4], 'endpoint', ARGV[i + 5], 'body', ARGV[i + 6])
@@ -144,6 +146,32 @@ class Ending(BaseModel):
     batch: str | None = None
 
 
+class Attempt(BaseModel):
+    at: float  # when it was sent (the sender's clock)
+    status: int | None  # what the endpoint answered; None if it answered nothing in time
+    error: str | None  # None: delivered
+    seconds: float  # how long it took
+
+
+class Delivery(BaseModel):
+    """One event's delivery to one endpoint, as an operator reads it."""
+
+    id: str
+    event_id: str
+    type: str
+    subject: str
+    endpoint: str
+    status: DeliveryStatus
+    attempts: int
+    event_at: float  # when the job or batch ended (Redis's clock, as every time below)
+    created_at: float  # when it was fanned out
+    last_at: float | None = None
+    ended_at: float | None = None  # when it was delivered or failed for good
+    last_status: int | None = None
+    last_error: str | None = None
+    attempt_log: list[Attempt]  # the last ATTEMPTS_KEPT, oldest first
+
+
 @dataclass(frozen=True)
 class NewDelivery:
     """One event for one endpoint, as the fan-out records it."""
@@ -184,14 +212,15 @@ class WebhookStore:
         last = cast(list[tuple[str, Any]], await self._redis.xrevrange(keys.ENDED, count=1))
         await self._redis.set(keys.WEBHOOK_CURSOR, last[0][0] if last else "0-0", nx=True)
 
-    async def endings(self, count: int) -> tuple[str, list[tuple[str, Ending]]]:
-        """The cursor, and up to `count` stream entries after it."""
+    async def endings(self, count: int) -> tuple[str, list[tuple[str, Ending | None]]]:
+        """The cursor, and up to `count` stream entries after it (None: an entry that is not an
+        ending, which the fan-out passes over rather than be stopped by it)."""
         cursor = cast(str | None, await self._redis.get(keys.WEBHOOK_CURSOR)) or ""
         entries = cast(
             list[tuple[str, dict[str, str]]],
             await self._redis.xrange(keys.ENDED, min=_after(cursor or "0-0"), count=count),
         )
-        return cursor, [(entry_id, Ending.model_validate(fields)) for entry_id, fields in entries]
+        return cursor, [(entry_id, _ending(fields)) for entry_id, fields in entries]
 
     async def job_fields(self, job_ids: list[str]) -> list[tuple[str | None, str | None]]:
         """For each job: its `meta` JSON and its batch's id, or Nones if its record is gone."""
@@ -207,9 +236,15 @@ class WebhookStore:
         return cast(list[str | None], await pipe.execute())
 
     async def fan_out(
-        self, cursor: str, new_cursor: str, deliveries: list[NewDelivery], *, open_ttl: int
+        self,
+        cursor: str,
+        new_cursor: str,
+        deliveries: list[NewDelivery],
+        *,
+        open_ttl: int,
+        retry_seconds: int,
     ) -> bool:
-        args: list[str | int | float] = [cursor, new_cursor, open_ttl]
+        args: list[str | int | float] = [cursor, new_cursor, open_ttl, retry_seconds]
         for d in deliveries:
             args += [d.id, f"{d.event_at:.6f}", d.event_id, d.type, d.subject, d.endpoint, d.body]
         return bool(await self._fan_out(keys=[], args=args))
@@ -244,7 +279,7 @@ class WebhookStore:
         )
         return cast(DeliveryStatus | None, reply)
 
-    async def recent(self, limit: int) -> list[dict[str, Any]]:
+    async def recent(self, limit: int) -> list[Delivery]:
         """The last `limit` deliveries, newest first, each with its last attempts."""
         ids = cast(list[str], await self._redis.zrange(keys.WEBHOOK_RECENT, 0, limit - 1, desc=True))
         pipe = self._redis.pipeline(transaction=False)
@@ -252,10 +287,12 @@ class WebhookStore:
             pipe.hgetall(keys.webhook_delivery(delivery_id))
             pipe.lrange(keys.webhook_attempts(delivery_id), 0, -1)
         replies = await pipe.execute()
-        out: list[dict[str, Any]] = []
+        out: list[Delivery] = []
         for delivery_id, fields, attempts in zip(ids, replies[::2], replies[1::2], strict=True):
             if fields:  # its record may have expired before the index dropped it
-                out.append({"id": delivery_id, **fields, "attempt_log": [json.loads(a) for a in attempts]})
+                known = {k: v for k, v in fields.items() if v != "" and k in Delivery.model_fields}
+                log = [Attempt.model_validate_json(a) for a in attempts]
+                out.append(Delivery.model_validate({**known, "id": delivery_id, "attempt_log": log}))
         return out
 
     async def figures(self) -> tuple[dict[str, str], int, float]:
@@ -277,6 +314,13 @@ class WebhookStore:
             if waiting:  # an entry id starts with its time in milliseconds (Redis's clock)
                 ages.append(now - int(waiting[0][0].split("-")[0]) / 1000)
         return counts, pending, max([0.0, *ages])
+
+
+def _ending(fields: dict[str, str]) -> Ending | None:
+    try:
+        return Ending.model_validate(fields)
+    except ValidationError:
+        return None
 
 
 def _after(entry_id: str) -> str:

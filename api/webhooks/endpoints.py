@@ -7,13 +7,19 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from api.edge.auth import owner_tag
+from tasks.batches import BatchSpec
 from tasks.jobs import JobMeta
 from tasks.settings import Settings, WebhookEventType, webhook_key
 from tasks.webhooks import Ending
+
+log = logging.getLogger(__name__)
 
 # The job statuses a background response ends with, and the batch statuses a batch ends with,
 # are the suffixes of OpenAI's event types.
@@ -92,15 +98,26 @@ def job_event(entry_id: str, ending: Ending, meta_json: str | None) -> Event | N
         or ending.status not in _RESPONSE_ENDINGS
     ):
         return None
-    meta = JobMeta.model_validate_json(meta_json)
+    try:
+        meta = JobMeta.model_validate_json(meta_json)
+    except ValidationError:  # passed over, logged: one bad record must not stop every event after it
+        log.exception("response %s: its record could not be read; no webhook event", ending.id)
+        return None
     if meta.response is None or not meta.response.background:
         return None
     kind: WebhookEventType = f"response.{ending.status}"  # type: ignore[assignment]
     return Event(event_id(entry_id, ending.id), kind, ending.id, ending.at, meta.owner)
 
 
-def batch_event(entry_id: str, ending: Ending, owner: str | None) -> Event | None:
+def batch_event(entry_id: str, ending: Ending, spec_json: str | None) -> Event | None:
+    """A batch's ending as an event, owned as its spec says (None: its record is gone, which
+    leaves it to endpoints for every key)."""
     if ending.status not in _BATCH_ENDINGS:
+        return None
+    try:
+        owner = BatchSpec.model_validate_json(spec_json).owner if spec_json else None
+    except ValidationError:
+        log.exception("batch %s: its record could not be read; no webhook event", ending.id)
         return None
     kind: WebhookEventType = f"batch.{ending.status}"  # type: ignore[assignment]
     return Event(event_id(entry_id, ending.id), kind, ending.id, ending.at, owner)

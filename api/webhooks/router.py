@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api import errors
 from api.deps import SettingsDep
+from api.webhooks.endpoints import endpoints
 from tasks.webhooks import RECENT_DELIVERIES, WebhookStore
 
 router = APIRouter()
@@ -35,10 +36,12 @@ def admin(
 
 @router.get("/v1/webhooks/deliveries", dependencies=[Depends(admin)])
 async def list_deliveries(
-    request: Request, limit: Annotated[int, Query(ge=1, le=RECENT_DELIVERIES)] = 20
+    request: Request, settings: SettingsDep, limit: Annotated[int, Query(ge=1, le=RECENT_DELIVERIES)] = 20
 ) -> dict[str, Any]:
+    """Newest first: each delivery's event, endpoint, state and its last attempts (when, the
+    status answered or the error, how long it took)."""
     store: WebhookStore = request.app.state.webhooks
-    deliveries = await store.recent(limit)
-    for d in deliveries:
-        d.pop("body", None)  # the event is named by its id and type; its receiver has the body
-    return {"object": "list", "data": deliveries}
+    urls = {e.id: e.url for e in endpoints(settings)}
+    # The body is not listed: the event is named by its id, type and subject.
+    data = [{**d.model_dump(), "url": urls.get(d.endpoint)} for d in await store.recent(limit)]
+    return {"object": "list", "data": data}  # url None: that endpoint is no longer registered here

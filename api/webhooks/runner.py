@@ -28,7 +28,6 @@ import redis.exceptions
 
 from api.webhooks.endpoints import Endpoint, Event, batch_event, job_event, signed_headers
 from tasks import logs
-from tasks.batches import BatchSpec
 from tasks.settings import Settings
 from tasks.webhooks import Due, NewDelivery, WebhookStore
 
@@ -84,16 +83,15 @@ class WebhookRunner:
         cursor, entries = await self._store.endings(FAN_OUT_CHUNK)
         if not entries:
             return
-        responses = [(i, e) for i, e in entries if e.kind == "response" and not e.batch]
-        batches = [(i, e) for i, e in entries if e.kind == "batch"]
+        responses = [(i, e) for i, e in entries if e and e.kind == "response" and not e.batch]
+        batches = [(i, e) for i, e in entries if e and e.kind == "batch"]
         metas = await self._store.job_fields([e.id for _, e in responses])
         specs = await self._store.batch_specs([e.id for _, e in batches])
         events: list[Event | None] = [
             job_event(i, e, meta) for (i, e), (meta, _) in zip(responses, metas, strict=True)
         ]
         for (i, e), spec in zip(batches, specs, strict=True):
-            owner = BatchSpec.model_validate_json(spec).owner if spec else None
-            events.append(batch_event(i, e, owner))
+            events.append(batch_event(i, e, spec))
         deliveries: list[NewDelivery] = []
         for event in events:
             if event is None:
@@ -113,8 +111,12 @@ class WebhookRunner:
                             body,
                         )
                     )
-        open_ttl = self._settings.webhook_retry_seconds + self._settings.job_ttl_seconds
-        if await self._store.fan_out(cursor, entries[-1][0], deliveries, open_ttl=open_ttl):
+        retry_seconds = self._settings.webhook_retry_seconds
+        open_ttl = retry_seconds + self._settings.job_ttl_seconds
+        moved = await self._store.fan_out(
+            cursor, entries[-1][0], deliveries, open_ttl=open_ttl, retry_seconds=retry_seconds
+        )
+        if moved:
             for d in deliveries:
                 logs.job_id_var.set(d.subject)
                 log.info("webhook event %s (%s) to deliver to endpoint %s", d.event_id, d.type, d.endpoint)

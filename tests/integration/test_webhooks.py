@@ -33,6 +33,7 @@ SECRET = "whsec_" + base64.b64encode(b"the receiver's signing key, 32 b").decode
 BATCH_SECRET = "only-batches-secret"  # a plain (not whsec_) secret, as the SDK also accepts
 WRONG = "whsec_" + base64.b64encode(b"someone else's key").decode()
 TIMEOUT_SECONDS = 1.0
+ADMIN = {"Authorization": "Bearer the-admin-key"}
 # Greedy SmolLM2 answers this in a few tokens and ends its turn: a response that completes.
 ENDS_BY_ITSELF = "Reply with the single word: yes"
 ENDED = {"completed", "failed", "expired", "cancelled"}
@@ -126,6 +127,7 @@ def hooks(receiver: Receiver, tmp_path_factory: pytest.TempPathFactory) -> Itera
         WEBHOOK_BACKOFF_SECONDS="0.3",
         WEBHOOK_BACKOFF_MAX_SECONDS="1",
         QUEUE_TIMEOUT_SECONDS="4",
+        ADMIN_API_KEY="the-admin-key",
     )
     with preset.named("webhooks").running(tmp_path_factory) as stack:
         yield stack
@@ -135,11 +137,15 @@ def short_response(client: openai.OpenAI, **body: Any) -> str:
     return client.responses.create(input="Hi", max_output_tokens=2, background=True, **body).id
 
 
-def attempts(stack: Stack, subject: str) -> list[dict[str, Any]]:
-    """The attempts at delivering `subject`'s event, as GET /v1/webhooks/deliveries lists them."""
+def deliveries(stack: Stack, subject: str) -> list[dict[str, Any]]:
+    """`subject`'s deliveries, as GET /v1/webhooks/deliveries lists them (with the admin key)."""
     url = f"{stack.api_url}/v1/webhooks/deliveries"
-    listed = httpx.get(url, params={"limit": 50}, timeout=10).json()["data"]
-    return [a for d in listed if d["subject"] == subject for a in d["attempt_log"]]
+    listed = httpx.get(url, params={"limit": 50}, headers=ADMIN, timeout=10).json()["data"]
+    return [d for d in listed if d["subject"] == subject]
+
+
+def attempts(stack: Stack, subject: str) -> list[dict[str, Any]]:
+    return [a for d in deliveries(stack, subject) for a in d["attempt_log"]]
 
 
 def check(received: Received, subject: str, kind: str) -> None:
@@ -158,7 +164,9 @@ def test_every_background_response_ending_arrives_once_signed(hooks: Stack, rece
         model=client.models.list().data[0].id, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
     )
     incomplete = short_response(client)
-    completed = client.responses.create(input=ENDS_BY_ITSELF, max_output_tokens=200, background=True).id
+    completed = client.responses.create(
+        input=ENDS_BY_ITSELF, max_output_tokens=200, temperature=0, background=True
+    ).id
     ended = wait_records(hooks, [incomplete, completed], timeout=60)
     assert [r["status"] for r in ended] == ["incomplete", "completed"], ended
     # Two long ones fill both slots: a third waits past the queue deadline and fails.
@@ -237,8 +245,12 @@ def test_a_failing_receiver_gets_the_event_after_it_recovers_under_the_same_id(
     receiver.mode = "ok"
     ok = receiver.delivered(subject)
     assert all(r.headers["webhook-id"] == ok.headers["webhook-id"] for r in receiver.of(subject))
-    errors = [a["error"] for a in attempts(hooks, subject)]
-    assert errors[-1] is None and all(errors[:-1]), errors
+    (delivery,) = wait_for(
+        lambda: [d for d in deliveries(hooks, subject) if d["status"] == "delivered"], 10, "the record"
+    )
+    assert delivery["url"] == receiver.url("/hook") and delivery["event_id"] == ok.event.id
+    errors = [a["error"] for a in delivery["attempt_log"]]
+    assert errors[-1] is None and all(errors[:-1]) and delivery["attempts"] == len(errors), delivery
     if mode != "down":  # the receiver saw the failed attempts too
         assert len(receiver.of(subject)) >= 3
     metrics = httpx.get(f"{hooks.api_url}/metrics", timeout=10).text
@@ -246,6 +258,9 @@ def test_a_failing_receiver_gets_the_event_after_it_recovers_under_the_same_id(
     assert (
         "llmq_webhook_attempts_failed_total" in metrics and "llmq_webhook_oldest_pending_seconds" in metrics
     )
+    # The deliveries name every key's jobs and the receivers: the admin key only.
+    refused = httpx.get(f"{hooks.api_url}/v1/webhooks/deliveries", timeout=10)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_an_api_killed_between_ending_and_delivery_loses_nothing(hooks: Stack, receiver: Receiver) -> None:
