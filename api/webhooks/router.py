@@ -5,18 +5,28 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated, Any
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 
 from api import errors
 from api.deps import SettingsDep
 from api.webhooks.endpoints import endpoints
-from tasks.webhooks import RECENT_DELIVERIES, WebhookStore
+from tasks.webhooks import RECENT_DELIVERIES, Delivery, WebhookStore
 
 router = APIRouter()
-_bearer = HTTPBearer(auto_error=False, description="ADMIN_API_KEY")
+_bearer = HTTPBearer(auto_error=False, scheme_name="AdminKey", description="ADMIN_API_KEY")
+
+
+class ListedDelivery(Delivery):
+    url: str | None  # None: its endpoint is no longer registered on this instance
+
+
+class DeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ListedDelivery]
 
 
 def admin(
@@ -37,11 +47,11 @@ def admin(
 @router.get("/v1/webhooks/deliveries", dependencies=[Depends(admin)])
 async def list_deliveries(
     request: Request, settings: SettingsDep, limit: Annotated[int, Query(ge=1, le=RECENT_DELIVERIES)] = 20
-) -> dict[str, Any]:
+) -> DeliveryList:
     """Newest first: each delivery's event, endpoint, state and its last attempts (when, the
-    status answered or the error, how long it took)."""
+    status answered or the error, how long it took). Bodies are not listed: the event is named
+    by its id, type and subject."""
     store: WebhookStore = request.app.state.webhooks
     urls = {e.id: e.url for e in endpoints(settings)}
-    # The body is not listed: the event is named by its id, type and subject.
-    data = [{**d.model_dump(), "url": urls.get(d.endpoint)} for d in await store.recent(limit)]
-    return {"object": "list", "data": data}  # url None: that endpoint is no longer registered here
+    listed = [ListedDelivery(**d.model_dump(), url=urls.get(d.endpoint)) for d in await store.recent(limit)]
+    return DeliveryList(data=listed)
