@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Kept equal to model.loading.EMBEDDED_MODEL_ID; duplicated because the API process must be able
 # to read settings without importing the model package (and with it torch).
@@ -169,7 +170,8 @@ class Settings(BaseSettings):
     # batch ends, delivered at least once by the API instances.
     webhook_url: str = Field("", description="Receives every event of every key; empty = none")
     webhook_secret: str = Field("", description="WEBHOOK_URL's signing secret: whsec_<base64>")
-    webhook_endpoints: list[WebhookEndpoint] = Field(
+    # NoDecode: read as JSON by the validator below, so that an empty variable means none.
+    webhook_endpoints: Annotated[list[WebhookEndpoint], NoDecode] = Field(
         default_factory=list,
         description="More endpoints: a JSON list of {url, secret, events?, api_keys?}",
     )
@@ -187,6 +189,13 @@ class Settings(BaseSettings):
     admin_api_key: str = Field(
         "", description="Key for GET /v1/webhooks/deliveries; empty = open only without API_KEYS"
     )
+
+    @field_validator("webhook_endpoints", mode="before")
+    @classmethod
+    def _webhook_endpoints_json(cls, value: object) -> object:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else []
+        return value
 
     @field_validator("webhook_url")
     @classmethod

@@ -111,3 +111,15 @@ def test_two_endpoints_with_one_url_are_refused() -> None:
     twice = [{"url": "https://a.example/", "secret": SECRET}] * 2
     with pytest.raises(ValueError, match="its own URL"):
         endpoints(settings(webhook_endpoints=twice))
+
+
+def test_endpoints_are_read_from_json_and_an_empty_variable_means_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WEBHOOK_ENDPOINTS", "")
+    assert settings().webhook_endpoint_list == []
+    monkeypatch.setenv("WEBHOOK_ENDPOINTS", json.dumps([{"url": "https://a.example/", "secret": SECRET}]))
+    assert [e.url for e in settings().webhook_endpoint_list] == ["https://a.example/"]
+    monkeypatch.setenv("WEBHOOK_ENDPOINTS", "[{")
+    with pytest.raises(ValidationError):
+        settings()
