@@ -265,15 +265,20 @@ def test_a_failing_receiver_gets_the_event_after_it_recovers_under_the_same_id(
 
 def test_an_api_killed_between_ending_and_delivery_loses_nothing(hooks: Stack, receiver: Receiver) -> None:
     client = sdk(hooks)
-    receiver.stop()
-    # One delivery already recorded and failing, one ending no API has seen yet: the API dies.
-    fanned_out = short_response(client)
-    wait_for(lambda: attempts(hooks, fanned_out), 60, "a failed attempt")
+    receiver.mode = "slow"
+    # The API dies with one delivery failing, an attempt at it under way (the receiver has the
+    # request, the API has not recorded it), and one ending that no API has read yet.
+    failing = short_response(client)
+    wait_for(lambda: attempts(hooks, failing), 60, "a failed attempt")
     unseen = start_long_response(client, max_output_tokens=200)
+    sent = len(receiver.of(failing))
+    wait_for(lambda: len(receiver.of(failing)) > sent, 30, "another attempt under way")
     hooks.api.stop(signal.SIGKILL)
+    receiver.mode = "ok"
     wait_records(hooks, [unseen], timeout=60)
-    receiver.start()
     hooks.api, hooks.api_url = start_api(hooks.env, hooks.log_dir, name="api-after-kill")
     wait_healthy(hooks.api, hooks.api_url, timeout=60)
-    check(receiver.delivered(fanned_out), fanned_out, "response.incomplete")
+    ok = receiver.delivered(failing)
+    check(ok, failing, "response.incomplete")
+    assert {r.headers["webhook-id"] for r in receiver.of(failing)} == {ok.event.id}
     check(receiver.delivered(unseen), unseen, "response.incomplete")
