@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +29,7 @@ import pytest
 from tasks import keys
 from tests.integration.conftest import Preset, Stack
 from tests.integration.helpers import rdb, sdk, start_long_response, wait_batch, wait_for, wait_records
-from tests.processes import free_port, start_api, wait_healthy
+from tests.processes import BIN, ROOT, free_port, start_api, wait_healthy
 
 SECRET = "whsec_" + base64.b64encode(b"the receiver's signing key, 32 b").decode()
 BATCH_SECRET = "only-batches-secret"  # a plain (not whsec_) secret, as the SDK also accepts
@@ -227,6 +229,24 @@ def test_every_batch_ending_arrives_once_signed(hooks: Stack, receiver: Receiver
     # The second endpoint asked for batch.completed only, and gets it under its own secret.
     assert receiver.delivered(completed, "/batches").event.type == "batch.completed"
     assert [r.event.type for r in receiver.got if r.path == "/batches"] == ["batch.completed"]
+    # The operator's command lists them, straight from Redis (delivered once each answer is recorded).
+    batch_ids = {completed, failed, cancelled, expired}
+
+    def listed() -> set[tuple[str, str]]:
+        run = subprocess.run(
+            [str(BIN / "python"), "-m", "api.webhooks", "list", "--limit", "50"],
+            cwd=ROOT,
+            env={**os.environ, **hooks.env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        states = [json.loads(line) for line in run.stdout.splitlines()]
+        return {(d["subject"], d["status"]) for d in states if d["subject"] in batch_ids}
+
+    expected = {(b, "delivered") for b in batch_ids}
+    wait_for(lambda: listed() == expected, 30, "every batch's delivery listed as delivered", every=0.5)
 
 
 @pytest.mark.parametrize("mode", ["500", "slow", "down"])
