@@ -49,8 +49,10 @@ class WebhookRunner:
         self._sending: set[asyncio.Task[None]] = set()
 
     async def run_forever(self) -> None:
-        # Redirects are not followed: a receiver answers 2xx itself, or the attempt failed.
-        async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as http:
+        # Redirects are not followed: a receiver answers 2xx itself, or the attempt failed. The
+        # standard proxy variables (HTTPS_PROXY, NO_PROXY) apply, as to any egress of the host.
+        limits = httpx.Limits(max_connections=self._settings.webhook_max_in_flight)
+        async with httpx.AsyncClient(follow_redirects=False, limits=limits) as http:
             try:
                 while True:
                     await asyncio.sleep(TICK_SECONDS)
@@ -74,7 +76,7 @@ class WebhookRunner:
             return
         hold = 2 * self._settings.webhook_timeout_seconds + HOLD_MARGIN_SECONDS
         for due in await self._store.claim_due(room, hold):
-            task = asyncio.create_task(self._send(http, due))
+            task = asyncio.create_task(self._send_logged(http, due))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
 
@@ -121,6 +123,12 @@ class WebhookRunner:
                 logs.job_id_var.set(d.subject)
                 log.info("webhook event %s (%s) to deliver to endpoint %s", d.event_id, d.type, d.endpoint)
             logs.job_id_var.set(None)
+
+    async def _send_logged(self, http: httpx.AsyncClient, due: Due) -> None:
+        try:
+            await self._send(http, due)
+        except Exception:  # a bug: its hold runs out and the delivery is sent again
+            log.exception("webhook event %s: send failed", due.event_id)
 
     async def _send(self, http: httpx.AsyncClient, due: Due) -> None:
         logs.job_id_var.set(due.subject)  # this task's own context: every line names the job or batch
