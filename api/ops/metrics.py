@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from api.deps import BatchesDep, JobsDep, ModelsDep
+from api.deps import BatchesDep, JobsDep, ModelsDep, WebhooksDep
 from api.ops import prometheus as metrics
 
 router = APIRouter()
@@ -13,14 +13,14 @@ router = APIRouter()
 
 @router.get("/metrics", include_in_schema=False)
 async def prometheus_metrics(
-    request: Request, jobs: JobsDep, models: ModelsDep, batches: BatchesDep
+    jobs: JobsDep, models: ModelsDep, batches: BatchesDep, webhooks: WebhooksDep
 ) -> Response:
     """One series per model the registry knows (tasks/registry.py), and the deployment's own."""
     current = await models.models()
     names = sorted(current.known)
     figures = await jobs.model_figures(names)
     batch_waiting, batch_running = await jobs.batch_depth()
-    counts, pending, oldest = await request.app.state.webhooks.figures()
+    counts, pending, oldest = await webhooks.figures()
     snapshot = metrics.Snapshot(
         models={
             name: metrics.ModelFigures(

@@ -7,14 +7,14 @@ import hashlib
 import hmac
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from api import errors
-from api.deps import SettingsDep
+from api.deps import SettingsDep, WebhooksDep
 from api.webhooks.endpoints import endpoints
-from tasks.webhooks import RECENT_DELIVERIES, Delivery, WebhookStore
+from tasks.webhooks import RECENT_DELIVERIES, Delivery
 
 router = APIRouter()
 _bearer = HTTPBearer(auto_error=False, scheme_name="AdminKey", description="ADMIN_API_KEY")
@@ -46,12 +46,11 @@ def admin(
 
 @router.get("/v1/webhooks/deliveries", dependencies=[Depends(admin)])
 async def list_deliveries(
-    request: Request, settings: SettingsDep, limit: Annotated[int, Query(ge=1, le=RECENT_DELIVERIES)] = 20
+    store: WebhooksDep, settings: SettingsDep, limit: Annotated[int, Query(ge=1, le=RECENT_DELIVERIES)] = 20
 ) -> DeliveryList:
     """Newest first: each delivery's event, endpoint, state and its last attempts (when, the
     status answered or the error, how long it took). Bodies are not listed: the event is named
     by its id, type and subject."""
-    store: WebhookStore = request.app.state.webhooks
     urls = {e.id: e.url for e in endpoints(settings)}
     listed = [ListedDelivery(**d.model_dump(), url=urls.get(d.endpoint)) for d in await store.recent(limit)]
     return DeliveryList(data=listed)
