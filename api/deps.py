@@ -13,6 +13,7 @@ from tasks.client import JobClient
 from tasks.files import FileStore
 from tasks.registry import ModelRegistry
 from tasks.settings import Settings, get_settings
+from tasks.webhooks import WebhookStore
 
 
 def job_client(request: Request) -> JobClient:
@@ -35,6 +36,11 @@ def batch_store(request: Request) -> BatchStore:
     return store
 
 
+def webhook_store(request: Request) -> WebhookStore:
+    store: WebhookStore = request.app.state.webhooks
+    return store
+
+
 def rate_limiter(request: Request) -> RateLimiter:
     return RateLimiter(request, request.app.state.quotas)
 
@@ -45,5 +51,6 @@ ModelsDep = Annotated[ModelRegistry, Depends(model_registry)]
 FilesDep = Annotated[FileStore, Depends(file_store)]
 BatchesDep = Annotated[BatchStore, Depends(batch_store)]
 LimitsDep = Annotated[RateLimiter, Depends(rate_limiter)]
+WebhooksDep = Annotated[WebhookStore, Depends(webhook_store)]
 # The caller's owner tag (api.auth); None when API_KEYS is empty.
 CallerDep = Annotated[str | None, Depends(caller)]

@@ -24,6 +24,9 @@ from api.ops import health as health_routes
 from api.ops import metrics as metrics_routes
 from api.ops import page as page_routes
 from api.responses import router as responses_routes
+from api.webhooks import endpoints as webhook_endpoints
+from api.webhooks import router as webhooks_routes
+from api.webhooks.runner import WebhookRunner
 from tasks import logs
 from tasks.batches import BatchStore
 from tasks.client import JobClient
@@ -32,6 +35,7 @@ from tasks.quotas import Quotas
 from tasks.redis import async_client
 from tasks.registry import ModelRegistry
 from tasks.settings import get_settings
+from tasks.webhooks import WebhookStore
 
 log = logging.getLogger(__name__)
 REAP_INTERVAL_SECONDS = 5.0
@@ -58,6 +62,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         asyncio.create_task(_reap_forever(app.state.jobs)),
         asyncio.create_task(runner.run_forever()),
     ]
+    app.state.webhooks = WebhookStore(client, record_ttl_seconds=settings.job_ttl_seconds)
+    if endpoints := webhook_endpoints.endpoints(settings):  # api/webhooks/runner.py says why here
+        webhooks = WebhookRunner(app.state.webhooks, endpoints, settings)
+        background.append(asyncio.create_task(webhooks.run_forever()))
     try:
         yield
     finally:
@@ -106,6 +114,7 @@ def create_app() -> FastAPI:
     app.include_router(models_routes.router, dependencies=v1)
     app.include_router(files_routes.router, dependencies=v1)
     app.include_router(batches_routes.router, dependencies=v1)
+    app.include_router(webhooks_routes.router)  # its own guard: the admin key (api/webhooks/router.py)
     app.include_router(health_routes.router)
     app.include_router(metrics_routes.router)
     app.include_router(page_routes.router)

@@ -92,9 +92,14 @@ class BatchRecord(BaseModel):
         return self.status in TERMINAL
 
 
-# ARGV: from statuses (comma-separated), to status, then field/value pairs. Moves the batch only
-# if its status is one of `from`; 1 if it moved.
-_TRANSITION = """
+# ARGV: from statuses (comma-separated), to status, batch id, then field/value pairs. Moves the
+# batch only if its status is one of `from`; 1 if it moved. A move to a terminal status records the ending
+# in the ended stream in the same step (kind `batch`), as end_job does a job's, so no batch ends
+# without the entry its webhook is made from.
+_TRANSITION = (
+    f"local ENDED, ENDED_MAXLEN = '{keys.ENDED}', {jobs.ENDED_MAXLEN}\n"
+    f"local TERMINAL = {{{', '.join(f'{s}=true' for s in sorted(TERMINAL))}}}\n"
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 0 end
 local allowed = false
@@ -102,9 +107,16 @@ for s in string.gmatch(ARGV[1], '[^,]+') do
   if s == status then allowed = true end
 end
 if not allowed then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], 'status', ARGV[2], unpack(ARGV, 4))
+if TERMINAL[ARGV[2]] then
+  local t = redis.call('TIME')
+  local at = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1000000)
+  redis.call('XADD', ENDED, 'MAXLEN', '~', ENDED_MAXLEN, '*', 'id', ARGV[3], 'kind', 'batch',
+             'status', ARGV[2], 'at', at)
+end
 return 1
 """
+)
 
 # ARGV: holder, seconds. Takes or renews the lease if free or already this holder's; 1 if held.
 _LEASE = """
@@ -190,7 +202,8 @@ class BatchStore:
 
     async def transition(self, batch_id: str, from_: tuple[str, ...], to: str, **fields: Any) -> bool:
         pairs = [str(x) for kv in fields.items() for x in kv]
-        moved = await self._transition(keys=[keys.batch(batch_id)], args=[",".join(from_), to, *pairs])
+        args = [",".join(from_), to, batch_id, *pairs]
+        moved = await self._transition(keys=[keys.batch(batch_id)], args=args)
         return bool(moved)
 
     async def update(self, batch_id: str, **fields: Any) -> None:

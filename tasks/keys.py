@@ -37,7 +37,9 @@ QUEUED = f"{NAMESPACE}:queued"  # sorted set: waiting job ids by creation time (
 METRICS = f"{NAMESPACE}:metrics"
 RUNNING = f"{NAMESPACE}:running"  # set: job ids a worker has claimed (the reaper checks their leases)
 # Stream: one entry per job ending (id, kind, status, batch, at), added by the script that ends
-# the job (tasks/jobs.py end_job), for consumers that follow endings without polling each job.
+# the job (tasks/jobs.py end_job), for consumers that follow endings without polling each job;
+# and one per batch ending (kind `batch`), added by the script that ends the batch
+# (tasks/batches.py _TRANSITION).
 ENDED = f"{NAMESPACE}:ended"
 # Batch lines (tasks/batches.py) wait in their own index: they never count against MAX_QUEUED
 # and have no queue deadline (their batch's completion window bounds them instead).
@@ -129,3 +131,24 @@ def quota(owner: str | None) -> str:
     """Hash with TTL: one owner's rate-limit buckets (tasks/quotas.py); '-' is everyone's
     without API_KEYS."""
     return f"{QUOTA_PREFIX}{owner or '-'}"
+
+
+# Webhooks (tasks/webhooks.py, api/webhooks/). The fan-out reads the ended stream (ENDED) after
+# WEBHOOK_CURSOR, the id of the last entry turned into deliveries, moved only by the script that
+# records those deliveries (so an entry is fanned out once, by whichever instance moves it).
+WEBHOOK_CURSOR = f"{NAMESPACE}:webhooks:cursor"
+WEBHOOK_DUE = f"{NAMESPACE}:webhooks:due"  # sorted set: open delivery ids by next attempt time
+WEBHOOK_PENDING = f"{NAMESPACE}:webhooks:pending"  # sorted set: open delivery ids by event time
+WEBHOOK_RECENT = f"{NAMESPACE}:webhooks:recent"  # sorted set: the last deliveries, by creation
+WEBHOOK_COUNTS = f"{NAMESPACE}:webhooks:counts"  # hash: deliveries by outcome, and attempts
+WEBHOOK_PREFIX = f"{NAMESPACE}:webhook:"  # the scripts build webhook_delivery() from it
+
+
+def webhook_delivery(delivery_id: str) -> str:
+    """Hash: one event's delivery to one endpoint (its body, state, attempts so far)."""
+    return f"{WEBHOOK_PREFIX}{delivery_id}"
+
+
+def webhook_attempts(delivery_id: str) -> str:
+    """List: the last attempts of one delivery (JSON each: when, status or error)."""
+    return f"{WEBHOOK_PREFIX}{delivery_id}:attempts"

@@ -2,16 +2,74 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Kept equal to model.loading.EMBEDDED_MODEL_ID; duplicated because the API process must be able
 # to read settings without importing the model package (and with it torch).
 EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
+
+# The events a webhook endpoint may receive (api/webhooks/), as OpenAI names them.
+WebhookEventType = Literal[
+    "response.completed",
+    "response.incomplete",
+    "response.failed",
+    "response.cancelled",
+    "batch.completed",
+    "batch.failed",
+    "batch.expired",
+    "batch.cancelled",
+]
+
+
+def check_webhook_url(url: str) -> str:
+    """An absolute http(s) URL with a host: checked at startup, so a typo stops the service
+    instead of failing every delivery for 72 hours."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"a webhook URL must be an absolute http:// or https:// URL, not {url!r}")
+    return url
+
+
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a signing secret, as the openai SDK's webhooks.verify_signature derives
+    it: the base64-decoded part of a `whsec_...` secret, else the secret's own bytes."""
+    if not secret.startswith("whsec_"):
+        return secret.encode()
+    try:
+        return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except binascii.Error:
+        raise ValueError("a whsec_ webhook secret must be base64 after its prefix") from None
+
+
+class WebhookEndpoint(BaseModel):
+    """One receiver of webhook events (WEBHOOK_ENDPOINTS): its URL and signing secret, and
+    optionally which event types and whose events (API keys; None = every key's) it gets."""
+
+    url: str
+    secret: str
+    events: list[WebhookEventType] | None = None
+    api_keys: list[str] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        return check_webhook_url(url)
+
+    @field_validator("secret")
+    @classmethod
+    def _usable_secret(cls, secret: str) -> str:
+        if not webhook_key(secret):
+            raise ValueError("a webhook secret must not be empty")
+        return secret
 
 
 class Settings(BaseSettings):
@@ -107,6 +165,55 @@ class Settings(BaseSettings):
     tokens_per_minute_per_key: int = Field(
         0, ge=0, description="Prompt + completion tokens a key may use per minute; 0 = off"
     )
+
+    # Webhooks (api/webhooks/, README "Webhooks"): signed events when a background response or a
+    # batch ends, delivered at least once by the API instances.
+    webhook_url: str = Field("", description="Receives every event of every key; empty = none")
+    webhook_secret: str = Field("", description="WEBHOOK_URL's signing secret: whsec_<base64>")
+    # NoDecode: read as JSON by the validator below, so that an empty variable means none.
+    webhook_endpoints: Annotated[list[WebhookEndpoint], NoDecode] = Field(
+        default_factory=list,
+        description="More endpoints: a JSON list of {url, secret, events?, api_keys?}",
+    )
+    webhook_timeout_seconds: float = Field(
+        10.0, gt=0, le=300, description="A delivery not answered 2xx within this is retried"
+    )
+    webhook_retry_seconds: int = Field(
+        72 * 3600, ge=1, description="How long a failing delivery is retried before it is failed"
+    )
+    webhook_backoff_seconds: float = Field(5.0, gt=0, description="Delay before the first retry")
+    webhook_backoff_max_seconds: float = Field(3600.0, gt=0, description="Longest delay between retries")
+    webhook_max_in_flight: int = Field(
+        32, ge=1, le=1000, description="Deliveries one API instance sends at once"
+    )
+    admin_api_key: str = Field(
+        "", description="Key for GET /v1/webhooks/deliveries; empty = open only without API_KEYS"
+    )
+
+    @field_validator("webhook_endpoints", mode="before")
+    @classmethod
+    def _webhook_endpoints_json(cls, value: object) -> object:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else []
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, url: str) -> str:
+        return check_webhook_url(url) if url else url
+
+    @model_validator(mode="after")
+    def _webhook_secret_with_url(self) -> Settings:
+        if self.webhook_url and not webhook_key(self.webhook_secret):
+            raise ValueError("WEBHOOK_URL needs WEBHOOK_SECRET, the secret its events are signed with")
+        return self
+
+    @property
+    def webhook_endpoint_list(self) -> list[WebhookEndpoint]:
+        """Every registered endpoint: WEBHOOK_URL's (every event of every key) first."""
+        if not self.webhook_url:
+            return list(self.webhook_endpoints)
+        return [WebhookEndpoint(url=self.webhook_url, secret=self.webhook_secret), *self.webhook_endpoints]
 
     @property
     def api_key_list(self) -> list[str]:

@@ -41,6 +41,16 @@ class Snapshot:
     batch_waiting: int = 0
     batch_running: int = 0
     batches: dict[str, int] | None = None  # batches not yet ended, by status
+    webhooks: WebhookFigures | None = None
+
+
+@dataclass(frozen=True)
+class WebhookFigures:
+    """Webhook deliveries (tasks/webhooks.py): counts by outcome, and what is still open."""
+
+    counts: dict[str, str]  # created, delivered, failed, retried (failed attempts), attempts
+    pending: int
+    oldest_pending_seconds: float
 
 
 class _SnapshotCollector(Collector):
@@ -50,7 +60,15 @@ class _SnapshotCollector(Collector):
         self._s = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        parts = (self._queues, self._batches, self._latencies, self._tokens, self._outcomes, self._workers)
+        parts = (
+            self._queues,
+            self._batches,
+            self._latencies,
+            self._tokens,
+            self._outcomes,
+            self._workers,
+            self._webhooks,
+        )
         for part in parts:
             yield from part()
 
@@ -160,6 +178,28 @@ class _SnapshotCollector(Collector):
             fields = ("name", "model", "engine", "device", "dtype", "quantization")
             info.add_metric([str(w.get(k) or "none") for k in fields], 1)
         yield info
+
+    def _webhooks(self) -> Iterator[Metric]:
+        w = self._s.webhooks or WebhookFigures({}, 0, 0.0)
+        deliveries = CounterMetricFamily(
+            "llmq_webhook_deliveries",
+            "Webhook deliveries (one event to one endpoint) that ended, by outcome.",
+            labels=["outcome"],
+        )
+        for outcome in ("delivered", "failed"):
+            deliveries.add_metric([outcome], float(w.counts.get(outcome, 0)))
+        yield deliveries
+        retried = CounterMetricFamily(
+            "llmq_webhook_attempts_failed", "Webhook attempts not answered 2xx in time, then retried."
+        )
+        retried.add_metric([], float(w.counts.get("retried", 0)))
+        yield retried
+        yield self._gauge("llmq_webhook_deliveries_pending", "Webhook deliveries not yet ended.", w.pending)
+        yield self._gauge(
+            "llmq_webhook_oldest_pending_seconds",
+            "Age of the oldest event not yet delivered (0 when none waits).",
+            w.oldest_pending_seconds,
+        )
 
 
 def render(snapshot: Snapshot) -> bytes:
