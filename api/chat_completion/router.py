@@ -7,7 +7,7 @@ from fastapi.responses import StreamingResponse
 
 from api.chat_completion.protocol import ChatCompletion, ChatCompletionRequest
 from api.chat_completion.serving import ChatRun, validate
-from api.deps import JobsDep, ModelsDep, SettingsDep
+from api.deps import CallerDep, JobsDep, ModelsDep, SettingsDep
 from api.edge import sse
 from api.edge.body import StrictJSONRoute
 from api.serving.following import ClientWatch
@@ -23,15 +23,16 @@ async def create_chat_completion(
     jobs: JobsDep,
     models: ModelsDep,
     settings: SettingsDep,
+    owner: CallerDep,
 ) -> ChatCompletion | StreamingResponse:
     validate(request, settings)
     model = await route(models, request.model)
     if request.stream:
         # Once streaming, Starlette's StreamingResponse notices a hang-up and stops the stream.
-        run = ChatRun(request, model, jobs, settings)
+        run = ChatRun(request, model, jobs, settings, owner=owner)
         await run.start()
         return StreamingResponse(run.stream(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
     with ClientWatch(http_request.receive) as watch:
-        run = ChatRun(request, model, jobs, settings, gone=watch.gone)
+        run = ChatRun(request, model, jobs, settings, gone=watch.gone, owner=owner)
         await run.start()
         return await run.complete()
