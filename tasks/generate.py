@@ -33,9 +33,11 @@ def generate(job_id: str) -> None:
     logs.job_id_var.set(job_id)
     rt = runtime()
     settings = rt.settings
-    claimed = _claim_next(rt)
+    claimed = _claim_next(rt) or _claim_unindexed(rt, job_id)
     if claimed is None:
-        log.info("wake-up for %s: no job this worker may take (all claimed, ended or capped)", job_id)
+        # A redelivered or surplus wake-up (its job ran on another's), or one whose job waits
+        # for its key's running cap to free (that job's end sends it another).
+        log.info("job %s is no longer queued, or waits for its key's cap; nothing to take", job_id)
         return
     spec = claimed.spec
     logs.job_id_var.set(spec.id)
@@ -61,6 +63,22 @@ def _claim_next(rt: WorkerRuntime) -> jobs.Claimed | None:
         if not jobs.claim_again(reply):
             return jobs.claimed(reply)
     return None
+
+
+def _claim_unindexed(rt: WorkerRuntime, job_id: str) -> jobs.Claimed | None:
+    """A job an API from before the fair index queued has no `owner` field and is in no index:
+    its own message claims it by id, as before, so an upgrade need not wait for the queue to drain."""
+    if rt.redis.hget(keys.job(job_id), "status") != "queued" or rt.redis.hexists(keys.job(job_id), "owner"):
+        return None
+    settings = rt.settings
+    call = jobs.claim(
+        job_id,
+        ttl=settings.job_ttl_seconds,
+        worker=rt.name,
+        lease_seconds=settings.job_lease_seconds,
+        queue_timeout=settings.queue_timeout_seconds,
+    )
+    return jobs.claimed(rt.scripts.run(call))
 
 
 def _wake_owner(rt: WorkerRuntime, owner: str) -> None:
