@@ -332,3 +332,18 @@ def test_the_wake_deficit_counts_claimable_jobs_against_messages_of_both_lists(
     db.lpush(interactive, "m1")
     db.lpush(batch, "m2", "m3")
     assert scripts.run(jobs.wake_deficit(MODEL, max_running_per_key=0)) == [4, 3]
+
+
+def test_one_claim_ends_a_bounded_number_of_jobs_then_asks_to_be_called_again(
+    db: redis.Redis, scripts: Scripts
+) -> None:
+    late = [admit(scripts, A) for _ in range(jobs.CLAIM_NEXT_ENDINGS + 5)]
+    call = jobs.claim_next(
+        MODEL, ttl=TTL, worker="w1", lease_seconds=LEASE, queue_timeout=PAST, max_running_per_key=0
+    )
+    first = scripts.run(call)
+    assert jobs.claim_again(first) and jobs.claimed(first) is None
+    assert sum(status(db, j) == "failed" for j in late) == jobs.CLAIM_NEXT_ENDINGS
+    second = scripts.run(call)
+    assert not jobs.claim_again(second) and jobs.claimed(second) is None
+    assert {status(db, j) for j in late} == {"failed"}

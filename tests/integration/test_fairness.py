@@ -159,3 +159,19 @@ def test_running_batch_lines_do_not_use_the_keys_interactive_share(fair: Stack) 
     records = wait_records(fair, ids, timeout=120)
     assert {r["status"] for r in records} <= {"completed", "incomplete"}
     shares_are_empty(fair, KEY_C)
+
+
+def test_a_job_whose_wake_up_was_lost_runs_after_the_reapers_repair(fair: Stack) -> None:
+    a, c = sdk(fair, KEY_A), sdk(fair, KEY_C)
+    db = rdb(fair)
+    long_ids = [start_long_response(c) for _ in range(SLOTS)]
+    wait_records(fair, long_ids, {"in_progress"}, timeout=60)
+    job_id = short_response(a)
+    # What a Sentinel failover can do to a broker push: the job is queued, its message gone.
+    assert db.delete(*keys.generate_lists(_model(a))) >= 1
+    for long_id in long_ids:
+        c.responses.cancel(long_id)
+    (record,) = wait_records(fair, [job_id], timeout=60)
+    assert record["status"] in ("completed", "incomplete")
+    assert "wake-up(s) for jobs whose message was missing" in fair.api.log_path.read_text()
+    shares_are_empty(fair, KEY_A, KEY_C)
