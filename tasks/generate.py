@@ -45,7 +45,10 @@ def generate(job_id: str) -> None:
         _run(rt, claimed)
     finally:
         if settings.max_running_per_key and spec.batch is None:
-            _wake_owner(rt, claimed.owner)
+            try:
+                _wake_owner(rt, claimed.owner)
+            except Exception as exc:  # Redis or the broker away: the API's repair pass sends it
+                log.warning("could not wake a worker for the next job of this key: %s", exc)
 
 
 def _claim_next(rt: WorkerRuntime) -> jobs.Claimed | None:

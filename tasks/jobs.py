@@ -509,7 +509,7 @@ local function pick(owners, tier)
   return nil
 end
 for _, tier in ipairs({'interactive', 'batch'}) do
-  local owners, _, counters = fair_keys(model, tier, '')
+  local owners = fair_keys(model, tier, '')
   while true do
     local owner = pick(owners, tier)
     if not owner then break end
