@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Kept equal to model.loading.EMBEDDED_MODEL_ID; duplicated because the API process must be able
@@ -110,15 +110,11 @@ class Settings(BaseSettings):
         30 * 86_400, ge=60, description="How long files (and ended batches) are kept"
     )
 
-    @field_validator("api_key_weights")
-    @classmethod
-    def _weights_parse(cls, value: str) -> str:
-        _parse_weights(value)  # refused at startup, not at a request's admission
-        return value
-
     @property
     def api_key_weight_map(self) -> dict[str, float]:
-        """API_KEY_WEIGHTS as key -> weight."""
+        """API_KEY_WEIGHTS as key -> weight. Raises ValueError, naming no key, for a malformed
+        value: the API reads it at start-up and stops. Not a field validator, whose error would
+        quote the value, keys and all, into the log."""
         return _parse_weights(self.api_key_weights)
 
     @property
