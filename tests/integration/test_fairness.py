@@ -43,6 +43,7 @@ fair = stack_fixture(
         WORKER_SLOTS=str(SLOTS),
         MAX_QUEUED_PER_KEY=str(MAX_QUEUED_PER_KEY),
         MAX_RUNNING_PER_KEY=str(MAX_RUNNING_PER_KEY),
+        API_KEY_WEIGHTS=f"{KEY_A}=2",  # A's share is twice B's: B is still served at once
     )
     .named("fairness")
 )
@@ -87,6 +88,7 @@ def test_one_keys_long_queue_does_not_hold_back_another_keys_request(fair: Stack
     # ...and waited for at most the slots that were busy and one more pick, not for A's queue.
     assert sum(admitted < s < started for s in a_starts) <= SLOTS + 1
     assert {r["status"] for r in records} <= {"completed", "incomplete"}
+    assert {r["weight"] for r in a_records} == {"2.0"} and b_record["weight"] == "1.0"
     ended_once(fair, [*a_ids, b_id])
     shares_are_empty(fair, KEY_A, KEY_B)
 
