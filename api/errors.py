@@ -20,6 +20,9 @@ official SDKs raise their typed exceptions (BadRequestError, NotFoundError, ...)
     +-- QueueFull                 429 code=queue_full (MAX_QUEUED jobs waiting); sets Retry-After
     +-- RateLimited               429 code=rate_limit_exceeded, type=requests | tokens (a key over
     |                                 REQUESTS_/TOKENS_PER_MINUTE_PER_KEY); Retry-After, retry-after-ms
+    +-- KeyShareFull              429 type=requests code=rate_limit_exceeded (the key has
+    |                                 MAX_QUEUED_PER_KEY waiting or MAX_RUNNING_PER_KEY running);
+    |                                 sets Retry-After
     +-- ServiceUnavailable        503 (Redis down, queue refused the job); sets Retry-After
     |   +-- ModelUnavailable      503 code=model_unavailable (a known model with no worker now)
     +-- ClientDisconnected        499 code=client_closed_request (the client went away)
@@ -173,6 +176,16 @@ class RateLimited(APIError):
         return {"Retry-After": str(self.retry_after_seconds), "retry-after-ms": str(self.retry_after_ms)}
 
 
+class KeyShareFull(APIError):
+    """A key over its share of the queue (MAX_QUEUED_PER_KEY, MAX_RUNNING_PER_KEY). OpenAI's
+    type and code for a request-count limit, so the SDKs raise RateLimitError and retry it."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+    retry_after_seconds = 1
+
+
 class ClientDisconnected(APIError):
     # nginx's 499: nobody reads this response; it only shows in access logs.
     status = 499
@@ -310,5 +323,8 @@ def queue_errors() -> Iterator[None]:
         yield
     except queue.QueueFull as exc:
         raise QueueFull("Too many requests are waiting; retry shortly.") from exc
+    except queue.KeyShareFull as exc:
+        limit = "MAX_QUEUED_PER_KEY" if exc.limit == "queued" else "MAX_RUNNING_PER_KEY"
+        raise KeyShareFull(f"Rate limit reached: {exc} ({limit}={exc.count}); retry shortly.") from exc
     except (redis.exceptions.RedisError, queue.EnqueueFailed, OSError) as exc:
         raise ServiceUnavailable("The queue is unavailable; try again shortly.") from exc

@@ -14,7 +14,7 @@ from api import errors
 from api.batches import router as batches_routes
 from api.batches.runner import BatchRunner
 from api.chat_completion import router as chat_routes
-from api.edge.auth import caller
+from api.edge.auth import caller, owner_tag
 from api.edge.rate_limits import RateLimitHeaders, note_caller
 from api.edge.request_ids import RequestId
 from api.edge.size_limit import MULTIPART_OVERHEAD_BYTES, BodySizeLimit
@@ -52,7 +52,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     client = async_client(settings, name="llmq-api", max_connections=MAX_CONNECTIONS)
     # File contents are bytes, whatever was uploaded: they get a client that does not decode.
     file_client = async_client(settings, name="llmq-api-files", decode_responses=False, large_values=True)
-    app.state.jobs = JobClient(client, settings)
+    weights = {owner_tag(key): weight for key, weight in settings.api_key_weight_map.items()}
+    app.state.jobs = JobClient(client, settings, weights)
     app.state.models = ModelRegistry(client, settings.model_forget_seconds)
     app.state.quotas = Quotas(client, settings)
     app.state.files = FileStore(file_client, settings.file_ttl_seconds)
@@ -85,12 +86,15 @@ async def _reap_forever(jobs: JobClient) -> None:
     followed: a job's follower is answered only if some API runs. Several instances reaping is
     safe: the script is atomic and ends a job only while it is open. A message that reaches a
     worker after its job's deadline is refused, and the job failed, by the claim itself.
+    The same pass resends wake-ups that went missing (JobClient.rewake).
     """
     while True:
         await asyncio.sleep(REAP_INTERVAL_SECONDS)
         try:
             if ended := await jobs.reap():
                 log.warning("reaper ended %s job(s) of dead workers or past their queue deadline", ended)
+            if sent := await jobs.rewake():
+                log.info("sent %s wake-up(s) for jobs whose message was missing", sent)
         except (redis.exceptions.RedisError, OSError) as exc:
             log.warning("reaper could not reach Redis: %s", exc)
 

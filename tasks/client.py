@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 # source of truth; pub/sub only wakes the reader early.
 LOG_POLL_SECONDS = 1.0
 SUBSCRIBE_ATTEMPTS = 5
+# What a repair wake-up carries where a job's own carries its id (the task claims whichever job
+# the fair index puts first either way; the id is for logs and Flower).
+WAKE_UP = "wake-up"
 
 
 class JobNotFound(LookupError):
@@ -39,12 +42,34 @@ class QueueFull(RuntimeError):
     """MAX_QUEUED jobs are already waiting; nothing was enqueued."""
 
 
+class KeyShareFull(RuntimeError):
+    """The caller's key already has MAX_QUEUED_PER_KEY jobs waiting, or MAX_RUNNING_PER_KEY
+    running; nothing was enqueued."""
+
+    def __init__(self, limit: jobs.ShareLimit, count: int) -> None:
+        super().__init__(f"this key already has {count} {'waiting' if limit == 'queued' else 'running'} jobs")
+        self.limit = limit
+        self.count = count
+
+
+# Most wake-ups the repair sends one model in one reaper pass: a lost list of messages is made
+# good over a few passes, without one pass flooding the broker.
+REWAKE_PER_PASS = 100
+
+
 class JobClient:
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+    def __init__(
+        self, client: aioredis.Redis, settings: Settings, weights: Mapping[str, float] | None = None
+    ) -> None:
         self._redis = client
         self._settings = settings
         self._ttl = settings.job_ttl_seconds
         self._scripts = AsyncScripts(client)
+        # Owner tag -> share (API_KEY_WEIGHTS, mapped by the API, which owns the tags); others 1.
+        self._weights = dict(weights or {})
+
+    def _weight(self, job: jobs.NewJob) -> float:
+        return self._weights.get(jobs.owner_of(job), 1.0)
 
     async def create(self, job: jobs.NewJob) -> float:
         """Admit the job as queued, then hand its id to Celery (the worker's claim reads the
@@ -52,16 +77,28 @@ class JobClient:
         clock, as the record has it).
 
         Raises QueueFull, before anything is enqueued, when MAX_QUEUED jobs of its model are
-        waiting. The job goes to its model's queue, which only that model's workers consume.
+        waiting, and KeyShareFull when its key is at MAX_QUEUED_PER_KEY or MAX_RUNNING_PER_KEY.
+        The message goes to its model's queue, which only that model's workers consume; it is a
+        wake-up: the worker claims whichever job the fair index puts first (tasks/jobs.py).
         """
         spec = job.spec
         settings = self._settings
         call = jobs.admit(
-            job, ttl=self._ttl, max_queued=settings.max_queued, queue_timeout=settings.queue_timeout_seconds
+            job,
+            ttl=self._ttl,
+            max_queued=settings.max_queued,
+            queue_timeout=settings.queue_timeout_seconds,
+            weight=self._weight(job),
+            max_queued_per_key=settings.max_queued_per_key,
+            max_running_per_key=settings.max_running_per_key,
         )
         created_at = jobs.admitted(await self._scripts.run(call))
         if created_at is None:
             raise QueueFull(f"{settings.max_queued} jobs for '{spec.model}' are already waiting")
+        if isinstance(created_at, jobs.OverShare):
+            limit = created_at.limit
+            count = settings.max_queued_per_key if limit == "queued" else settings.max_running_per_key
+            raise KeyShareFull(limit, count)
         log.info("job queued (%d messages, max_tokens=%d)", len(spec.messages), spec.sampling.max_tokens)
         try:
             # send_task talks to the broker synchronously (kombu); keep it off the event loop.
@@ -75,12 +112,10 @@ class JobClient:
                 argsrepr=f"<job {spec.id}>",
             )
         except Exception as exc:
-            pipe = self._redis.pipeline()
-            pipe.delete(keys.job(spec.id))
-            pipe.zrem(keys.QUEUED, spec.id)
-            pipe.zrem(keys.queued_of(spec.model), spec.id)
-            await pipe.execute()
-            raise EnqueueFailed("the queue did not accept the job") from exc
+            # Another job's wake-up may have claimed it meanwhile: then it runs, and is answered.
+            if await self._scripts.run(jobs.withdraw(spec.id)):
+                raise EnqueueFailed("the queue did not accept the job") from exc
+            log.warning("the queue refused a wake-up, but the job was already claimed: %s", exc)
         return created_at
 
     async def create_batch_lines(self, lines: list[jobs.NewJob], *, ttl: int) -> None:
@@ -90,7 +125,8 @@ class JobClient:
         is skipped by the worker's claim, so a restarted API can repeat an enqueue it may or may
         not have finished.
         """
-        await self._scripts.run_many(self._redis, [jobs.admit_batch_line(j, ttl=ttl) for j in lines])
+        calls = [jobs.admit_batch_line(j, ttl=ttl, weight=self._weight(j)) for j in lines]
+        await self._scripts.run_many(self._redis, calls)
 
         def send_all() -> None:
             for spec in (j.spec for j in lines):
@@ -118,6 +154,33 @@ class JobClient:
         """End jobs whose worker died or whose queue deadline passed; how many were ended."""
         call = jobs.reap(ttl=self._ttl, queue_timeout=self._settings.queue_timeout_seconds)
         return int(await self._scripts.run(call))
+
+    async def rewake(self) -> int:
+        """Send the wake-ups that went missing; how many were sent.
+
+        Per model a worker has announced: when more of its jobs could be claimed than messages
+        wait in its Celery lists, the difference goes out as wake-ups (at most REWAKE_PER_PASS).
+        A message is lost when a Sentinel failover undoes a broker push, or when a wake-up found
+        only jobs of owners at MAX_RUNNING_PER_KEY. Messages a worker has taken but not yet run
+        are not in the lists, so this may send a few too many: a surplus wake-up finds nothing
+        to claim and is acknowledged, which is harmless.
+        """
+        cap = self._settings.max_running_per_key
+        models: list[str] = await self._redis.hkeys(keys.MODELS_SEEN)  # type: ignore[misc,assignment]
+        calls = [jobs.wake_deficit(m, max_running_per_key=cap) for m in models]
+        replies = await self._scripts.run_many(self._redis, calls) if calls else []
+        owed = {m: min(int(w) - int(n), REWAKE_PER_PASS) for m, (w, n) in zip(models, replies, strict=True)}
+        owed = {m: n for m, n in owed.items() if n > 0}
+
+        def send_all() -> None:
+            for model, n in owed.items():
+                for _ in range(n):
+                    queue = keys.generate_queue(model)
+                    app.send_task(keys.GENERATE_TASK, args=[WAKE_UP], queue=queue, argsrepr="<wake-up>")
+
+        if owed:
+            await asyncio.to_thread(send_all)
+        return sum(owed.values())
 
     async def count(self, counter: str) -> None:
         """Add one to a counter of the shared metrics hash."""

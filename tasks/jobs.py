@@ -8,6 +8,7 @@ already ended, whoever (worker, API, a later reaper) tries.
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,6 +31,13 @@ ID_PREFIXES: dict[JobKind, str] = {"chat": "chatcmpl-", "response": "resp_"}
 def new_job_id(kind: JobKind) -> str:
     """An unguessable id: the kind's prefix and 128 random bits."""
     return f"{ID_PREFIXES[kind]}{secrets.token_hex(16)}"
+
+
+def estimated_prompt_tokens(spec: JobSpec) -> int:
+    """The prompt's size before any tokenizer has seen it: a character count over four, as
+    OpenAI's rule of thumb. The fair index charges it when the job is claimed, and the job's end
+    settles the difference from the real count (the job record's `estimate` field)."""
+    return math.ceil(sum(len(m.content) for m in spec.messages) / 4)
 
 
 class ToolCall(BaseModel):
@@ -204,9 +212,65 @@ end
 """
 )
 
+_FAIR = (
+    f"local FAIR_OWNERS, FAIR_JOBS = '{keys.FAIR_OWNERS}', '{keys.FAIR_JOBS}'\n"
+    f"local FAIR_COUNTERS = '{keys.FAIR_COUNTERS}'\n"
+    f"local OWNER_QUEUED, OWNER_RUNNING = '{keys.OWNER_QUEUED}', '{keys.OWNER_RUNNING}'\n"
+    + """
+-- The fair index (tasks/keys.py): per model and tier, the backlogged owners scored by their
+-- virtual token counter (VTC, "Fairness in Serving Large Language Models", OSDI 2024), each
+-- one's waiting jobs, and the counters. The counters hash's FLOOR field is where a newly
+-- backlogged owner starts when no other owner is backlogged: the last one to leave's counter.
+-- Owner tags are hex or '-', so they never collide with it.
+local FLOOR = '~floor'
+local function tier_of(batch)
+  if batch then return 'batch' end
+  return 'interactive'
+end
+local function fair_keys(model, tier, owner)
+  return FAIR_OWNERS .. tier .. ':' .. model, FAIR_JOBS .. tier .. ':' .. owner .. ':' .. model,
+         FAIR_COUNTERS .. tier .. ':' .. model
+end
+-- A job joins its owner's waiting jobs. An owner that had none joins the backlogged owners with
+-- its counter lifted to the smallest backlogged one's (the floor if none is): a key banks no
+-- credit while it is idle, so it cannot come back and hold the workers for as long as it was away.
+local function fair_add(model, tier, owner, id, now)
+  local owners, waiting, counters = fair_keys(model, tier, owner)
+  redis.call('ZADD', waiting, now, id)
+  if redis.call('ZSCORE', owners, owner) then return end
+  local counter = tonumber(redis.call('HGET', counters, owner) or '0')
+  local least = redis.call('ZRANGE', owners, 0, 0, 'WITHSCORES')[2] or redis.call('HGET', counters, FLOOR)
+  if least and tonumber(least) > counter then
+    counter = tonumber(least)
+    redis.call('HSET', counters, owner, counter)
+  end
+  redis.call('ZADD', owners, counter, owner)
+end
+-- A job leaves its owner's waiting jobs; an owner left with none leaves the backlogged owners.
+local function fair_drop(model, tier, owner, id)
+  local owners, waiting, counters = fair_keys(model, tier, owner)
+  if redis.call('ZREM', waiting, id) == 0 or redis.call('EXISTS', waiting) == 1 then return end
+  redis.call('ZREM', owners, owner)
+  if redis.call('EXISTS', owners) == 0 then
+    local counter = tonumber(redis.call('HGET', counters, owner) or '0')
+    if counter > tonumber(redis.call('HGET', counters, FLOOR) or '0') then
+      redis.call('HSET', counters, FLOOR, counter)
+    end
+  end
+end
+-- Add `cost` to an owner's counter, keeping its score among the backlogged owners equal to it.
+local function fair_charge(model, tier, owner, cost)
+  local owners, _, counters = fair_keys(model, tier, owner)
+  local counter = redis.call('HINCRBYFLOAT', counters, owner, cost)
+  redis.call('ZADD', owners, 'XX', counter, owner)
+end
+"""
+)
+
 _PRELUDE = (
     _CONSTANTS
     + quotas.CHARGE_TOKENS
+    + _FAIR
     + """
 local function is_open(status)
   return status == 'queued' or status == 'in_progress'
@@ -218,11 +282,33 @@ local function field_of(fields, names)
   end
   return nil
 end
+-- A job leaves the fair index and its owner's waiting interactive jobs.
+local function fair_unqueue(job, id)
+  local model, owner, batch = unpack(redis.call('HMGET', job, 'model', 'owner', 'batch'))
+  if not (model and owner) then return end
+  fair_drop(model, tier_of(batch), owner, id)
+  if not batch then redis.call('ZREM', OWNER_QUEUED .. owner, id) end
+end
+-- A job's end: it stops counting against its owner's running share, and a claimed job's charge
+-- is settled from its estimate to what it took (input x1, output x2, over the owner's weight).
+-- An ending without token counts (a failure) keeps the estimate charged.
+local function fair_end(job, id, fields)
+  local model, owner, batch, started_at, estimate, weight =
+    unpack(redis.call('HMGET', job, 'model', 'owner', 'batch', 'started_at', 'estimate', 'weight'))
+  if not (model and owner) then return end
+  redis.call('SREM', OWNER_RUNNING .. owner, id)
+  if not started_at then return end
+  local prompt = tonumber(field_of(fields, {prompt_tokens = true}) or estimate)
+  local completion = tonumber(field_of(fields, {completion_tokens = true}) or '0')
+  local cost = (prompt - tonumber(estimate) + 2 * completion) / tonumber(weight)
+  if cost ~= 0 then fair_charge(model, tier_of(batch), owner, cost) end
+end
 -- Drop a job from the queued index and its model's (the model's name is in the job hash).
 local function unqueue(job, queued, id)
   redis.call('ZREM', queued, id)
   local model = redis.call('HGET', job, 'model')
   if model then redis.call('ZREM', QUEUED_OF .. model, id) end
+  fair_unqueue(job, id)
 end
 -- Append the terminal event, write the final fields and the time, drop the job from every
 -- index, count it (in its model's metrics), and record the ending once in the ended stream.
@@ -240,6 +326,7 @@ local function end_job(job, log, channel, lease, running, queued, id, ttl, event
   redis.call('DEL', lease)
   redis.call('SREM', running, id)
   unqueue(job, queued, id)
+  fair_end(job, id, fields)
   local kind, batch = unpack(redis.call('HMGET', job, 'kind', 'batch'))
   local entry = {'id', id, 'kind', kind or '', 'status', field_of(fields, {status = true}), 'at', now}
   if batch then
@@ -260,6 +347,51 @@ local function end_job(job, log, channel, lease, running, queued, id, ttl, event
   redis.call('PUBLISH', channel, seq .. ' ' .. event)
   return seq
 end
+-- Move a queued job to in_progress under a lease its worker keeps renewing, and charge its
+-- owner's counter the prompt's estimate. Returns {spec json, seconds it waited, owner} if this
+-- caller got it; false if it had ended or been taken, or if it ends here: past its queue deadline
+-- (failed, queue_timeout), or a line of a batch that is being cancelled, has failed or has expired
+-- (cancelled).
+local function claim_job(job, log, channel, lease, running, queued, id, ttl, worker, lease_seconds,
+                         cancelled_event, queue_timeout, timed_out_event)
+  if redis.call('HGET', job, 'status') ~= 'queued' then return false end
+  local now = clock()
+  local created_at, batch = unpack(redis.call('HMGET', job, 'created_at', 'batch'))
+  local waited = now - tonumber(created_at)
+  if batch then
+    -- A line of a batch that is being cancelled, has failed (api/batches/runner.py gave it up) or
+    -- whose window has closed never starts, even if its batch has not yet been wound down.
+    local b_status, b_expires = unpack(redis.call('HMGET', BATCH_PREFIX .. batch, 'status', 'expires_at'))
+    if b_status == 'cancelling' or b_status == 'cancelled' or b_status == 'failed'
+        or (b_expires and now >= tonumber(b_expires)) then
+      end_job(job, log, channel, lease, running, queued, id, ttl, cancelled_event,
+              {'status', 'cancelled', 'finish_reason', 'cancelled'})
+      return false
+    end
+  elseif waited > tonumber(queue_timeout) then
+    -- A message that reaches a worker after its job's queue deadline, before the reaper ended it.
+    -- Batch lines have none: their batch's completion window bounds them.
+    end_job(job, log, channel, lease, running, queued, id, ttl, timed_out_event,
+            {'status', 'failed', 'error_code', 'queue_timeout', 'error_message', QUEUE_TIMEOUT_MESSAGE})
+    return false
+  end
+  redis.call('HSET', job, 'status', 'in_progress', 'worker', worker, 'started_at', stamp(now))
+  -- Charged before it leaves the index: an owner leaving last sets the floor with this charge.
+  local owner, estimate, weight, model =
+    unpack(redis.call('HMGET', job, 'owner', 'estimate', 'weight', 'model'))
+  if owner then
+    if not batch then redis.call('SADD', OWNER_RUNNING .. owner, id) end
+    fair_charge(model, tier_of(batch), owner, tonumber(estimate) / tonumber(weight))
+  end
+  unqueue(job, queued, id)
+  redis.call('SADD', running, id)
+  if batch then
+    redis.call('ZREM', BATCH_QUEUED, id)
+    redis.call('SADD', BATCH_RUNNING, id)
+  end
+  redis.call('SET', lease, worker, 'EX', lease_seconds)
+  return {redis.call('HGET', job, 'spec'), stamp(waited), owner or ''}
+end
 """
 )
 
@@ -271,36 +403,55 @@ end
 # than the queue timeout are dropped first (their jobs have ended, or the reaper ends them now),
 # so the count cannot drift. The kind and model are copied out of the spec into fields of their
 # own so that scripts (end_job) read them without decoding JSON.
+# Fair shares: KEYS also the owner's waiting and running jobs; ARGV also owner, estimated prompt
+# tokens, weight, MAX_QUEUED_PER_KEY, MAX_RUNNING_PER_KEY (0: off). A key with that many
+# interactive jobs waiting (or running), of any model, is refused with 'over:queued' (or
+# 'over:running'). Its waiting ones are pruned by the queue deadline as the model's are.
 ADMIT = (
     _CONSTANTS
+    + _FAIR
     + """
-local job, queued, model_queued = KEYS[1], KEYS[2], KEYS[3]
+local job, queued, model_queued, owner_queued, owner_running = unpack(KEYS)
+local owner, max_queued_per_key, max_running_per_key = ARGV[9], tonumber(ARGV[12]), tonumber(ARGV[13])
 local now = clock()
 redis.call('ZREMRANGEBYSCORE', model_queued, '-inf', '(' .. (now - tonumber(ARGV[8])))
+redis.call('ZREMRANGEBYSCORE', owner_queued, '-inf', '(' .. (now - tonumber(ARGV[8])))
+if max_queued_per_key > 0 and redis.call('ZCARD', owner_queued) >= max_queued_per_key then
+  return 'over:queued'
+end
+if max_running_per_key > 0 and redis.call('SCARD', owner_running) >= max_running_per_key then
+  return 'over:running'
+end
 if redis.call('ZCARD', model_queued) >= tonumber(ARGV[7]) then return false end
 redis.call('HSET', job, 'status', 'queued', 'spec', ARGV[3], 'meta', ARGV[4], 'kind', ARGV[5],
-           'model', ARGV[6], 'created_at', stamp(now))
+           'model', ARGV[6], 'created_at', stamp(now), 'owner', owner, 'estimate', ARGV[10],
+           'weight', ARGV[11])
 redis.call('EXPIRE', job, ARGV[2])
-redis.call('HSET', job, 'owner', ARGV[9], 'estimate', ARGV[10])  -- for the end charge (tasks/quotas.py)
 redis.call('ZADD', queued, now, ARGV[1])
 redis.call('ZADD', model_queued, now, ARGV[1])
+redis.call('ZADD', owner_queued, now, ARGV[1])
+fair_add(ARGV[6], 'interactive', owner, ARGV[1], now)
 return stamp(now)
 """
 )
 
-# ARGV: id, ttl, spec json, meta json, kind, model, batch id. Records a queued batch line unless the
-# job exists (a second enqueue of the same line, after an API restart, changes nothing); 1 if
-# recorded.
+# ARGV: id, ttl, spec json, meta json, kind, model, batch id, owner, estimated prompt tokens,
+# weight. Records a queued batch line unless the job exists (a second enqueue of the same line,
+# after an API restart, changes nothing); 1 if recorded. It waits in its owner's batch tier of
+# the fair index, outside the owner's interactive caps.
 ADMIT_BATCH_LINE = (
     _CONSTANTS
+    + _FAIR
     + """
 local job = KEYS[1]
 if redis.call('EXISTS', job) == 1 then return 0 end
 local now = clock()
 redis.call('HSET', job, 'status', 'queued', 'spec', ARGV[3], 'meta', ARGV[4], 'kind', ARGV[5],
-           'model', ARGV[6], 'created_at', stamp(now), 'batch', ARGV[7])
+           'model', ARGV[6], 'created_at', stamp(now), 'batch', ARGV[7], 'owner', ARGV[8],
+           'estimate', ARGV[9], 'weight', ARGV[10])
 redis.call('EXPIRE', job, ARGV[2])
 redis.call('ZADD', BATCH_QUEUED, now, ARGV[1])
+fair_add(ARGV[6], 'batch', ARGV[8], ARGV[1], now)
 return 1
 """
 )
@@ -325,7 +476,8 @@ return seq
 
 # ARGV: id, ttl, worker name, lease seconds, cancelled-event json, queue timeout seconds,
 # queue-timeout event json. Moves a queued job to in_progress under a lease the worker keeps
-# renewing. Returns {spec json, seconds it waited} if this caller got it (the Celery message
+# renewing (claim_job; workers run CLAIM_NEXT, this claims one job by id). Returns {spec json,
+# seconds it waited, owner} if this caller got it (the Celery message
 # carries only the id: the spec travels once); false if it was already taken, ended or expired
 # (a redelivered message, a cancelled or timed-out job), if it waited past its queue deadline
 # (it then fails, queue_timeout), or if it is a line of a batch that is being cancelled, has
@@ -334,37 +486,66 @@ CLAIM = (
     _PRELUDE
     + _JOB_KEYS
     + """
-local id, ttl = ARGV[1], ARGV[2]
-if redis.call('HGET', job, 'status') ~= 'queued' then return false end
-local now = clock()
-local created_at, batch = unpack(redis.call('HMGET', job, 'created_at', 'batch'))
-local waited = now - tonumber(created_at)
-if batch then
-  -- A line of a batch that is being cancelled, has failed (api/batches/runner.py gave it up) or
-  -- whose window has closed never starts, even if its batch has not yet been wound down.
-  local b_status, b_expires = unpack(redis.call('HMGET', BATCH_PREFIX .. batch, 'status', 'expires_at'))
-  if b_status == 'cancelling' or b_status == 'cancelled' or b_status == 'failed'
-      or (b_expires and now >= tonumber(b_expires)) then
-    end_job(job, log, channel, lease, running, queued, id, ttl, ARGV[5],
-            {'status', 'cancelled', 'finish_reason', 'cancelled'})
-    return false
+return claim_job(job, log, channel, lease, running, queued, unpack(ARGV, 1, 7))
+"""
+)
+
+# KEYS: running set, queued index. ARGV: key prefix, ttl, worker name, lease seconds,
+# cancelled-event json, queue timeout seconds, queue-timeout event json, model, MAX_RUNNING_PER_KEY
+# (0: none), most jobs to end before giving up. What a worker's wake-up runs: it claims, for
+# `model`, the oldest waiting job of the backlogged owner with the smallest counter, interactive
+# jobs before batch lines, passing over owners at their running cap (interactive jobs only: batch
+# lines have no cap). Jobs it finds past their deadline or of a batch winding down end as CLAIM
+# ends them, and it tries the next. Returns CLAIM's reply; 0 if nothing is waiting that it may
+# take; 1 if it ended its quota of jobs and more may wait (call again).
+CLAIM_NEXT = (
+    _PRELUDE
+    + """
+local running, queued = KEYS[1], KEYS[2]
+local prefix, model, cap, budget = ARGV[1], ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10])
+local function pick(owners, tier)
+  for _, owner in ipairs(redis.call('ZRANGE', owners, 0, -1)) do
+    if tier == 'batch' or cap <= 0 or redis.call('SCARD', OWNER_RUNNING .. owner) < cap then
+      return owner
+    end
   end
-elseif waited > tonumber(ARGV[6]) then
-  -- A message that reaches a worker after its job's queue deadline, before the reaper ended it.
-  -- Batch lines have none: their batch's completion window bounds them.
-  end_job(job, log, channel, lease, running, queued, id, ttl, ARGV[7],
-          {'status', 'failed', 'error_code', 'queue_timeout', 'error_message', QUEUE_TIMEOUT_MESSAGE})
-  return false
+  return nil
 end
-redis.call('HSET', job, 'status', 'in_progress', 'worker', ARGV[3], 'started_at', stamp(now))
-unqueue(job, queued, id)
-redis.call('SADD', running, id)
-if batch then
-  redis.call('ZREM', BATCH_QUEUED, id)
-  redis.call('SADD', BATCH_RUNNING, id)
+for _, tier in ipairs({'interactive', 'batch'}) do
+  local owners = fair_keys(model, tier, '')
+  while true do
+    local owner = pick(owners, tier)
+    if not owner then break end
+    local _, waiting = fair_keys(model, tier, owner)
+    local id = redis.call('ZRANGE', waiting, 0, 0)[1]
+    if not id then
+      redis.call('ZREM', owners, owner)  -- never left so by the scripts; repaired all the same
+    else
+      local job = prefix .. id
+      local got = claim_job(job, job .. ':log', job .. ':events', job .. ':lease', running, queued,
+                            id, unpack(ARGV, 2, 7))
+      if got then return got end
+      -- It ended here, or had ended (or expired) without leaving the index: gone either way.
+      fair_drop(model, tier, owner, id)
+      budget = budget - 1
+      if budget <= 0 then return 1 end
+    end
+  end
 end
-redis.call('SET', lease, ARGV[3], 'EX', ARGV[4])
-return {redis.call('HGET', job, 'spec'), stamp(waited)}
+return 0
+"""
+)
+
+# ARGV: id. Deletes a queued job whose Celery message the broker refused (the API answers 503),
+# unless a worker has claimed it already; 1 if deleted.
+WITHDRAW = (
+    _PRELUDE
+    + _JOB_KEYS
+    + """
+if redis.call('HGET', job, 'status') ~= 'queued' then return 0 end
+unqueue(job, queued, ARGV[1])
+redis.call('DEL', job)
+return 1
 """
 )
 
@@ -404,6 +585,7 @@ local function fail(id, event, code, message)
   else
     redis.call('SREM', running, id)
     unqueue(job, queued, id)
+    fair_end(job, id, {})
     redis.call('SREM', BATCH_RUNNING, id)
     redis.call('ZREM', BATCH_QUEUED, id)
   end
@@ -418,6 +600,32 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', queued, '-inf', '(' .. cutoff)) 
   fail(id, ARGV[5], 'queue_timeout', QUEUE_TIMEOUT_MESSAGE)
 end
 return ended
+"""
+)
+
+# KEYS: the model's Celery lists (keys.generate_lists). ARGV: model, MAX_RUNNING_PER_KEY (0: none).
+# Read only: {jobs a wake-up could claim now, messages waiting in the lists}. Jobs of owners at
+# their running cap do not count: a wake-up would find nothing for them; the end of one of their
+# jobs sends theirs (tasks/generate.py).
+WAKE_DEFICIT = (
+    _CONSTANTS
+    + _FAIR
+    + """
+local model, cap = ARGV[1], tonumber(ARGV[2])
+local waiting, messages = 0, 0
+for _, tier in ipairs({'interactive', 'batch'}) do
+  local owners = fair_keys(model, tier, '')
+  for _, owner in ipairs(redis.call('ZRANGE', owners, 0, -1)) do
+    if tier == 'batch' or cap <= 0 or redis.call('SCARD', OWNER_RUNNING .. owner) < cap then
+      local _, jobs = fair_keys(model, tier, owner)
+      waiting = waiting + redis.call('ZCARD', jobs)
+    end
+  end
+end
+for _, list in ipairs(KEYS) do
+  messages = messages + redis.call('LLEN', list)
+end
+return {waiting, messages}
 """
 )
 
@@ -461,41 +669,129 @@ def _admit_args(job: NewJob, ttl: int) -> list[str | int | float]:
     return [spec.id, ttl, spec.model_dump_json(), job.meta.model_dump_json(), spec.kind, spec.model]
 
 
-def admit(job: NewJob, *, ttl: int, max_queued: int, queue_timeout: float) -> ScriptCall:
+def owner_of(job: NewJob) -> str:
+    """The owner the fair index files the job under: its key's owner tag, or keys.NO_OWNER."""
+    return job.meta.owner or keys.NO_OWNER
+
+
+def _share_args(job: NewJob, weight: float) -> list[str | int | float]:
+    return [owner_of(job), estimated_prompt_tokens(job.spec), weight]
+
+
+def admit(
+    job: NewJob,
+    *,
+    ttl: int,
+    max_queued: int,
+    queue_timeout: float,
+    weight: float = 1.0,
+    max_queued_per_key: int = 0,
+    max_running_per_key: int = 0,
+) -> ScriptCall:
     """Record a queued job; its reply, read by admitted(), is when it was created (Redis's
-    clock), or nothing if MAX_QUEUED jobs of its model already wait."""
+    clock), or nothing if MAX_QUEUED jobs of its model already wait, or the share its key is
+    over. `weight` is its key's share relative to others' (API_KEY_WEIGHTS)."""
     spec = job.spec
-    job_keys = [keys.job(spec.id), keys.QUEUED, keys.queued_of(spec.model)]
-    args = [*_admit_args(job, ttl), max_queued, queue_timeout]
-    args += [job.meta.owner or "-", quotas.estimate_prompt_tokens(spec)]  # for the end charge
+    owner = owner_of(job)
+    job_keys = [
+        keys.job(spec.id),
+        keys.QUEUED,
+        keys.queued_of(spec.model),
+        keys.owner_queued(owner),
+        keys.owner_running(owner),
+    ]
+    args = [
+        *_admit_args(job, ttl),
+        max_queued,
+        queue_timeout,
+        *_share_args(job, weight),
+        max_queued_per_key,
+        max_running_per_key,
+    ]
     return ScriptCall(ADMIT, job_keys, args)
 
 
-def admitted(reply: str | None) -> float | None:
-    """What an admit() call answered: the job's created_at, or None if the queue was full."""
-    return None if reply is None else float(reply)
+ShareLimit = Literal["queued", "running"]
 
 
-def admit_batch_line(job: NewJob, *, ttl: int) -> ScriptCall:
+@dataclass(frozen=True)
+class OverShare:
+    """ADMIT's refusal of a key that already has MAX_QUEUED_PER_KEY jobs waiting ("queued") or
+    MAX_RUNNING_PER_KEY running ("running")."""
+
+    limit: ShareLimit
+
+
+def admitted(reply: str | None) -> float | OverShare | None:
+    """What an admit() call answered: the job's created_at, None if the model's queue was full,
+    or the key's share that was full."""
+    if reply is None:
+        return None
+    if reply.startswith("over:"):
+        return OverShare(reply.removeprefix("over:"))  # type: ignore[arg-type]
+    return float(reply)
+
+
+def admit_batch_line(job: NewJob, *, ttl: int, weight: float = 1.0) -> ScriptCall:
     """Record a queued line of batch `spec.batch`, unless its job exists; 1 if recorded."""
     assert job.spec.batch is not None
-    return ScriptCall(ADMIT_BATCH_LINE, [keys.job(job.spec.id)], [*_admit_args(job, ttl), job.spec.batch])
+    args = [*_admit_args(job, ttl), job.spec.batch, *_share_args(job, weight)]
+    return ScriptCall(ADMIT_BATCH_LINE, [keys.job(job.spec.id)], args)
+
+
+def withdraw(job_id: str) -> ScriptCall:
+    """Delete a job the queue refused to carry, unless a worker has already claimed it (any
+    worker's wake-up may take any waiting job); 1 if deleted."""
+    return ScriptCall(WITHDRAW, _job_keys(job_id), [job_id])
 
 
 @dataclass(frozen=True)
 class Claimed:
-    """A job this worker got: its spec, and how long it waited for a worker (Redis's clock)."""
+    """A job this worker got: its spec, how long it waited for a worker (Redis's clock), and
+    its owner in the fair index."""
 
     spec: JobSpec
     waited_seconds: float
+    owner: str = keys.NO_OWNER
 
 
-def claimed(reply: list[str] | None) -> Claimed | None:
-    """What a claim() call answered: the job if this caller got it."""
-    if reply is None:
+def claimed(reply: list[str] | int | None) -> Claimed | None:
+    """What a claim() or claim_next() call answered: the job if this caller got it."""
+    if not isinstance(reply, list):
         return None
-    spec, waited = reply
-    return Claimed(JobSpec.model_validate_json(spec), float(waited))
+    spec, waited, owner = reply
+    return Claimed(JobSpec.model_validate_json(spec), float(waited), owner or keys.NO_OWNER)
+
+
+def claim_again(reply: list[str] | int | None) -> bool:
+    """Whether a claim_next() call that got nothing ended its quota of jobs (more may wait)."""
+    return reply == 1
+
+
+# How many jobs one CLAIM_NEXT may end (past their deadline, or of a batch winding down) before
+# it returns; the worker then calls again. Bounds one script's run: Redis serves nothing else
+# meanwhile.
+CLAIM_NEXT_ENDINGS = 50
+
+
+def claim_next(
+    model: str, *, ttl: int, worker: str, lease_seconds: int, queue_timeout: float, max_running_per_key: int
+) -> ScriptCall:
+    """Claim `model`'s next job by the fair index (interactive first; then the backlogged owner
+    with the smallest counter, its oldest job); read the reply with claimed() and claim_again()."""
+    args: list[str | int | float] = [
+        keys.job(""),
+        ttl,
+        worker,
+        lease_seconds,
+        events.encode(cancelled_event()),
+        queue_timeout,
+        events.encode(QUEUE_TIMEOUT),
+        model,
+        max_running_per_key,
+        CLAIM_NEXT_ENDINGS,
+    ]
+    return ScriptCall(CLAIM_NEXT, [keys.RUNNING, keys.QUEUED], args)
 
 
 def claim(job_id: str, *, ttl: int, worker: str, lease_seconds: int, queue_timeout: float) -> ScriptCall:
@@ -537,3 +833,9 @@ def reap(*, ttl: int, queue_timeout: float) -> ScriptCall:
         events.encode(QUEUE_TIMEOUT),
     ]
     return ScriptCall(REAP, [keys.RUNNING, keys.QUEUED], args)
+
+
+def wake_deficit(model: str, *, max_running_per_key: int) -> ScriptCall:
+    """How many of `model`'s jobs a wake-up could claim now, and how many messages wait in its
+    Celery lists: [waiting, messages]."""
+    return ScriptCall(WAKE_DEFICIT, keys.generate_lists(model), [model, max_running_per_key])

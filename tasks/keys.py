@@ -152,3 +152,55 @@ def webhook_delivery(delivery_id: str) -> str:
 def webhook_attempts(delivery_id: str) -> str:
     """List: the last attempts of one delivery (JSON each: when, status or error)."""
     return f"{WEBHOOK_PREFIX}{delivery_id}:attempts"
+
+
+# Fair shares between keys (tasks/jobs.py "fair index"). A worker's claim picks among waiting jobs
+# here, not in Celery's FIFO lists, whose messages only wake workers. Per model and tier (TIERS:
+# interactive requests, then batch lines): the owners that have jobs waiting, scored by their
+# virtual token counter (VTC); each owner's waiting job ids by creation time; and the counters
+# themselves, kept while an owner is idle. Owners are api.edge.auth.owner_tag()s (hex), or
+# NO_OWNER without API_KEYS, so a tag never holds the ':' that separates the model's name.
+TIERS = ("interactive", "batch")
+NO_OWNER = "-"
+FAIR_OWNERS = f"{NAMESPACE}:fair:owners:"
+FAIR_JOBS = f"{NAMESPACE}:fair:jobs:"
+FAIR_COUNTERS = f"{NAMESPACE}:fair:vtc:"
+# Per owner, across models, interactive jobs only (MAX_QUEUED_PER_KEY, MAX_RUNNING_PER_KEY): a
+# sorted set of its waiting job ids by creation time and a set of its claimed ones. The scripts
+# keep both (no counters that could drift): they empty as the jobs end.
+OWNER_QUEUED = f"{NAMESPACE}:owner-queued:"
+OWNER_RUNNING = f"{NAMESPACE}:owner-running:"
+
+
+def fair_owners(model: str, tier: str) -> str:
+    """Sorted set: owners with jobs of `tier` waiting for `model`, scored by their counter."""
+    return f"{FAIR_OWNERS}{tier}:{model}"
+
+
+def fair_jobs(model: str, tier: str, owner: str) -> str:
+    """Sorted set: one owner's waiting job ids of `tier` for `model`, by creation time."""
+    return f"{FAIR_JOBS}{tier}:{owner}:{model}"
+
+
+def fair_counters(model: str, tier: str) -> str:
+    """Hash: owner -> virtual token counter for `model`'s `tier` (and the floor, see jobs.py)."""
+    return f"{FAIR_COUNTERS}{tier}:{model}"
+
+
+def owner_queued(owner: str) -> str:
+    return f"{OWNER_QUEUED}{owner}"
+
+
+def owner_running(owner: str) -> str:
+    return f"{OWNER_RUNNING}{owner}"
+
+
+# kombu's separator between a queue's name and a priority step above 0 (its default; see the
+# comment on GENERATE_QUEUE).
+PRIORITY_SEP = "\x06\x16"
+
+
+def generate_lists(model: str) -> list[str]:
+    """The Redis lists holding one model's Celery messages: priority 0 (interactive wake-ups) and
+    BATCH_PRIORITY (batch lines'). The wake-up repair (tasks/client.py) counts them."""
+    return [generate_list(model), f"{generate_list(model)}{PRIORITY_SEP}{BATCH_PRIORITY}"]

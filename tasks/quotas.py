@@ -4,7 +4,7 @@ Lua function the end-of-job script (tasks/jobs.py end_job) charges a job's real 
 
 A bucket holds up to its limit and refills continuously, limit/60 per second, so a key may
 burst its whole minute at once and then goes at the limit's pace, as OpenAI's limits behave.
-Admission takes one request and the prompt's estimate (estimate_prompt_tokens); the job's end
+Admission takes one request and the prompt's estimate (tasks.jobs.estimated_prompt_tokens); the job's end
 charges the rest, (prompt_tokens - estimate) + completion_tokens, so over time a key is charged
 exactly what it used. A request is refused while the request bucket holds less than one, or
 while the token bucket is not positive: a charge may leave it below zero (the estimate cannot
@@ -15,26 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import redis.asyncio as aioredis
 
 from tasks import keys
 from tasks.settings import Settings
 
-if TYPE_CHECKING:
-    from tasks.jobs import JobSpec
-
 LimitKind = Literal["requests", "tokens"]
-# The chat template's own tokens are not in the estimate; the end charge adds them.
-CHARS_PER_TOKEN = 4
-
-
-def estimate_prompt_tokens(spec: JobSpec) -> int:
-    """The tokens a job's prompt is taken for before it runs: its messages' characters / 4,
-    OpenAI's rule of thumb (the API has no tokenizer: each model's is in its workers). The job's
-    end settles the difference with the real count. Stored in the job hash as `estimate`."""
-    return math.ceil(sum(len(m.content) for m in spec.messages) / CHARS_PER_TOKEN)
 
 
 # --- Lua ----------------------------------------------------------------------------------------

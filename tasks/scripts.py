@@ -21,7 +21,17 @@ from redis.exceptions import NoScriptError
 
 from tasks import jobs
 
-_ALL = (jobs.ADMIT, jobs.ADMIT_BATCH_LINE, jobs.CLAIM, jobs.APPEND_EVENT, jobs.CANCEL, jobs.REAP)
+_ALL = (
+    jobs.ADMIT,
+    jobs.ADMIT_BATCH_LINE,
+    jobs.CLAIM,
+    jobs.CLAIM_NEXT,
+    jobs.APPEND_EVENT,
+    jobs.CANCEL,
+    jobs.WITHDRAW,
+    jobs.REAP,
+    jobs.WAKE_DEFICIT,
+)
 
 
 def _evalsha_args(script: Script | AsyncScript, call: jobs.ScriptCall) -> tuple[Any, ...]:

@@ -136,6 +136,17 @@ class Settings(BaseSettings):
     max_queued: int = Field(
         100, ge=1, description="Waiting jobs of one model beyond which its requests get 429"
     )
+    # Fair shares between API keys (tasks/jobs.py, the fair index). Interactive jobs only: a
+    # batch's lines wait in their key's batch tier and count against neither.
+    max_queued_per_key: int = Field(
+        0, ge=0, description="Waiting jobs one API key may have (all models); 0 = no limit"
+    )
+    max_running_per_key: int = Field(
+        0, ge=0, description="Running jobs one API key may have (all models); 0 = no limit"
+    )
+    api_key_weights: str = Field(
+        "", description='Per-key shares, "key=weight,..." (weights > 0); keys not named weigh 1'
+    )
     model_forget_seconds: float = Field(
         3600.0,
         ge=0,
@@ -216,12 +227,35 @@ class Settings(BaseSettings):
         return [WebhookEndpoint(url=self.webhook_url, secret=self.webhook_secret), *self.webhook_endpoints]
 
     @property
+    def api_key_weight_map(self) -> dict[str, float]:
+        """API_KEY_WEIGHTS as key -> weight. Raises ValueError, naming no key, for a malformed
+        value: the API reads it at start-up and stops. Not a field validator, whose error would
+        quote the value, keys and all, into the log."""
+        return _parse_weights(self.api_key_weights)
+
+    @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model_id
+
+
+def _parse_weights(value: str) -> dict[str, float]:
+    weights: dict[str, float] = {}
+    for item in (i.strip() for i in value.split(",")):
+        if not item:
+            continue
+        key, sep, weight = item.rpartition("=")
+        try:
+            number = float(weight)
+        except ValueError:
+            number = 0.0
+        if not sep or not key.strip() or not number > 0 or number == float("inf"):
+            raise ValueError("API_KEY_WEIGHTS: each item is key=weight, with a weight above 0")
+        weights[key.strip()] = number
+    return weights
 
 
 @lru_cache

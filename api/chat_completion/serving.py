@@ -262,6 +262,7 @@ class ChatRun:
         self.request = request
         self.job_id = jobs.new_job_id("chat")
         logs.job_id_var.set(self.job_id)
+        # The caller's owner tag: the job counts against its key's share (tasks/jobs.py).
         self.job = request.to_job(self.job_id, model, caps.default_max_tokens(settings), owner=owner)
         self.created = 0  # set when the job is admitted, from its record's created_at
         self._follow = Follow(

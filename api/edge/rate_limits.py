@@ -87,7 +87,7 @@ class RateLimiter:
         RateLimited, having taken nothing, when one refuses."""
         if not self._limits.enabled:
             return
-        standing = await self._limits.take(job.meta.owner, quotas.estimate_prompt_tokens(job.spec))
+        standing = await self._limits.take(job.meta.owner, jobs.estimated_prompt_tokens(job.spec))
         setattr(self._request.state, STANDING, standing)
         if standing.refused is not None:
             raise refusal(standing)

@@ -122,7 +122,7 @@ def test_the_estimate_is_a_quarter_of_the_characters_rounded_up() -> None:
         messages = [jobs.Message(role="user", content=c) for c in contents]
         return jobs.JobSpec(id="chatcmpl-x", kind="chat", model="m", messages=messages, sampling=Sampling())
 
-    assert quotas.estimate_prompt_tokens(spec("")) == 0
-    assert quotas.estimate_prompt_tokens(spec("Hi")) == 1
-    assert quotas.estimate_prompt_tokens(spec("abcd")) == 1
-    assert quotas.estimate_prompt_tokens(spec("abcd", "e")) == 2
+    assert jobs.estimated_prompt_tokens(spec("")) == 0
+    assert jobs.estimated_prompt_tokens(spec("Hi")) == 1
+    assert jobs.estimated_prompt_tokens(spec("abcd")) == 1
+    assert jobs.estimated_prompt_tokens(spec("abcd", "e")) == 2
