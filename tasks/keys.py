@@ -204,3 +204,50 @@ def generate_lists(model: str) -> list[str]:
     """The Redis lists holding one model's Celery messages: priority 0 (interactive wake-ups) and
     BATCH_PRIORITY (batch lines'). The wake-up repair (tasks/client.py) counts them."""
     return [generate_list(model), f"{generate_list(model)}{PRIORITY_SEP}{BATCH_PRIORITY}"]
+
+
+# --- The service's Redis ACL -------------------------------------------------------------------
+# Every command the service's processes send, so its Redis user can be given exactly these (README
+# "Redis ACL"; every integration test's Redis runs under them and fails the run on a denial in its
+# ACL LOG). Commands inside scripts are checked too, so the scripts' own are here.
+ACL_COMMANDS = (
+    # Every connection: redis-py names it on connect (and states its library, acl_rules'
+    # `client_setinfo`), checks an idle one (PING), and selects REDIS_URL's database if not 0.
+    "ping", "client|setname", "select",
+    # The job scripts (tasks/jobs.py, tasks/registry.py) and kombu's: run by hash, loaded on NOSCRIPT.
+    "evalsha", "eval", "script|load", "script|exists",
+    # Data, by the service's code (api/, tasks/), the scripts and kombu, by type.
+    "get", "set", "mget", "del", "exists", "expire", "expireat", "pexpire", "time",
+    "hget", "hset", "hsetnx", "hmget", "hgetall", "hkeys", "hlen", "hdel", "hscan", "hincrby",
+    "hincrbyfloat",
+    "lpush", "rpush", "rpop", "brpop", "llen", "lrange",
+    "sadd", "srem", "smembers", "scard",
+    "zadd", "zrem", "zcard", "zrange", "zrangebyscore", "zremrangebyscore",
+    "xadd",
+    "multi", "exec",
+    # Events and Celery's task events and remote control.
+    "publish", "subscribe", "unsubscribe", "psubscribe", "punsubscribe",
+)  # fmt: skip
+
+
+def acl_rules(db: int = 0, client_setinfo: bool = True) -> list[str]:
+    """The rules of the service's Redis user, for REDIS_URL's database `db`, as `ACL SETUSER`
+    (or redis-server's `--user`) takes them after the user name, `on` and its password.
+
+    Keys and channels: PREFIX and nothing else. kombu listens with PSUBSCRIBE, whose patterns a
+    Redis ACL compares with the `&` rules literally, so its two (tasks/redis.py, `fanout_patterns`)
+    are named for the database. `client_setinfo`: Redis 7.2 and later; redis-py (kombu's
+    connections too) sends CLIENT SETINFO on every connect and ignores a refusal, which Redis
+    would still log, while Redis 7.0 knows no such command and refuses the rule."""
+    setinfo = ["+client|setinfo"] if client_setinfo else []
+    return [
+        "resetkeys",
+        "resetchannels",
+        f"~{PREFIX}*",
+        f"&{PREFIX}*",
+        f"&{PREFIX}/{db}.celeryev",
+        f"&{PREFIX}/{db}.celery.pidbox",
+        "-@all",
+        *(f"+{command}" for command in ACL_COMMANDS),
+        *setinfo,
+    ]
