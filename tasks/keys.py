@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote, urlsplit
+
 NAMESPACE = "llmq"
 # Every key and pub/sub channel starts with this, Celery's included, so one ACL rule
 # (`~llmq:* &llmq:*`) covers all the service touches and it can share a Redis with others.
@@ -220,9 +222,9 @@ ACL_COMMANDS = (
     "get", "set", "mget", "del", "exists", "expire", "expireat", "pexpire", "time",
     "hget", "hset", "hsetnx", "hmget", "hgetall", "hkeys", "hlen", "hdel", "hscan", "hincrby",
     "hincrbyfloat",
-    "lpush", "rpush", "rpop", "brpop", "llen", "lrange",
+    "lpush", "rpush", "brpop", "llen", "lrange",
     "sadd", "srem", "smembers", "scard",
-    "zadd", "zrem", "zcard", "zrange", "zrangebyscore", "zremrangebyscore",
+    "zadd", "zrem", "zcard", "zrange", "zrevrange", "zrangebyscore", "zremrangebyscore",
     "xadd",
     "multi", "exec",
     # Events and Celery's task events and remote control.
@@ -251,3 +253,31 @@ def acl_rules(db: int = 0, client_setinfo: bool = True) -> list[str]:
         *(f"+{command}" for command in ACL_COMMANDS),
         *setinfo,
     ]
+
+
+def redis_server_args(url: str, client_setinfo: bool = True) -> list[str]:
+    """redis-server's command-line arguments that let REDIS_URL `url` in: its user, with its
+    password and exactly acl_rules(), and the default user off; a password without a user, the
+    default user's (requirepass); nothing for a URL without a password. For `make run`'s Redis."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return []
+    password = unquote(parts.password)
+    if not parts.username:
+        return ["--requirepass", password]
+    db = int(parts.path.strip("/") or 0)
+    rules = acl_rules(db, client_setinfo)
+    return ["--user", "default", "off", "--user", unquote(parts.username), "on", f">{password}", *rules]
+
+
+if __name__ == "__main__":  # python -m tasks.keys --redis-server-args URL: one argument a line
+    import re
+    import subprocess
+    import sys
+
+    if sys.argv[1:2] != ["--redis-server-args"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m tasks.keys --redis-server-args REDIS_URL")
+    version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"v=(\d+)\.(\d+)", version)
+    setinfo = found is None or (int(found[1]), int(found[2])) >= (7, 2)
+    print(*redis_server_args(sys.argv[2], setinfo), sep="\n")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import redis
@@ -57,6 +58,9 @@ APIS = ("api-a", "api-b")
 WORKERS = ("worker-a", "worker-b")
 REDIS_PORT, API_PORT = 6379, 8000  # every host has its own ports: the defaults, as on real ones
 LEASE_SECONDS = 3  # JOB_LEASE_SECONDS: a dead or cut-off worker's job ends within lease + reaper (5 s)
+# README "Redis": a Redis that is down or cut off is answered 503 within REDIS_CONNECT_TIMEOUT_SECONDS
+# x (REDIS_RETRIES + 1) plus one TCP retransmission interval: 3 s with the defaults (1 s, 1 retry).
+REDIS_GONE_BOUND_SECONDS = 3.0
 GRACE_SECONDS = 2  # SHUTDOWN_GRACE_SECONDS
 SETTINGS = {
     "LOG_LEVEL": "INFO",
@@ -66,8 +70,6 @@ SETTINGS = {
     "SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
     # A message whose worker was lost comes back within a test (its claim then refuses it).
     "BROKER_VISIBILITY_TIMEOUT_SECONDS": "5",
-    # A worker whose cable is out gives up on a Redis call within this, not the default 10 s.
-    "REDIS_TIMEOUT_SECONDS": "3",
     # Two workers share this machine's cores: one compute thread and one slot each.
     "COMPUTE_THREADS": "1",
     "WORKER_SLOTS": "1",
@@ -438,6 +440,32 @@ def test_a_worker_host_cut_off_loses_its_job_once_and_rejoins_without_a_restart(
     # The cut-off worker's own attempt to end the job, once back, changed nothing.
     assert terminal_events(hosts, job_id) == 1
     assert record(hosts.stack(), job_id)["error_code"] == "worker_lost"
+
+
+def test_a_redis_cut_off_is_answered_503_as_fast_as_a_redis_that_refuses(hosts: Hosts, model: str) -> None:
+    """A Redis host whose cable is pulled sends no reset: a call on a connection opened before the
+    cut waited out the reply timeout (REDIS_TIMEOUT_SECONDS, 10 s: /health took 11 s). Each
+    API host's connections are in use before the cut, so every answer below meets them."""
+    for api in APIS:
+        short_chat(hosts.client(api), model)
+    http = {api: httpx.Client(base_url=hosts.apis[api][1], timeout=30) for api in APIS}
+    assert all(http[api].get("/health").status_code == 200 for api in APIS)
+    hosts.network.link("redis", up=False)
+    try:
+        for api in APIS:
+            for method, path, body in (
+                ("GET", "/health", None),
+                ("POST", "/v1/chat/completions", {"model": model, "messages": HI, "max_tokens": 2}),
+                ("GET", "/metrics", None),
+            ):
+                started = time.monotonic()
+                answered = http[api].request(method, path, json=body)
+                took = time.monotonic() - started
+                assert answered.status_code == 503, (api, path, answered.text)
+                assert took < REDIS_GONE_BOUND_SECONDS, (api, path, took)
+    finally:
+        hosts.network.link("redis", up=True)
+    # Everyone reconnects by themselves: the next test's set-up waits for both workers on both APIs.
 
 
 def test_sigterm_drains_one_worker_within_the_grace_while_the_other_serves(hosts: Hosts, model: str) -> None:

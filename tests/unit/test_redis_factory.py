@@ -32,6 +32,7 @@ NOT_KEYS = {
     "generate_queue",
     "ACL_COMMANDS",
     "acl_rules",
+    "redis_server_args",
 }
 
 
@@ -186,3 +187,12 @@ def test_the_acl_names_the_prefix_and_commands_not_categories() -> None:
     assert "+client|setinfo" not in keys.acl_rules(client_setinfo=False)  # Redis 7.0 and 7.1
     # Nothing that reaches beyond one's own keys or changes the server.
     assert not {"keys", "scan", "flushdb", "flushall", "config", "debug", "acl", "shutdown"} & set(granted)
+
+
+def test_make_runs_redis_with_the_urls_user_and_the_acl() -> None:
+    args = keys.redis_server_args("redis://llmq:p%40ss@127.0.0.1:6390/2", client_setinfo=False)
+    assert args == [
+        "--user", "default", "off", "--user", "llmq", "on", ">p@ss", *keys.acl_rules(2, client_setinfo=False)
+    ]  # fmt: skip
+    assert keys.redis_server_args("redis://:secret@127.0.0.1:6390/0") == ["--requirepass", "secret"]
+    assert keys.redis_server_args("redis://127.0.0.1:6390/0") == []
