@@ -226,7 +226,9 @@ ACL_COMMANDS = (
     "sadd", "srem", "smembers", "scard",
     "zadd", "zrem", "zcard", "zrange", "zrevrange", "zrangebyscore", "zremrangebyscore",
     "xadd",
-    "multi", "exec",
+    # Transactions: the API's pipelines, and kombu's redelivery of a message whose worker died
+    # (WATCH its unacked record; redis-py sends UNWATCH when a watched transaction is abandoned).
+    "multi", "exec", "watch", "unwatch",
     # Events and Celery's task events and remote control.
     "publish", "subscribe", "unsubscribe", "psubscribe", "punsubscribe",
 )  # fmt: skip
