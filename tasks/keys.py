@@ -282,4 +282,5 @@ if __name__ == "__main__":  # python -m tasks.keys --redis-server-args URL: one 
     version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
     found = re.search(r"v=(\d+)\.(\d+)", version)
     setinfo = found is None or (int(found[1]), int(found[2])) >= (7, 2)
-    print(*redis_server_args(sys.argv[2], setinfo), sep="\n")
+    for argument in redis_server_args(sys.argv[2], setinfo):  # none: no line at all
+        print(argument)
