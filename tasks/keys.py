@@ -257,6 +257,13 @@ def acl_rules(db: int = 0, client_setinfo: bool = True) -> list[str]:
     ]
 
 
+# The default user, for a Redis where only the service's user may log in: off (no connection
+# starts as it, no AUTH gets in: it has no password), but with every permission. Redis replays
+# the AOF's transactions as the default user and checks its ACL at EXEC (valkey-io/valkey#3983):
+# a default user without permissions makes a restart drop every MULTI/EXEC the AOF holds, silently.
+DEFAULT_USER_OFF = ["--user", "default", "off", "resetpass", "~*", "&*", "+@all"]
+
+
 def redis_server_args(url: str, client_setinfo: bool = True) -> list[str]:
     """redis-server's command-line arguments that let REDIS_URL `url` in: its user, with its
     password and exactly acl_rules(), and the default user off; a password without a user, the
@@ -269,7 +276,7 @@ def redis_server_args(url: str, client_setinfo: bool = True) -> list[str]:
         return ["--requirepass", password]
     db = int(parts.path.strip("/") or 0)
     rules = acl_rules(db, client_setinfo)
-    return ["--user", "default", "off", "--user", unquote(parts.username), "on", f">{password}", *rules]
+    return [*DEFAULT_USER_OFF, "--user", unquote(parts.username), "on", f">{password}", *rules]
 
 
 if __name__ == "__main__":  # python -m tasks.keys --redis-server-args URL: one argument a line

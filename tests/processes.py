@@ -123,7 +123,7 @@ def redis_version() -> tuple[int, ...]:
 def locked_args() -> list[str]:
     rules = keys.acl_rules(client_setinfo=redis_version() >= (7, 2))
     return [
-        "--user", "default", "off",
+        *keys.DEFAULT_USER_OFF,
         "--user", SERVICE_USER, "on", f">{SERVICE_PASSWORD}", *rules,
         "--user", ADMIN_USER, "on", f">{ADMIN_PASSWORD}", "~*", "&*", "+@all",
     ]  # fmt: skip

@@ -156,16 +156,7 @@ def test_compose_redis_lets_in_only_the_services_acl_user(compose: list[str]) ->
     redis = render(compose)["services"]["redis"]
     users = redis["command"][2:]
     # The default user off; `llmq` with the password and exactly the README's minimal ACL (Redis 7.2+).
-    assert users == [
-        "--user",
-        "default",
-        "off",
-        "--user",
-        "llmq",
-        "on",
-        f">{REDIS_PASSWORD}",
-        *keys.acl_rules(),
-    ]
+    assert users == [*keys.DEFAULT_USER_OFF, "--user", "llmq", "on", f">{REDIS_PASSWORD}", *keys.acl_rules()]
     assert redis["environment"]["REDISCLI_AUTH"] == REDIS_PASSWORD
     assert "--user llmq" in redis["healthcheck"]["test"][1]  # its health check authenticates
     assert "REDIS_PASSWORD" in refusal(compose, {})  # no password, no Redis

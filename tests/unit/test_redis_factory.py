@@ -33,6 +33,7 @@ NOT_KEYS = {
     "ACL_COMMANDS",
     "acl_rules",
     "redis_server_args",
+    "DEFAULT_USER_OFF",
 }
 
 
@@ -192,7 +193,7 @@ def test_the_acl_names_the_prefix_and_commands_not_categories() -> None:
 def test_make_runs_redis_with_the_urls_user_and_the_acl() -> None:
     args = keys.redis_server_args("redis://llmq:p%40ss@127.0.0.1:6390/2", client_setinfo=False)
     assert args == [
-        "--user", "default", "off", "--user", "llmq", "on", ">p@ss", *keys.acl_rules(2, client_setinfo=False)
+        *keys.DEFAULT_USER_OFF, "--user", "llmq", "on", ">p@ss", *keys.acl_rules(2, client_setinfo=False)
     ]  # fmt: skip
     assert keys.redis_server_args("redis://:secret@127.0.0.1:6390/0") == ["--requirepass", "secret"]
     assert keys.redis_server_args("redis://127.0.0.1:6390/0") == []
