@@ -219,13 +219,14 @@ ACL_COMMANDS = (
     # The job scripts (tasks/jobs.py, tasks/registry.py) and kombu's: run by hash, loaded on NOSCRIPT.
     "evalsha", "eval", "script|load", "script|exists",
     # Data, by the service's code (api/, tasks/), the scripts and kombu, by type.
-    "get", "set", "mget", "del", "exists", "expire", "expireat", "pexpire", "time",
+    "get", "set", "mget", "del", "exists", "expire", "expireat", "pexpire", "ttl", "time",
     "hget", "hset", "hsetnx", "hmget", "hgetall", "hkeys", "hlen", "hdel", "hscan", "hincrby",
     "hincrbyfloat",
-    "lpush", "rpush", "brpop", "llen", "lrange",
+    "lpush", "rpush", "brpop", "llen", "lrange", "ltrim",
     "sadd", "srem", "smembers", "scard",
     "zadd", "zrem", "zcard", "zrange", "zrevrange", "zrangebyscore", "zremrangebyscore",
-    "xadd",
+    "zremrangebyrank",
+    "xadd", "xrange", "xrevrange",
     # Transactions: the API's pipelines, and kombu's redelivery of a message whose worker died
     # (WATCH its unacked record; redis-py sends UNWATCH when a watched transaction is abandoned).
     "multi", "exec", "watch", "unwatch",
