@@ -213,6 +213,12 @@ class Settings(BaseSettings):
             return json.loads(value) if value.strip() else []
         return value
 
+    @field_validator("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file", mode="before")
+    @classmethod
+    def _no_file_when_empty(cls, value: object) -> object:
+        # compose passes a variable set empty in .env on as "", which would be the path ".".
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("webhook_url")
     @classmethod
     def _webhook_url(cls, url: str) -> str:

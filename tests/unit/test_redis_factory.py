@@ -155,6 +155,18 @@ def test_tls_files_without_a_rediss_url_are_refused(tmp_path: Path) -> None:
     assert broker(configured()).use_ssl is None
 
 
+def test_tls_files_set_empty_are_no_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE"):
+        monkeypatch.setenv(name, "")  # as compose passes on a variable left empty in .env
+    settings = Settings(redis_url="redis://127.0.0.1:6379/0")  # type: ignore[call-arg]
+    assert (settings.redis_tls_ca_file, settings.redis_tls_cert_file, settings.redis_tls_key_file) == (
+        None,
+        None,
+        None,
+    )
+    assert tls_options(settings) == {}
+
+
 @pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="TCP_USER_TIMEOUT is Linux's")
 def test_a_silent_peer_is_given_up_after_the_connect_timeout_except_by_the_files_client() -> None:
     settings = configured()  # connect 2.5 s, reply 7 s
