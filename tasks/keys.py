@@ -220,11 +220,11 @@ ACL_COMMANDS = (
     "evalsha", "eval", "script|load", "script|exists",
     # Data, by the service's code (api/, tasks/), the scripts and kombu, by type.
     "get", "set", "mget", "del", "exists", "expire", "expireat", "pexpire", "ttl", "time",
-    "hget", "hset", "hsetnx", "hmget", "hgetall", "hkeys", "hlen", "hdel", "hscan", "hincrby",
-    "hincrbyfloat",
+    "hget", "hset", "hsetnx", "hmget", "hgetall", "hkeys", "hlen", "hdel", "hexists", "hscan",
+    "hincrby", "hincrbyfloat",
     "lpush", "rpush", "brpop", "llen", "lrange", "ltrim",
     "sadd", "srem", "smembers", "scard",
-    "zadd", "zrem", "zcard", "zrange", "zrevrange", "zrangebyscore", "zremrangebyscore",
+    "zadd", "zrem", "zcard", "zscore", "zrange", "zrevrange", "zrangebyscore", "zremrangebyscore",
     "zremrangebyrank",
     "xadd", "xrange", "xrevrange",
     # Transactions: the API's pipelines, and kombu's redelivery of a message whose worker died

@@ -34,6 +34,10 @@ NOT_KEYS = {
     "acl_rules",
     "redis_server_args",
     "DEFAULT_USER_OFF",
+    "TIERS",  # the fair index's tiers and its owner without API_KEYS: parts of keys
+    "NO_OWNER",
+    "PRIORITY_SEP",  # kombu's separator of a priority list's name, and the lists of one queue
+    "generate_lists",
 }
 
 
@@ -117,6 +121,7 @@ def test_every_key_name_lies_under_the_prefix() -> None:
         arguments = ["x"] * len(inspect.signature(build).parameters)
         assert build(*arguments).startswith(keys.PREFIX), build.__name__
     assert keys.PREFIX.startswith(keys.NAMESPACE)
+    assert all(name.startswith(keys.PREFIX) for name in keys.generate_lists("x"))
 
 
 # --- TLS, a vanished Redis, the ACL ----------------------------------------------------------
