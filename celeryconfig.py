@@ -7,6 +7,7 @@ from tasks.settings import get_settings
 settings = get_settings()
 _broker = broker(settings)  # the connection: URL, timeouts, key prefix (tasks/redis.py)
 broker_url = _broker.url
+broker_use_ssl = _broker.use_ssl  # rediss:// only: the CA and client certificate (REDIS_TLS_*)
 task_publish_retry_policy = _broker.publish_retry_policy
 broker_connection_retry_on_startup = True
 # Keep reconnecting after Redis goes away (None = forever), so workers resume on their own.

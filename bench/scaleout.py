@@ -87,7 +87,7 @@ class Stack:
     def __init__(self, log_dir: Path, workers: Sequence[tuple[str, int | None]], env: dict[str, str]) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.services: list[Service] = []
-        redis_svc, self.redis_url = start_redis(log_dir)
+        redis_svc, self.redis_url = start_redis(log_dir, locked=False)  # its clients read INFO
         self.services.append(redis_svc)
         self.env = {"REDIS_URL": self.redis_url, "STREAM_PING_SECONDS": "15", **env}
         try:

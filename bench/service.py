@@ -52,7 +52,8 @@ class ServiceStack:
         self.workers: list[Service] = []
         self.startup_s: list[float] = []
         self.load_s: list[float] = []
-        redis_svc, self.redis_url = start_redis(self.log_dir)
+        # Open, as before the tests locked theirs: the bench's own clients read INFO and MONITOR.
+        redis_svc, self.redis_url = start_redis(self.log_dir, locked=False)
         self.services.append(redis_svc)
         try:
             self.env = {"REDIS_URL": self.redis_url, "STREAM_PING_SECONDS": "15"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import unquote, urlsplit
+
 NAMESPACE = "llmq"
 # Every key and pub/sub channel starts with this, Celery's included, so one ACL rule
 # (`~llmq:* &llmq:*`) covers all the service touches and it can share a Redis with others.
@@ -204,3 +206,89 @@ def generate_lists(model: str) -> list[str]:
     """The Redis lists holding one model's Celery messages: priority 0 (interactive wake-ups) and
     BATCH_PRIORITY (batch lines'). The wake-up repair (tasks/client.py) counts them."""
     return [generate_list(model), f"{generate_list(model)}{PRIORITY_SEP}{BATCH_PRIORITY}"]
+
+
+# --- The service's Redis ACL -------------------------------------------------------------------
+# Every command the service's processes send, so its Redis user can be given exactly these (README
+# "Redis ACL"; every integration test's Redis runs under them and fails the run on a denial in its
+# ACL LOG). Commands inside scripts are checked too, so the scripts' own are here.
+ACL_COMMANDS = (
+    # Every connection: redis-py names it on connect (and states its library, acl_rules'
+    # `client_setinfo`), checks an idle one (PING), and selects REDIS_URL's database if not 0.
+    "ping", "client|setname", "select",
+    # The job scripts (tasks/jobs.py, tasks/registry.py) and kombu's: run by hash, loaded on NOSCRIPT.
+    "evalsha", "eval", "script|load", "script|exists",
+    # Data, by the service's code (api/, tasks/), the scripts and kombu, by type.
+    "get", "set", "mget", "del", "exists", "expire", "expireat", "pexpire", "ttl", "time",
+    "hget", "hset", "hsetnx", "hmget", "hgetall", "hkeys", "hlen", "hdel", "hexists", "hscan",
+    "hincrby", "hincrbyfloat",
+    "lpush", "rpush", "brpop", "llen", "lrange", "ltrim",
+    "sadd", "srem", "smembers", "scard",
+    "zadd", "zrem", "zcard", "zscore", "zrange", "zrevrange", "zrangebyscore", "zremrangebyscore",
+    "zremrangebyrank",
+    "xadd", "xrange", "xrevrange",
+    # Transactions: the API's pipelines, and kombu's redelivery of a message whose worker died
+    # (WATCH its unacked record; redis-py sends UNWATCH when a watched transaction is abandoned).
+    "multi", "exec", "watch", "unwatch",
+    # Events and Celery's task events and remote control.
+    "publish", "subscribe", "unsubscribe", "psubscribe", "punsubscribe",
+)  # fmt: skip
+
+
+def acl_rules(db: int = 0, client_setinfo: bool = True) -> list[str]:
+    """The rules of the service's Redis user, for REDIS_URL's database `db`, as `ACL SETUSER`
+    (or redis-server's `--user`) takes them after the user name, `on` and its password.
+
+    Keys and channels: PREFIX and nothing else. kombu listens with PSUBSCRIBE, whose patterns a
+    Redis ACL compares with the `&` rules literally, so its two (tasks/redis.py, `fanout_patterns`)
+    are named for the database. `client_setinfo`: Redis 7.2 and later; redis-py (kombu's
+    connections too) sends CLIENT SETINFO on every connect and ignores a refusal, which Redis
+    would still log, while Redis 7.0 knows no such command and refuses the rule."""
+    setinfo = ["+client|setinfo"] if client_setinfo else []
+    return [
+        "resetkeys",
+        "resetchannels",
+        f"~{PREFIX}*",
+        f"&{PREFIX}*",
+        f"&{PREFIX}/{db}.celeryev",
+        f"&{PREFIX}/{db}.celery.pidbox",
+        "-@all",
+        *(f"+{command}" for command in ACL_COMMANDS),
+        *setinfo,
+    ]
+
+
+# The default user, for a Redis where only the service's user may log in: off (no connection
+# starts as it, no AUTH gets in: it has no password), but with every permission. Redis replays
+# the AOF's transactions as the default user and checks its ACL at EXEC (valkey-io/valkey#3983):
+# a default user without permissions makes a restart drop every MULTI/EXEC the AOF holds, silently.
+DEFAULT_USER_OFF = ["--user", "default", "off", "resetpass", "~*", "&*", "+@all"]
+
+
+def redis_server_args(url: str, client_setinfo: bool = True) -> list[str]:
+    """redis-server's command-line arguments that let REDIS_URL `url` in: its user, with its
+    password and exactly acl_rules(), and the default user off; a password without a user, the
+    default user's (requirepass); nothing for a URL without a password. For `make run`'s Redis."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return []
+    password = unquote(parts.password)
+    if not parts.username:
+        return ["--requirepass", password]
+    db = int(parts.path.strip("/") or 0)
+    rules = acl_rules(db, client_setinfo)
+    return [*DEFAULT_USER_OFF, "--user", unquote(parts.username), "on", f">{password}", *rules]
+
+
+if __name__ == "__main__":  # python -m tasks.keys --redis-server-args URL: one argument a line
+    import re
+    import subprocess
+    import sys
+
+    if sys.argv[1:2] != ["--redis-server-args"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m tasks.keys --redis-server-args REDIS_URL")
+    version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"v=(\d+)\.(\d+)", version)
+    setinfo = found is None or (int(found[1]), int(found[2])) >= (7, 2)
+    for argument in redis_server_args(sys.argv[2], setinfo):  # none: no line at all
+        print(argument)

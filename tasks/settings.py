@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     redis_retries: int = Field(
         1, ge=0, le=10, description="Retries of a Redis command after a lost connection or timeout"
     )
+    # TLS (a rediss:// REDIS_URL): whom to trust and, if Redis asks clients for one
+    # (tls-auth-clients), the certificate to show. Empty: the system's CAs, no client certificate.
+    redis_tls_ca_file: Path | None = Field(None, description="CA bundle that signed Redis's certificate")
+    redis_tls_cert_file: Path | None = Field(None, description="Client certificate for Redis (PEM)")
+    redis_tls_key_file: Path | None = Field(None, description="Key of REDIS_TLS_CERT_FILE (PEM)")
     host: str = "127.0.0.1"
     port: int = 8000
     job_ttl_seconds: int = Field(86_400, ge=60, description="How long job records and logs live")
@@ -207,6 +212,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return json.loads(value) if value.strip() else []
         return value
+
+    @field_validator("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file", mode="before")
+    @classmethod
+    def _no_file_when_empty(cls, value: object) -> object:
+        # compose passes a variable set empty in .env on as "", which would be the path ".".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("webhook_url")
     @classmethod

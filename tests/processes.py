@@ -7,7 +7,10 @@ at once with the tail of its log, instead of a timeout much later.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -15,9 +18,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import redis
+
+from tasks import keys
+from tests.tls import CertAuthority
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -93,6 +100,54 @@ class Service:
         self._log.close()
 
 
+# The users of a locked test Redis: the service's, confined to keys.acl_rules() (the README's
+# minimal ACL), with which every service process connects, and an admin, with which the tests
+# look into and manage Redis. The default user is off. One password each per test session, so a
+# restarted Redis takes the same ones; tests grep logs and bodies for the service's.
+SERVICE_USER = "llmq"
+SERVICE_PASSWORD = f"pw-{secrets.token_hex(16)}"
+ADMIN_USER = "llmq-admin"
+ADMIN_PASSWORD = f"pw-{secrets.token_hex(16)}"
+
+
+@functools.cache
+def redis_version() -> tuple[int, ...]:
+    """The installed redis-server's version, as (7, 0, 15)."""
+    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, timeout=30).stdout
+    match = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    if match is None:
+        raise RuntimeError(f"redis-server --version: {out!r}")
+    return tuple(int(n) for n in match.groups())
+
+
+def locked_args() -> list[str]:
+    rules = keys.acl_rules(client_setinfo=redis_version() >= (7, 2))
+    return [
+        *keys.DEFAULT_USER_OFF,
+        "--user", SERVICE_USER, "on", f">{SERVICE_PASSWORD}", *rules,
+        "--user", ADMIN_USER, "on", f">{ADMIN_PASSWORD}", "~*", "&*", "+@all",
+    ]  # fmt: skip
+
+
+def admin_url(url: str) -> str:
+    """A locked Redis's URL (the service's) as its admin user; an open Redis's as it is."""
+    parts = urlsplit(url)
+    if parts.username != SERVICE_USER:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{ADMIN_USER}:{ADMIN_PASSWORD}@{parts.netloc.split('@')[1]}"))
+
+
+def redis_client(url: str, tls: CertAuthority | None = None, **options: object) -> redis.Redis:
+    """A test's own client of a test Redis (TLS: trusting the test CA, showing its client
+    certificate)."""
+    return redis.Redis.from_url(url, **(tls.client_options() if tls else {}), **options)  # type: ignore[arg-type]
+
+
+def acl_denials(url: str, tls: CertAuthority | None = None) -> list[dict[str, object]]:
+    """What a locked Redis's ACL refused anyone since it started (ACL LOG), read as its admin."""
+    return list(redis_client(admin_url(url), tls, decode_responses=True).acl_log())
+
+
 def start_redis(
     log_dir: Path,
     port: int | None = None,
@@ -100,19 +155,27 @@ def start_redis(
     args: Sequence[str] = (),
     *,
     host: str = "127.0.0.1",
-    auth: str = "",
+    locked: bool = True,
+    tls: CertAuthority | None = None,
     prefix: Sequence[str] = (),
 ) -> tuple[Service, str]:
     """A redis-server on `host`:`port`; without `conf` it keeps nothing on disk, with one (the
     shipped redis.conf) it persists into `log_dir`, so a restart with the same arguments reloads
     it. `args`: more configuration, as redis-server takes it on its command line (`--user ...`);
-    `auth`: the `user:password` its URL carries; `prefix`: as Service's."""
+    `locked`: the default user off, the service's and the admin's users on (locked_args), and the
+    URL returned carries the service's; `tls`: TLS only (rediss://), with a certificate of the
+    test CA `tls`, clients' certificates checked when given; `prefix`: as Service's."""
     port = port or free_port()
     persistence = ["--save", "", "--appendonly", "no"] if conf is None else ["--dir", str(log_dir)]
-    argv = ["redis-server", *([str(conf)] if conf else []), "--port", str(port), "--bind", host]
-    svc = Service("redis", [*argv, *persistence, *args], {}, log_dir, prefix)
-    url = f"redis://{auth + '@' if auth else ''}{host}:{port}/0"
-    svc.start_or_stop(lambda: bool(redis.Redis.from_url(url).ping()), timeout=20)
+    listen = (
+        ["--port", str(port)] if tls is None else ["--port", "0", "--tls-port", str(port), *tls.server_args()]
+    )
+    argv = ["redis-server", *([str(conf)] if conf else []), *listen, "--bind", host]
+    users = locked_args() if locked else []
+    svc = Service("redis", [*argv, *persistence, *users, *args], {}, log_dir, prefix)
+    auth = f"{SERVICE_USER}:{SERVICE_PASSWORD}@" if locked else ""
+    url = f"{'rediss' if tls else 'redis'}://{auth}{host}:{port}/0"
+    svc.start_or_stop(lambda: bool(redis_client(admin_url(url), tls).ping()), timeout=20)
     return svc, url
 
 

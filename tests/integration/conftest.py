@@ -15,7 +15,8 @@ import openai
 import pytest
 
 from tests import needs
-from tests.processes import Service, start_api, start_redis, start_worker, wait_healthy
+from tests.processes import Service, acl_denials, start_api, start_redis, start_worker, wait_healthy
+from tests.tls import CertAuthority
 
 
 @dataclass
@@ -27,20 +28,35 @@ class Stack:
     worker: Service
     api: Service
     redis: Service
+    tls: CertAuthority | None = None  # Redis on TLS only, with this test CA's certificates
+
+
+def assert_no_denials(redis_url: str, tls: CertAuthority | None = None) -> None:
+    """Every test Redis runs the service under the README's minimal ACL (tests/processes.py
+    locked_args): anything it refused anyone is a command or key missing from the ACL, or a
+    client outside its prefix, even where the refusal was only logged by a retrying process."""
+    denials = acl_denials(redis_url, tls)
+    assert denials == [], f"Redis's ACL refused: {denials}"
 
 
 @contextmanager
 def running_stack(
-    log_dir: Path, redis_conf: Path | None = None, redis_args: Sequence[str] = (), **overrides: str
+    log_dir: Path,
+    redis_conf: Path | None = None,
+    redis_args: Sequence[str] = (),
+    tls: CertAuthority | None = None,
+    **overrides: str,
 ) -> Iterator[Stack]:
     """Its own redis-server (persisting as `redis_conf` says, if given, configured further by
-    `redis_args`), one worker and one API; settings overridden by keyword (env names)."""
+    `redis_args`, on TLS only with `tls`), one worker and one API; settings overridden by keyword
+    (env names). At the end, Redis's ACL must have refused nothing (assert_no_denials)."""
     if shutil.which("redis-server") is None:
         needs.missing("redis-server", "apt-get install redis-server; .ci/run installs it")
-    redis_svc, redis_url = start_redis(log_dir, conf=redis_conf, args=redis_args)
+    redis_svc, redis_url = start_redis(log_dir, conf=redis_conf, args=redis_args, tls=tls)
     # The default model cache (~/.cache) is kept between runs, as it is between worker restarts.
     env = {
         "REDIS_URL": redis_url,
+        **(tls.env() if tls else {}),
         "LOG_LEVEL": "INFO",
         "REQUEST_TIMEOUT_SECONDS": "600",
         "STREAM_PING_SECONDS": "1",
@@ -54,8 +70,11 @@ def running_stack(
         api, api_url = start_api(env, log_dir)
         services.append(api)  # before the wait: a worker that never gets ready must not leak the API
         wait_healthy(worker, api_url, timeout=300)
-        stack = Stack(redis_url, api_url, env, log_dir, worker, api, redis_svc)
+        stack = Stack(redis_url, api_url, env, log_dir, worker, api, redis_svc, tls)
         yield stack
+        # A test may have restarted Redis (this is what the new one logged), or left it stopped.
+        if stack.redis.proc.poll() is None:
+            assert_no_denials(stack.redis_url, tls)
     finally:
         # Tests may replace any process (restarts), so stop whichever ones the stack holds.
         if stack is not None:

@@ -12,6 +12,7 @@ import redis
 
 from tasks import events, keys
 from tests.integration.conftest import Stack
+from tests.processes import admin_url, redis_client
 
 T = TypeVar("T")
 
@@ -26,7 +27,9 @@ def sdk(stack: Stack, key: str = "not-needed", timeout: float = 120) -> openai.O
 
 
 def rdb(stack: Stack) -> redis.Redis:
-    return redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    """The test's own client of the stack's Redis: its admin user (the service's is confined to
+    the README's ACL)."""
+    return redis_client(admin_url(stack.redis_url), stack.tls, decode_responses=True)
 
 
 def wait_for(check: Callable[[], T], timeout: float, what: str, every: float = 0.1) -> T:

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests import needs
-from tests.integration.conftest import Stack
+from tests.integration.conftest import Stack, assert_no_denials
 from tests.processes import ROOT, Service, start_api, start_redis, start_worker, wait_healthy
 
 needs.module("selenium", "pip install -e '.[dev]'")
@@ -334,6 +334,7 @@ def workerless(
         api.wait_until(lambda: poll.get(f"/v1/responses/{busy.id}").json()["status"] == "in_progress", 60)
         for page in open_page(browser, api_url, request):
             yield page, api
+        assert_no_denials(redis_url)
     finally:
         for svc in reversed(services):
             svc.stop()

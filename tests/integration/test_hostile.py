@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.integration.conftest import Preset, Stack, stack_fixture
-from tests.integration.helpers import TERMINAL, wait_for
+from tests.integration.helpers import TERMINAL, rdb, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -58,7 +58,7 @@ def http(hostile: Stack) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def store(hostile: Stack) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(hostile.redis_url, decode_responses=True)
+    client = rdb(hostile)
     yield client
     client.close()
 

@@ -2,7 +2,8 @@
 network namespace with its own address (tests/netns.py), sharing nothing but the network.
 
     redis      redis-server bound to its LAN address only, protected mode on, its default user
-               off: only the ACL user `llmq`, with the password REDIS_URL carries, gets in
+               off: only the ACL user `llmq` (the README's minimal ACL), with the password
+               REDIS_URL carries, and the tests' admin user get in
     api-a/b    uvicorn on their own addresses; the tests reach them over the LAN as any client
     worker-a/b the embedded SmolLM2, each with its own HOME and model cache (converted on start)
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import shutil
 import signal
 import time
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import redis
@@ -37,7 +38,7 @@ from redis.retry import Retry
 
 from tasks import events, keys
 from tests import needs, netns
-from tests.integration.conftest import Stack, ready_workers
+from tests.integration.conftest import Stack, assert_no_denials, ready_workers
 from tests.integration.helpers import (
     LONG_PROMPT,
     job_events,
@@ -49,17 +50,17 @@ from tests.integration.helpers import (
     wait_for,
     wait_records,
 )
-from tests.processes import Service, start_api, start_redis, start_worker
+from tests.processes import SERVICE_USER, Service, start_api, start_redis, start_worker
 
 pytestmark = pytest.mark.slow
 
 APIS = ("api-a", "api-b")
 WORKERS = ("worker-a", "worker-b")
 REDIS_PORT, API_PORT = 6379, 8000  # every host has its own ports: the defaults, as on real ones
-REDIS_USER = "llmq"
-# The ACL of docs/operations.md ("Redis"): the service's keys and channels, nothing else.
-REDIS_RULES = ["~llmq:*", "&llmq:*", "&llmq:/0.celeryev", "&llmq:/0.celery.pidbox", "+@all"]
 LEASE_SECONDS = 3  # JOB_LEASE_SECONDS: a dead or cut-off worker's job ends within lease + reaper (5 s)
+# README "Redis": a Redis that is down or cut off is answered 503 within REDIS_CONNECT_TIMEOUT_SECONDS
+# x (REDIS_RETRIES + 1) plus one TCP retransmission interval: 3 s with the defaults (1 s, 1 retry).
+REDIS_GONE_BOUND_SECONDS = 3.0
 GRACE_SECONDS = 2  # SHUTDOWN_GRACE_SECONDS
 SETTINGS = {
     "LOG_LEVEL": "INFO",
@@ -69,8 +70,6 @@ SETTINGS = {
     "SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
     # A message whose worker was lost comes back within a test (its claim then refuses it).
     "BROKER_VISIBILITY_TIMEOUT_SECONDS": "5",
-    # A worker whose cable is out gives up on a Redis call within this, not the default 10 s.
-    "REDIS_TIMEOUT_SECONDS": "3",
     # Two workers share this machine's cores: one compute thread and one slot each.
     "COMPUTE_THREADS": "1",
     "WORKER_SLOTS": "1",
@@ -175,20 +174,14 @@ def hosts(namespaces: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     if shutil.which("redis-server") is None:
         needs.missing("redis-server", "apt-get install redis-server; .ci/run installs it")
     log_dir = tmp_path_factory.mktemp("hosts")
-    password = secrets.token_urlsafe(24)
     with netns.Network(["redis", *APIS, *WORKERS]) as network:
         redis_svc, redis_url = start_redis(
             log_dir,
             port=REDIS_PORT,
-            args=[
-                "--protected-mode", "yes",
-                "--user", "default", "off",
-                "--user", REDIS_USER, "on", f">{password}", "resetkeys", "resetchannels", *REDIS_RULES,
-            ],
+            args=["--protected-mode", "yes"],
             host=network.addresses["redis"],
-            auth=f"{REDIS_USER}:{password}",
             prefix=network.prefix("redis"),
-        )  # fmt: skip
+        )  # locked: the service's ACL user and the tests' admin (tests/processes.py)
         running = Hosts(network, log_dir, redis_url, redis_svc)
         try:
             for role in WORKERS:  # both convert their model's tokenizer at once, while the APIs start
@@ -197,6 +190,7 @@ def hosts(namespaces: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 running.start_api(role)
             running.wait_ready()
             yield running
+            assert_no_denials(redis_url)
         finally:
             running.stop_all()
 
@@ -291,7 +285,7 @@ def test_a_network_leaves_nothing_behind_even_when_its_block_fails(namespaces: N
 
 def test_redis_answers_on_its_lan_address_only_and_only_with_the_password(hosts: Hosts) -> None:
     address = hosts.network.addresses["redis"]
-    for user, password in ((None, None), (REDIS_USER, "wrong"), ("default", None)):
+    for user, password in ((None, None), (SERVICE_USER, "wrong"), ("default", None)):
         # No retries: redis-py retries an AuthenticationError (a ConnectionError) with backoff.
         stranger = redis.Redis(
             host=address, port=REDIS_PORT, username=user, password=password, retry=Retry(NoBackoff(), 0)
@@ -301,6 +295,9 @@ def test_redis_answers_on_its_lan_address_only_and_only_with_the_password(hosts:
     db = rdb(hosts.stack())
     assert db.config_get("bind")["bind"] == address  # not 127.0.0.1
     assert db.config_get("protected-mode")["protected-mode"] == "yes"
+    # Redis logged those refusals; the ACL log must hold the service's only (the fixture's check).
+    assert {entry["reason"] for entry in db.acl_log()} == {"auth"}
+    db.acl_log_reset()
 
 
 # --- serving -------------------------------------------------------------------------------
@@ -443,6 +440,32 @@ def test_a_worker_host_cut_off_loses_its_job_once_and_rejoins_without_a_restart(
     # The cut-off worker's own attempt to end the job, once back, changed nothing.
     assert terminal_events(hosts, job_id) == 1
     assert record(hosts.stack(), job_id)["error_code"] == "worker_lost"
+
+
+def test_a_redis_cut_off_is_answered_503_as_fast_as_a_redis_that_refuses(hosts: Hosts, model: str) -> None:
+    """A Redis host whose cable is pulled sends no reset: a call on a connection opened before the
+    cut waited out the reply timeout (REDIS_TIMEOUT_SECONDS, 10 s: /health took 11 s). Each
+    API host's connections are in use before the cut, so every answer below meets them."""
+    for api in APIS:
+        short_chat(hosts.client(api), model)
+    http = {api: httpx.Client(base_url=hosts.apis[api][1], timeout=30) for api in APIS}
+    assert all(http[api].get("/health").status_code == 200 for api in APIS)
+    hosts.network.link("redis", up=False)
+    try:
+        for api in APIS:
+            for method, path, body in (
+                ("GET", "/health", None),
+                ("POST", "/v1/chat/completions", {"model": model, "messages": HI, "max_tokens": 2}),
+                ("GET", "/metrics", None),
+            ):
+                started = time.monotonic()
+                answered = http[api].request(method, path, json=body)
+                took = time.monotonic() - started
+                assert answered.status_code == 503, (api, path, answered.text)
+                assert took < REDIS_GONE_BOUND_SECONDS, (api, path, took)
+    finally:
+        hosts.network.link("redis", up=True)
+    # Everyone reconnects by themselves: the next test's set-up waits for both workers on both APIs.
 
 
 def test_sigterm_drains_one_worker_within_the_grace_while_the_other_serves(hosts: Hosts, model: str) -> None:

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import yaml
 
+from tasks import keys
 from tasks.settings import Settings
 from tests import needs
 from tests.integration.conftest import Stack
@@ -45,6 +46,10 @@ TOOLS = _compose_tools()
 # Variables compose.yaml reads: left out of the tool's environment unless a test sets them, so
 # the developer's shell does not change what is rendered.
 COMPOSE_VARIABLES = set(re.findall(r"\$\{(\w+)", (ROOT / "compose.yaml").read_text()))
+# compose.yaml refuses to render without Redis's password: the tests give this one unless they
+# say otherwise.
+REDIS_PASSWORD = "0123abcd"
+REDIS_URL = f"redis://llmq:{REDIS_PASSWORD}@redis:6379/0"
 
 
 @pytest.fixture(params=list(TOOLS))
@@ -73,13 +78,23 @@ def run_compose(compose: list[str], *args: str, env: dict[str, str] | None = Non
     proc = subprocess.run(
         [*compose, *args],
         cwd=ROOT,
-        env={**base, **(env or {})},
+        env={**base, "REDIS_PASSWORD": REDIS_PASSWORD, **(env or {})},
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
+
+
+def refusal(compose: list[str], env: dict[str, str]) -> str:
+    """What the tool says when it refuses to render with only `env` of compose's variables."""
+    base = {k: v for k, v in os.environ.items() if k not in COMPOSE_VARIABLES}
+    refused = subprocess.run(
+        [*compose, "config"], cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode != 0, refused.stdout
+    return refused.stderr
 
 
 def mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
@@ -137,6 +152,16 @@ def test_compose_redis_keeps_the_queue(compose: list[str]) -> None:
     assert "healthcheck" in redis
 
 
+def test_compose_redis_lets_in_only_the_services_acl_user(compose: list[str]) -> None:
+    redis = render(compose)["services"]["redis"]
+    users = redis["command"][2:]
+    # The default user off; `llmq` with the password and exactly the README's minimal ACL (Redis 7.2+).
+    assert users == [*keys.DEFAULT_USER_OFF, "--user", "llmq", "on", f">{REDIS_PASSWORD}", *keys.acl_rules()]
+    assert redis["environment"]["REDISCLI_AUTH"] == REDIS_PASSWORD
+    assert "--user llmq" in redis["healthcheck"]["test"][1]  # its health check authenticates
+    assert "REDIS_PASSWORD" in refusal(compose, {})  # no password, no Redis
+
+
 def test_compose_services_and_profiles(compose: list[str]) -> None:
     services = render(compose, "--profile", "gpu", "--profile", "ops")["services"]
     assert set(services) == {"redis", "api", "worker", "worker-gpu", "flower"}
@@ -145,7 +170,7 @@ def test_compose_services_and_profiles(compose: list[str]) -> None:
     assert ("", 8000, 8000) in ports(api) or ("0.0.0.0", 8000, 8000) in ports(api)
     for name in ("api", "worker", "worker-gpu", "flower"):
         svc = services[name]
-        assert svc["environment"]["REDIS_URL"] == "redis://redis:6379/0", name
+        assert svc["environment"]["REDIS_URL"] == REDIS_URL, name
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy", name
 
     for name, prefix in (("worker", "worker@"), ("worker-gpu", "worker-gpu@")):
@@ -216,27 +241,16 @@ def with_files(compose: list[str], files: list[str]) -> list[str]:
 
 def test_compose_main_host_publishes_redis_with_a_password_only(compose: list[str]) -> None:
     main = with_files(compose, MAIN_HOST)
-    env = {"REDIS_PASSWORD": "0123abcd", "REDIS_BIND": "10.0.0.5"}
+    env = {"REDIS_PASSWORD": REDIS_PASSWORD, "REDIS_BIND": "10.0.0.5"}
     services = render(main, "--profile", "gpu", "--profile", "ops", env=env)["services"]
     redis = services["redis"]
-    assert redis["command"][:2] == ["redis-server", "/usr/local/etc/redis/redis.conf"]  # compose.yaml's
-    assert redis["command"][2:] == ["--requirepass", "0123abcd"]
-    assert redis["environment"]["REDISCLI_AUTH"] == "0123abcd"  # its health check authenticates
+    assert redis["command"] == render(compose)["services"]["redis"]["command"]  # compose.yaml's users
     assert ports(redis) == {("10.0.0.5", 6379, 6379)}  # on the private address, not every interface
     for name in ("api", "worker", "worker-gpu", "flower"):
-        assert services[name]["environment"]["REDIS_URL"] == "redis://:0123abcd@redis:6379/0", name
+        assert services[name]["environment"]["REDIS_URL"] == REDIS_URL, name
     # Without a password or an address it does not render at all.
     for missing in env:
-        base = {k: v for k, v in os.environ.items() if k not in {*COMPOSE_VARIABLES, *env}}
-        refused = subprocess.run(
-            [*main, "config"],
-            cwd=ROOT,
-            env={**base, **{k: v for k, v in env.items() if k != missing}},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert refused.returncode != 0 and missing in refused.stderr, refused.stderr
+        assert missing in refusal(main, {k: v for k, v in env.items() if k != missing})
 
 
 def test_compose_gpu_host_runs_one_cuda_worker_on_another_hosts_redis(compose: list[str]) -> None:

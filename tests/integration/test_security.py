@@ -11,12 +11,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import redis
 
 from tasks import jobs, keys
 from tests.integration.conftest import Preset, Stack, stack_fixture
+from tests.integration.helpers import rdb, wait_response
 from tests.integration.helpers import sdk as stack_sdk
-from tests.integration.helpers import wait_response
 
 KEY_A, KEY_B = "key-a", "key-b"
 WRONG_KEY = "sk-wrong-secret-0123"
@@ -279,7 +278,7 @@ def test_stored_job_has_the_owner_tag_and_a_capped_default(
     # No max_output_tokens: the default (512) is lowered to MAX_TOKENS_LIMIT.
     job = client_a.responses.create(model=model, input="Hi", background=True)
     client_a.responses.cancel(job.id)
-    stored = redis.Redis.from_url(sec.redis_url, decode_responses=True).hgetall(keys.job(job.id))
+    stored = rdb(sec).hgetall(keys.job(job.id))
     spec = jobs.JobSpec.model_validate_json(stored["spec"])
     meta = jobs.JobMeta.model_validate_json(stored["meta"])
     assert spec.sampling.max_tokens == MAX_TOKENS_LIMIT

@@ -4,6 +4,9 @@ every key name the service builds lies under one prefix. Clients are built, neve
 from __future__ import annotations
 
 import inspect
+import socket
+import ssl
+from pathlib import Path
 
 import pytest
 
@@ -14,12 +17,28 @@ from tasks.redis import (
     async_client,
     broker,
     sync_client,
+    tls_options,
 )
 from tasks.settings import Settings
 
 # Names in tasks/keys.py that are not Redis keys: Celery's own names (kombu prefixes a queue's
-# list itself, see generate_list), the prefix's parts and a priority.
-NOT_KEYS = {"NAMESPACE", "PREFIX", "GENERATE_QUEUE", "GENERATE_TASK", "BATCH_PRIORITY", "generate_queue"}
+# list itself, see generate_list), the prefix's parts, a priority and the ACL.
+NOT_KEYS = {
+    "NAMESPACE",
+    "PREFIX",
+    "GENERATE_QUEUE",
+    "GENERATE_TASK",
+    "BATCH_PRIORITY",
+    "generate_queue",
+    "ACL_COMMANDS",
+    "acl_rules",
+    "redis_server_args",
+    "DEFAULT_USER_OFF",
+    "TIERS",  # the fair index's tiers and its owner without API_KEYS: parts of keys
+    "NO_OWNER",
+    "PRIORITY_SEP",  # kombu's separator of a priority list's name, and the lists of one queue
+    "generate_lists",
+}
 
 
 def configured(**fields: object) -> Settings:
@@ -84,6 +103,7 @@ def test_celery_takes_the_factorys_broker_settings() -> None:
     assert celeryconfig.broker_url == b.url
     assert celeryconfig.broker_transport_options.items() >= b.transport_options.items()
     assert celeryconfig.task_publish_retry_policy == b.publish_retry_policy
+    assert celeryconfig.broker_use_ssl == b.use_ssl
 
 
 def test_every_key_name_lies_under_the_prefix() -> None:
@@ -101,3 +121,96 @@ def test_every_key_name_lies_under_the_prefix() -> None:
         arguments = ["x"] * len(inspect.signature(build).parameters)
         assert build(*arguments).startswith(keys.PREFIX), build.__name__
     assert keys.PREFIX.startswith(keys.NAMESPACE)
+    assert all(name.startswith(keys.PREFIX) for name in keys.generate_lists("x"))
+
+
+# --- TLS, a vanished Redis, the ACL ----------------------------------------------------------
+
+
+def test_tls_settings_reach_every_client_and_the_broker(tmp_path: Path) -> None:
+    files = {f: tmp_path / f"{f}.pem" for f in ("ca", "cert", "key")}
+    settings = configured(
+        redis_url="rediss://llmq:pw@redis.internal:6380/0",
+        redis_tls_ca_file=files["ca"],
+        redis_tls_cert_file=files["cert"],
+        redis_tls_key_file=files["key"],
+    )
+    expected = {
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+        "ssl_ca_certs": str(files["ca"]),
+        "ssl_certfile": str(files["cert"]),
+        "ssl_keyfile": str(files["key"]),
+    }
+    for client in (sync_client(settings, name="w"), async_client(settings, name="a")):
+        assert client.connection_pool.connection_kwargs.items() >= expected.items()
+    # kombu takes a rediss:// URL without broker_use_ssl with certificate checks off.
+    assert broker(settings).use_ssl == expected
+
+
+def test_a_rediss_url_alone_checks_the_certificate_against_the_system_cas() -> None:
+    settings = configured(redis_url="rediss://redis.internal:6380/0")
+    assert tls_options(settings) == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert broker(settings).use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
+def test_tls_files_without_a_rediss_url_are_refused(tmp_path: Path) -> None:
+    settings = configured(redis_tls_ca_file=tmp_path / "ca.pem")
+    with pytest.raises(UnsupportedRedisUrl, match="rediss://"):
+        sync_client(settings, name="w")
+    assert broker(configured()).use_ssl is None
+
+
+def test_tls_files_set_empty_are_no_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE"):
+        monkeypatch.setenv(name, "")  # as compose passes on a variable left empty in .env
+    settings = Settings(redis_url="redis://127.0.0.1:6379/0")  # type: ignore[call-arg]
+    assert (settings.redis_tls_ca_file, settings.redis_tls_cert_file, settings.redis_tls_key_file) == (
+        None,
+        None,
+        None,
+    )
+    assert tls_options(settings) == {}
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="TCP_USER_TIMEOUT is Linux's")
+def test_a_silent_peer_is_given_up_after_the_connect_timeout_except_by_the_files_client() -> None:
+    settings = configured()  # connect 2.5 s, reply 7 s
+    for client in (sync_client(settings, name="w"), async_client(settings, name="a")):
+        kwargs = client.connection_pool.connection_kwargs
+        assert kwargs["socket_keepalive"] is True
+        assert kwargs["socket_keepalive_options"][socket.TCP_USER_TIMEOUT] == 2500
+    files = async_client(settings, name="f", large_values=True).connection_pool.connection_kwargs
+    assert files["socket_keepalive_options"][socket.TCP_USER_TIMEOUT] == LARGE_VALUE_TIMEOUT_SECONDS * 1000
+    options = broker(settings).transport_options
+    assert options["socket_keepalive_options"][socket.TCP_USER_TIMEOUT] == 2500
+
+
+def test_a_unix_socket_gets_no_tcp_options() -> None:
+    client = sync_client(configured(redis_url="unix:///run/redis.sock"), name="w")
+    assert "socket_keepalive_options" not in client.connection_pool.connection_kwargs
+
+
+def test_the_acl_names_the_prefix_and_commands_not_categories() -> None:
+    rules = keys.acl_rules(db=3)
+    assert rules[:2] == ["resetkeys", "resetchannels"]
+    assert {r for r in rules if r[0] in "~&"} == {
+        "~llmq:*",
+        "&llmq:*",
+        "&llmq:/3.celeryev",
+        "&llmq:/3.celery.pidbox",
+    }
+    assert "-@all" in rules and not [r for r in rules if r.startswith("+@")]
+    granted = [r[1:] for r in rules if r.startswith("+")]
+    assert granted == [*keys.ACL_COMMANDS, "client|setinfo"] and len(set(granted)) == len(granted)
+    assert "+client|setinfo" not in keys.acl_rules(client_setinfo=False)  # Redis 7.0 and 7.1
+    # Nothing that reaches beyond one's own keys or changes the server.
+    assert not {"keys", "scan", "flushdb", "flushall", "config", "debug", "acl", "shutdown"} & set(granted)
+
+
+def test_make_runs_redis_with_the_urls_user_and_the_acl() -> None:
+    args = keys.redis_server_args("redis://llmq:p%40ss@127.0.0.1:6390/2", client_setinfo=False)
+    assert args == [
+        *keys.DEFAULT_USER_OFF, "--user", "llmq", "on", ">p@ss", *keys.acl_rules(2, client_setinfo=False)
+    ]  # fmt: skip
+    assert keys.redis_server_args("redis://:secret@127.0.0.1:6390/0") == ["--requirepass", "secret"]
+    assert keys.redis_server_args("redis://127.0.0.1:6390/0") == []
