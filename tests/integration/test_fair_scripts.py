@@ -15,7 +15,7 @@ import redis
 from tasks import events, jobs, keys
 from tasks.scripts import Scripts
 from tests import needs
-from tests.processes import start_redis
+from tests.processes import admin_url, start_redis
 
 pytestmark = pytest.mark.integration
 
@@ -44,15 +44,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def db(server: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(server, decode_responses=True, socket_timeout=10)
+    """The test's own view of Redis, as its admin: it sets up and inspects."""
+    client = redis.Redis.from_url(admin_url(server), decode_responses=True, socket_timeout=10)
     client.flushdb()  # each test starts from an empty database
     yield client
     client.close()
 
 
 @pytest.fixture
-def scripts(db: redis.Redis) -> Scripts:
-    return Scripts(db)
+def scripts(server: str, db: redis.Redis) -> Iterator[Scripts]:
+    """The scripts as the service runs them: as its user, under the README's ACL."""
+    client = redis.Redis.from_url(server, decode_responses=True, socket_timeout=10)
+    yield Scripts(client)
+    client.close()
 
 
 def new_job(owner: str, batch: str | None = None) -> jobs.NewJob:
