@@ -105,6 +105,25 @@ def _messages(items: list[InputMessage | FunctionCallItem | FunctionCallOutputIt
     return messages
 
 
+def _chat_function(tool: Any) -> Any:
+    """A Responses tool reference ({"type": "function", "name": ...}) in the chat form."""
+    if isinstance(tool, dict) and tool.get("type") == "function" and "function" not in tool:
+        return {"type": "function", "function": {"name": tool.get("name")}}
+    return tool
+
+
+def _chat_tool_choice(choice: Any) -> Any:
+    """The Responses API's flat tool_choice forms in the chat API's shape, which plan_tools reads:
+    {"type": "function", "name"} and {"type": "allowed_tools", "mode", "tools": [...]}."""
+    if not isinstance(choice, dict):
+        return choice
+    if choice.get("type") == "allowed_tools" and "allowed_tools" not in choice:
+        tools = choice.get("tools")
+        tools = [_chat_function(t) for t in tools] if isinstance(tools, list) else tools
+        return {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode"), "tools": tools}}
+    return _chat_function(choice)
+
+
 LOGPROBS_INCLUDE = "message.output_text.logprobs"  # the one `include` value served
 
 # Fields that change what the answer means and that this server does not do.
@@ -176,10 +195,9 @@ class ResponseCreateRequest(BaseModel):
     @cached_property
     def tool_plan(self) -> ToolPlan:
         """The tools checked and planned once per request (validation and the job both use it)."""
-        choice = self.tool_choice
-        if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
-            choice = {"type": "function", "function": {"name": choice.get("name")}}  # the flat form
-        return plan_tools(self.function_tools(), choice, self.parallel_tool_calls)
+        return plan_tools(
+            self.function_tools(), _chat_tool_choice(self.tool_choice), self.parallel_tool_calls
+        )
 
     def grammar(self) -> str | None:
         text_grammar = structured.text_format_grammar(self.text.format if self.text else None)

@@ -8,6 +8,7 @@ way). Every mode but `none` is grammar-constrained (llguidance, as structured ou
     required / a named function   one call (or several, with parallel_tool_calls) of the allowed
                                   functions, arguments valid against each one's `parameters`
     auto                          that, or plain text that does not start with "{"
+    allowed_tools                 auto or required, over the subset of functions it names
     none                          no tools in the prompt, no grammar, plain text
 
 The grammar fixes the call's exact spelling (key order, ", " and ": " separators, as json.dumps
@@ -143,6 +144,9 @@ def plan_tools(
         if choice != "none" and not tools:
             raise _refuse(f"tool_choice '{choice}' needs 'tools'.", "tool_choice")
         result = ToolPlan(choice, tuple(tools), tuple(names), parallel)  # type: ignore[arg-type]
+    elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        mode, allowed = _allowed_choice(choice, names)
+        result = ToolPlan(mode, tuple(tools), allowed, parallel)
     else:
         name = _named_choice(choice)
         if name not in names:
@@ -152,7 +156,46 @@ def plan_tools(
     return result
 
 
+def _unsupported(message: str) -> errors.InvalidRequest:
+    return errors.InvalidRequest(message, param="tool_choice", code="unsupported_value")
+
+
+def _allowed_choice(choice: dict[str, Any], names: list[str]) -> tuple[Mode, tuple[str, ...]]:
+    """OpenAI's `allowed_tools` choice, in the chat form ({"type": "allowed_tools", "allowed_tools":
+    {"mode", "tools": [{"type": "function", "function": {"name"}}]}}; the Responses API's flat form
+    is converted to it first): its mode, and the declared functions a call may name, in their
+    declared order. Only function tools can be allowed: there are no others here."""
+    allowed = choice.get("allowed_tools")
+    mode = allowed.get("mode") if isinstance(allowed, dict) else None
+    subset = allowed.get("tools") if isinstance(allowed, dict) else None
+    if mode not in ("auto", "required") or not isinstance(subset, list) or not subset:
+        raise _refuse(
+            "tool_choice of type 'allowed_tools' needs a mode ('auto' or 'required') and a non-empty "
+            "list of tools.",
+            "tool_choice",
+        )
+    chosen: set[str] = set()
+    for i, tool in enumerate(subset):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise _unsupported(
+                f"tool_choice allows tools[{i}] of type '{str(kind)[:40]}': only function tools are allowed."
+            )
+        function = tool.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str):
+            raise _refuse(f"tool_choice's allowed tools[{i}] needs a function name.", "tool_choice")
+        if name not in names:
+            raise _refuse(f"tool_choice allows '{name[:64]}', which is not among 'tools'.", "tool_choice")
+        chosen.add(name)
+    return mode, tuple(n for n in names if n in chosen)
+
+
 def _named_choice(choice: Any) -> str:
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if isinstance(kind, str) and kind != "function":
+        # OpenAI's other forms (a custom or MCP tool, a hosted tool) name tools that cannot exist here.
+        raise _unsupported(f"tool_choice of type '{kind[:40]}' is not supported; only function tools are.")
     function = choice.get("function") if isinstance(choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):

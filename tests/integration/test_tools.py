@@ -288,3 +288,76 @@ def test_responses_refuse_built_in_tools(client: openai.OpenAI, model_name: str)
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.create(model=model_name, input="hi", tools=[{"type": "web_search"}])
     assert isinstance(caught.value.body, dict) and caught.value.body.get("param") == "tools"
+
+
+RESPONSES_TIME: Any = {"type": "function", **TIME["function"]}
+NOOP_TOOL: Any = {
+    "type": "function",
+    "function": {"name": "noop", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+def test_allowed_tools_restrict_a_chat_turn_to_their_subset(client: openai.OpenAI, model_name: str) -> None:
+    subset = [
+        {"type": "function", "function": {"name": "get_time"}},
+        {"type": "function", "function": {"name": "noop"}},
+    ]
+    for mode in ("required", "auto"):
+        completion = client.chat.completions.create(
+            model=model_name, messages=ASK, tools=[WEATHER, TIME, NOOP_TOOL],
+            tool_choice={"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": subset}},
+            temperature=0, max_tokens=80,
+        )  # fmt: skip
+        calls = completion.choices[0].message.tool_calls or []
+        assert {c.function.name for c in calls} <= {"get_time", "noop"}  # type: ignore[union-attr]
+        if mode == "required":  # a call is forced, of the subset only, though the user asked for weather
+            assert calls and completion.choices[0].finish_reason == "tool_calls"
+        else:
+            assert calls or completion.choices[0].message.content
+
+
+def test_allowed_tools_restrict_a_responses_turn_to_their_subset(
+    client: openai.OpenAI, model_name: str
+) -> None:
+    response = client.responses.create(
+        model=model_name, input="What is the weather in Moscow?", tools=[RESPONSES_WEATHER, RESPONSES_TIME],
+        tool_choice={"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "get_time"}]},
+        temperature=0, max_output_tokens=80,
+    )  # fmt: skip
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert calls and {c.name for c in calls} == {"get_time"}
+    assert response.tool_choice.type == "allowed_tools"  # type: ignore[union-attr]  # echoed as sent
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "code"),
+    [
+        (
+            {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "nowhere"}]},
+            "invalid_value",
+        ),
+        (
+            {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "mcp", "server_label": "deepwiki"}]},
+            "unsupported_value",
+        ),
+        ({"type": "custom", "name": "grep"}, "unsupported_value"),
+        ({"type": "mcp", "server_label": "deepwiki"}, "unsupported_value"),
+        ({"type": "file_search"}, "unsupported_value"),
+    ],
+)
+def test_allowed_tools_naming_what_is_not_there_are_400(
+    client: openai.OpenAI, model_name: str, tool_choice: dict[str, Any], code: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(
+            model=model_name,
+            input="x",
+            tools=[RESPONSES_WEATHER],
+            tool_choice=tool_choice,  # type: ignore[arg-type]
+        )
+    assert caught.value.body == {  # type: ignore[comparison-overlap]
+        "message": caught.value.body["message"],  # type: ignore[index]
+        "type": "invalid_request_error",
+        "param": "tool_choice",
+        "code": code,
+    }

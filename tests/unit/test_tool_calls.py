@@ -15,6 +15,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from api import errors
+from api.responses.protocol import ResponseCreateRequest
 from api.serving import tools
 from api.serving.tools import FunctionTool
 from model.chat import TOOL_PROMPT, render_prompt
@@ -132,6 +133,75 @@ def test_bad_tools_are_400_naming_the_param(
         tools.plan_tools(tool_list(*specs), choice, None)
     assert caught.value.param == param
     assert words in caught.value.message
+
+
+TIME = {"type": "function", "function": {"name": "get_time"}}
+TIME_CALL = '{"name": "get_time", "parameters": {}}'
+
+
+def allowed(mode: str, *names: str) -> dict[str, Any]:
+    """OpenAI's allowed_tools choice in the chat form."""
+    subset = [{"type": "function", "function": {"name": n}} for n in names]
+    return {"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": subset}}
+
+
+def test_allowed_tools_serve_their_subset_as_auto_or_required(lltokenizer: tuple[Any, Any]) -> None:
+    declared = tool_list(WEATHER, NOOP, TIME)
+    required = tools.plan_tools(declared, allowed("required", "get_time", "get_weather"), None)
+    assert (required.mode, required.allowed) == ("required", ("get_weather", "get_time"))  # declared order
+    assert [t["function"]["name"] for t in required.prompt_tools()] == ["get_weather", "get_time"]
+    grammar = required.grammar()
+    assert grammar is not None
+    assert consumes(lltokenizer, grammar, CALL)
+    assert consumes(lltokenizer, grammar, f"{TIME_CALL}; {CALL}")
+    assert not consumes(lltokenizer, grammar, NOOP_CALL)  # declared, but not allowed
+    assert not consumes(lltokenizer, grammar, "Сейчас узнаю.")
+    auto = tools.plan_tools(declared, allowed("auto", "noop"), False).grammar()
+    assert auto is not None
+    assert consumes(lltokenizer, auto, NOOP_CALL)
+    assert consumes(lltokenizer, auto, "Просто текст.")
+    assert not consumes(lltokenizer, auto, CALL)
+
+
+@pytest.mark.parametrize(
+    ("choice", "code", "words"),
+    [
+        (allowed("required", "get_weather", "nowhere"), "invalid_value", "not among"),
+        (allowed("sometimes", "get_weather"), "invalid_value", "mode"),
+        (allowed("auto"), "invalid_value", "non-empty"),
+        ({"type": "allowed_tools"}, "invalid_value", "mode"),
+        (
+            {
+                "type": "allowed_tools",
+                "allowed_tools": {"mode": "auto", "tools": [{"type": "mcp", "server_label": "deepwiki"}]},
+            },
+            "unsupported_value",
+            "'mcp'",
+        ),
+        ({"type": "custom", "custom": {"name": "grep"}}, "unsupported_value", "'custom'"),
+        ({"type": "file_search"}, "unsupported_value", "'file_search'"),
+    ],
+)
+def test_allowed_tools_and_other_forms_refused(choice: dict[str, Any], code: str, words: str) -> None:
+    with pytest.raises(errors.InvalidRequest) as caught:
+        tools.plan_tools(tool_list(WEATHER, NOOP), choice, None)
+    assert (caught.value.param, caught.value.code) == ("tool_choice", code)
+    assert words in caught.value.message
+
+
+def test_responses_allowed_tools_form_is_the_chat_one() -> None:
+    request = ResponseCreateRequest.model_validate(
+        {
+            "input": "x",
+            "tools": [{"type": "function", "name": "noop"}, {"type": "function", "name": "get_time"}],
+            "tool_choice": {
+                "type": "allowed_tools",
+                "mode": "required",
+                "tools": [{"type": "function", "name": "noop"}],
+            },
+        }
+    )
+    assert (request.tool_plan.mode, request.tool_plan.allowed) == ("required", ("noop",))
 
 
 def test_past_calls_need_a_proper_name_and_object_arguments() -> None:
