@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from jinja2 import TemplateError
 
@@ -158,3 +158,48 @@ def end_of_turn_ids(tokenizer: Any, declared: Iterable[int]) -> frozenset[int]:
     vocab = tokenizer.get_vocab()
     ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
     return frozenset(ids)
+
+
+# --- truncation: "auto" ---------------------------------------------------------------------
+# A conversation too long for its model (a Responses chain continued by previous_response_id)
+# may be cut at its oldest turns: its leading system turns (the instructions) stay, and so does a
+# suffix that is a conversation on its own: one that does not open with a tool result, whose call
+# would then be gone. The last turn (the new input) always stays.
+
+M = TypeVar("M", bound="HasRole")
+
+
+class HasRole(Protocol):
+    @property
+    def role(self) -> str: ...
+
+
+def _head_length(messages: Sequence[HasRole]) -> int:
+    head = 0
+    while head < len(messages) - 1 and messages[head].role in ("system", "developer"):
+        head += 1
+    return head
+
+
+def truncated(messages: Sequence[M], fits: Callable[[list[M]], bool]) -> list[M] | None:
+    """The conversation with the fewest oldest turns dropped that `fits`, or None if even the
+    head and the last turn do not. `fits` is taken to be monotone: dropping more never makes a
+    conversation that fitted stop fitting; it is called O(log n) times (a render each, on a worker)."""
+    head = _head_length(messages)
+    starts = [p for p in range(head, len(messages)) if messages[p].role != "tool"]
+    if not starts:  # only tool results after the head: no cut leaves a well-formed conversation
+        starts = [len(messages) - 1]
+
+    def cut(p: int) -> list[M]:
+        return [*messages[:head], *messages[p:]]
+
+    low, high = 0, len(starts) - 1
+    if not fits(cut(starts[high])):
+        return None
+    while low < high:  # the first start whose cut fits
+        middle = (low + high) // 2
+        if fits(cut(starts[middle])):
+            high = middle
+        else:
+            low = middle + 1
+    return cut(starts[low])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from model.chat import end_of_turn_ids, render_prompt
+from model.chat import end_of_turn_ids, render_prompt, truncated
 from model.generation import Generation
 from model.grammar import Grammars
 from model.loading import LoadedModel
@@ -45,8 +45,18 @@ class Engine:
         """Token ids a request may name (logit_bias): the tokenizer's, added tokens included."""
         return int(self._tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=True))
 
-    def prepare(self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] = ()) -> Prompt:
+    def prepare(
+        self, messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] = (), truncate: bool = False
+    ) -> Prompt:
+        """The prompt's tokens; with `truncate`, the oldest turns dropped until it fits (model/chat.py
+        truncated(), a Responses request's truncation: "auto")."""
         ids = render_prompt(self._tokenizer, messages, tools)
+        if len(ids) >= self.context_length and truncate:
+            kept = truncated(
+                messages, lambda m: len(render_prompt(self._tokenizer, m, tools)) < self.context_length
+            )
+            if kept is not None:
+                ids = render_prompt(self._tokenizer, kept, tools)
         if len(ids) >= self.context_length:
             raise ContextLengthExceeded(len(ids), self.context_length)
         return Prompt(tuple(ids))

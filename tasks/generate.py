@@ -125,7 +125,7 @@ def _prepare(rt: WorkerRuntime, claimed: jobs.Claimed, created_at: float) -> Slo
         _write(rt, spec.id, events.Failed(code="model_not_found", message=message))
         return None
     try:
-        prompt = rt.engine.prepare(spec.to_messages(), spec.tools)
+        prompt = rt.engine.prepare(spec.to_messages(), spec.tools, truncate=spec.truncate)
     except ContextLengthExceeded as exc:
         _write(rt, spec.id, events.Failed(code="context_length_exceeded", message=str(exc)))
         return None

@@ -80,6 +80,10 @@ class JobSpec(BaseModel):
     # Function tools the prompt offers the model ({"type": "function", "function": {...}}); the
     # API has already checked them and holds the grammar its calls follow in `sampling.grammar`.
     tools: list[dict[str, Any]] = Field(default_factory=list)
+    # A Responses request's truncation: "auto": the worker drops the oldest turns of a prompt too
+    # long for its model until it fits (model/chat.py truncated()), where it would otherwise fail
+    # it with context_length_exceeded.
+    truncate: bool = False
 
     def to_messages(self) -> list[ChatMessage]:
         return [

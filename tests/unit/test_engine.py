@@ -262,6 +262,26 @@ def test_prompt_that_fills_the_context_is_refused(engine: Engine, prompt_tokens:
     assert (caught.value.prompt_tokens, caught.value.context_length) == (prompt_tokens, CONTEXT_LENGTH)
 
 
+def test_truncation_drops_the_oldest_turns_until_the_prompt_fits(engine: Engine) -> None:
+    """A Responses request's truncation: "auto": the system turn and the newest turns stay."""
+    long = user_message_of_length(engine, CONTEXT_LENGTH // 2 + 10)
+    chain = [
+        MESSAGES[0],
+        long,
+        ChatMessage("assistant", "Hi."),
+        long,
+        ChatMessage("assistant", "Hi."),
+        MESSAGES[1],
+    ]
+    with pytest.raises(ContextLengthExceeded):
+        engine.prepare(chain)
+    kept = engine.prepare(chain, truncate=True)
+    assert kept == engine.prepare([MESSAGES[0], *chain[2:]])  # one long turn fits, two do not
+    assert len(kept.token_ids) < CONTEXT_LENGTH
+    with pytest.raises(ContextLengthExceeded):  # nothing to drop: the last turn alone is too long
+        engine.prepare([MESSAGES[0], user_message_of_length(engine, CONTEXT_LENGTH + 1)], truncate=True)
+
+
 def test_prompt_one_short_of_the_context_gets_one_token(engine: Engine) -> None:
     prompt = engine.prepare([user_message_of_length(engine, CONTEXT_LENGTH - 1)])
     assert len(prompt.token_ids) == CONTEXT_LENGTH - 1
