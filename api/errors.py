@@ -217,6 +217,11 @@ _FAILURE_TYPES: dict[str, type[APIError]] = {
 _FAILURE_PARAMS = {"invalid_logit_bias": "logit_bias"}
 
 
+def is_request_failure(code: str) -> bool:
+    """Whether a job's failure code is the request's fault (a 4xx), not the service's."""
+    return code in _FAILURE_TYPES
+
+
 def from_failure(code: str, message: str) -> APIError:
     """The API error for a job's `failed` event."""
     return _FAILURE_TYPES.get(code, GenerationFailed)(message, code=code, param=_FAILURE_PARAMS.get(code))

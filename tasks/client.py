@@ -224,6 +224,12 @@ class JobClient:
         status = await self._scripts.run(jobs.cancel(job_id, ttl=self._ttl))
         return status if isinstance(status, str) else None
 
+    async def delete(self, job_id: str) -> str | None:
+        """Delete an ended job; 'deleted', or the status of a job still open (then kept), or None
+        if there is no such job."""
+        reply = await self._scripts.run(jobs.delete_ended(job_id))
+        return reply if isinstance(reply, str) else None
+
     def subscribe(self, job_id: str) -> EventFollower:
         return EventFollower(self._redis, job_id)
 

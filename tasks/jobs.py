@@ -63,6 +63,12 @@ class ResponseOptions(BaseModel):
     tools: list[dict[str, Any]] = Field(default_factory=list)  # as the request gave them
     tool_choice: str | dict[str, Any] = "none"
     parallel_tool_calls: bool = True
+    # Stored conversations (api/responses/conversations.py): whether the response's input and
+    # output may be listed and continued, the response it continued, and how an over-long
+    # conversation is cut.
+    store: bool = True
+    previous_response_id: str | None = None
+    truncation: Literal["auto", "disabled"] = "disabled"
 
 
 class JobSpec(BaseModel):
@@ -553,6 +559,16 @@ return 1
 """
 )
 
+# KEYS: the job's hash, log and cancel flag. Deletes an ended job (DELETE /v1/responses/{id});
+# returns 'deleted', the status of a job still open (left as it is), or false if there is none.
+DELETE_ENDED = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if status == 'queued' or status == 'in_progress' then return status end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return 'deleted'
+"""
+
 # ARGV: id, ttl, cancelled-event json. Ends a queued job at once; flags a running one for its
 # worker, which stops between tokens. Returns the status the job had.
 CANCEL = (
@@ -825,6 +841,11 @@ def append(job_id: str, event: events.AnyEvent, *, ttl: int) -> ScriptCall:
 def cancel(job_id: str, *, ttl: int) -> ScriptCall:
     """End a queued job now, or flag a running one for its worker; returns the status it had."""
     return ScriptCall(CANCEL, _job_keys(job_id), [job_id, ttl, events.encode(cancelled_event())])
+
+
+def delete_ended(job_id: str) -> ScriptCall:
+    """Delete an ended job's record and log; 'deleted', an open job's status, or None if none."""
+    return ScriptCall(DELETE_ENDED, [keys.job(job_id), keys.job_log(job_id), keys.job_cancel(job_id)], [])
 
 
 def reap(*, ttl: int, queue_timeout: float) -> ScriptCall:

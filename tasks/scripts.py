@@ -31,6 +31,7 @@ _ALL = (
     jobs.WITHDRAW,
     jobs.REAP,
     jobs.WAKE_DEFICIT,
+    jobs.DELETE_ENDED,
 )
 
 

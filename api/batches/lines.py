@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from api.chat_completion import serving as chat
 from api.chat_completion.protocol import ChatCompletionRequest
 from api.edge import body as strict_json
 from api.edge import request_ids
+from api.responses import conversations
 from api.responses import serving as responses
 from api.responses.protocol import ResponseCreateRequest
 from api.serving import caps, routing
@@ -46,11 +48,39 @@ def count_lines(content: bytes) -> int:
     return sum(1 for raw in content.splitlines() if raw.strip())
 
 
+# What each previous_response_id the lines name continues (api/responses/serving.py
+# conversation()), read before the lines are parsed, or the error a request naming it would get.
+Histories = Mapping[str, "list[jobs.Message] | errors.APIError"]
+
+
+def previous_response_ids(content: bytes) -> set[str]:
+    """The previous_response_id values the lines of a /v1/responses batch name, to be read before
+    parse_input() (which runs in a thread, away from Redis). Lines that are not JSON objects
+    name none here; parse_input() refuses them."""
+    found: set[str] = set()
+    for raw in content.splitlines():
+        try:
+            line = json.loads(raw)
+        except (ValueError, RecursionError):
+            continue
+        body = line.get("body") if isinstance(line, dict) else None
+        previous = body.get("previous_response_id") if isinstance(body, dict) else None
+        if isinstance(previous, str):
+            found.add(previous)
+    return found
+
+
 def parse_input(
-    content: bytes, endpoint: str, settings: Settings, models: Models, owner: str | None
+    content: bytes,
+    endpoint: str,
+    settings: Settings,
+    models: Models,
+    owner: str | None,
+    histories: Histories | None = None,
 ) -> ParsedInput:
     """Validate the whole file; CPU-bound (run it in a thread). Each line goes to the model its
-    body names, as a request would (a known model without workers now is fine: the line waits)."""
+    body names, as a request would (a known model without workers now is fine: the line waits).
+    `histories`: the conversations the lines' previous_response_id values continue."""
     out = ParsedInput()
     envelopes: list[tuple[int, bytes, str]] = []
     seen: set[str] = set()
@@ -70,7 +100,7 @@ def parse_input(
         return out
     for index, (_, raw, custom_id) in enumerate(envelopes):
         try:
-            job = _job_of(raw, endpoint, settings, models, owner)
+            job = _job_of(raw, endpoint, settings, models, owner, histories or {})
         except errors.APIError as exc:
             out.refused[index] = error_line(custom_id, exc)
             out.lines.append(Line(custom_id=custom_id))
@@ -118,7 +148,9 @@ def _envelope_problem(raw: bytes, endpoint: str, seen: set[str]) -> LineError | 
     return custom_id
 
 
-def _job_of(raw: bytes, endpoint: str, settings: Settings, models: Models, owner: str | None) -> jobs.NewJob:
+def _job_of(
+    raw: bytes, endpoint: str, settings: Settings, models: Models, owner: str | None, histories: Histories
+) -> jobs.NewJob:
     """The line's job, checked as its endpoint checks a request; raises the endpoint's error."""
     try:  # surrogates, NaN, duplicate keys...: the endpoint's own 400s
         request = strict_json.parse(raw)["body"]
@@ -136,7 +168,15 @@ def _job_of(raw: bytes, endpoint: str, settings: Settings, models: Models, owner
         # A line is answered in the output file: it never runs as a background response.
         response_request = response_request.model_copy(update={"background": False})
         model = routing.model_for(models, response_request.model, can_wait=True)
-        return response_request.to_job(LINE_JOB_ID, model, max_tokens_default, owner=owner)
+        history = None
+        if (previous := response_request.previous_response_id) is not None:
+            earlier = histories.get(previous, responses.not_found(previous, "previous_response_id"))
+            if isinstance(earlier, errors.APIError):
+                raise earlier
+            room = responses.history_room(response_request, settings)
+            truncation = response_request.truncation or "disabled"
+            history = conversations.fit_history(earlier, response_request.input_messages(), room, truncation)
+        return response_request.to_job(LINE_JOB_ID, model, max_tokens_default, owner=owner, history=history)
     except ValidationError as exc:
         raise errors.validation_error(exc.errors()) from None
 

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 
 import redis.exceptions
 
+from api import errors
 from api.batches import lines as batch_lines
+from api.responses import serving as responses
 from tasks import client as queue
 from tasks import jobs, logs
 from tasks.batches import BatchRecord, BatchStore, Line, LineError
@@ -201,8 +203,9 @@ class BatchRunner:
             return False
         try:
             models = await self._models.models(fresh=True)
+            histories = await self._histories(content, spec.endpoint, spec.owner)
             parsed = await asyncio.to_thread(
-                batch_lines.parse_input, content, spec.endpoint, self._settings, models, spec.owner
+                batch_lines.parse_input, content, spec.endpoint, self._settings, models, spec.owner, histories
             )
         except Exception:  # a bug in validation must fail this batch, not wedge it
             log.exception("batch input could not be validated")
@@ -221,6 +224,19 @@ class BatchRunner:
             "" if moved else " (cancelled meanwhile)",
         )
         return True
+
+    async def _histories(self, content: bytes, endpoint: str, owner: str | None) -> batch_lines.Histories:
+        """The conversations the lines continue (previous_response_id), each read once, as the
+        batch's owner may read them; an id it may not continue maps to the error a request gets."""
+        if endpoint != "/v1/responses":
+            return {}
+        found: dict[str, list[jobs.Message] | errors.APIError] = {}
+        for previous in await asyncio.to_thread(batch_lines.previous_response_ids, content):
+            try:
+                found[previous] = await responses.conversation(self._jobs, previous, owner)
+            except errors.APIError as exc:
+                found[previous] = exc
+        return found
 
     async def _fail(self, record: BatchRecord, problems: list[LineError]) -> None:
         errors_json = "[" + ",".join(p.model_dump_json() for p in problems) + "]"

@@ -128,7 +128,6 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"  # the one `include` value ser
 
 # Fields that change what the answer means and that this server does not do.
 _UNSUPPORTED: dict[str, Any] = {
-    "previous_response_id": None,
     "conversation": None,
     "prompt": None,
     "reasoning": None,
@@ -158,6 +157,9 @@ class ResponseCreateRequest(BaseModel):
     background: bool = False
     metadata: dict[str, str] | None = Field(None, max_length=16)
     store: bool = True
+    # Continues a stored response: its input and output come before this input (serving.py).
+    previous_response_id: str | None = Field(None, max_length=100)
+    truncation: Literal["auto", "disabled"] | None = None  # None: "disabled", as OpenAI
     # --- not in the OpenAI spec (vLLM has the same) ---
     ignore_eos: bool | None = None  # generate max_output_tokens regardless of end-of-turn tokens
     # --- end of vLLM's extension ---
@@ -223,14 +225,24 @@ class ResponseCreateRequest(BaseModel):
             grammar=self.grammar(),
         )
 
-    def to_job(
-        self, job_id: str, model: str, max_tokens_default: int, owner: str | None = None
-    ) -> jobs.NewJob:
-        messages = [jobs.Message(role="system", content=self.instructions)] if self.instructions else []
+    def input_messages(self) -> list[jobs.Message]:
+        """This request's own input as chat turns (no instructions, no earlier conversation)."""
         if isinstance(self.input, str):
-            messages.append(jobs.Message(role="user", content=self.input))
-        else:
-            messages += _messages(self.input)
+            return [jobs.Message(role="user", content=self.input)]
+        return _messages(self.input)
+
+    def to_job(
+        self,
+        job_id: str,
+        model: str,
+        max_tokens_default: int,
+        owner: str | None = None,
+        history: list[jobs.Message] | None = None,
+    ) -> jobs.NewJob:
+        """The job; `history`: the conversation previous_response_id continues, as chat turns
+        (api/responses/conversations.py), which goes between the instructions and the input."""
+        messages = [jobs.Message(role="system", content=self.instructions)] if self.instructions else []
+        messages += [*(history or []), *self.input_messages()]
         plan = self.tool_plan
         spec = jobs.JobSpec(
             id=job_id,
@@ -239,6 +251,7 @@ class ResponseCreateRequest(BaseModel):
             messages=messages,
             tools=plan.prompt_tools(),
             sampling=self.to_sampling(max_tokens_default),
+            truncate=self.truncation == "auto",
         )
         options = jobs.ResponseOptions(
             instructions=self.instructions,
@@ -248,6 +261,9 @@ class ResponseCreateRequest(BaseModel):
             tools=self.tools or [],
             tool_choice=self.tool_choice or ("auto" if self.tools else "none"),
             parallel_tool_calls=plan.parallel,
+            store=self.store,
+            previous_response_id=self.previous_response_id,
+            truncation=self.truncation or "disabled",
         )
         return jobs.NewJob(spec=spec, meta=jobs.JobMeta(owner=owner, response=options))
 
@@ -329,11 +345,50 @@ class Response(BaseModel):
     tool_choice: str | dict[str, Any] = "none"
     tools: list[Any] = Field(default_factory=list)
     text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
-    truncation: Literal["disabled"] = "disabled"
+    truncation: Literal["auto", "disabled"] = "disabled"
     store: bool = True
+    previous_response_id: str | None = None
     usage: ResponseUsage | None = None
 
     @property
     def output_text(self) -> str:
         messages = (item for item in self.output if isinstance(item, OutputMessage))
         return "".join(part.text for item in messages for part in item.content)
+
+
+# --- stored conversations: GET /v1/responses/{id}/input_items, DELETE /v1/responses/{id} ----
+
+
+class StoredInputMessage(BaseModel):
+    """A system, developer or user message a response was given, as OpenAI lists it."""
+
+    type: Literal["message"] = "message"
+    id: str
+    status: ItemStatus = "completed"
+    role: Literal["system", "developer", "user"]
+    content: list[InputText]
+
+
+class FunctionCallOutput(BaseModel):
+    type: Literal["function_call_output"] = "function_call_output"
+    id: str
+    call_id: str
+    output: str
+    status: ItemStatus = "completed"
+
+
+ListedItem = StoredInputMessage | OutputMessage | OutputFunctionCall | FunctionCallOutput
+
+
+class ResponseItemList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ListedItem]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    deleted: bool = True

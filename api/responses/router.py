@@ -1,8 +1,9 @@
-"""/v1/responses: create (blocking, streamed or background), retrieve or resume, cancel."""
+"""/v1/responses: create (blocking, streamed or background), retrieve or resume, cancel, delete, and
+list a stored response's input items."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
@@ -10,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from api.deps import CallerDep, JobsDep, LimitsDep, ModelsDep, SettingsDep
 from api.edge import sse
 from api.edge.body import StrictJSONRoute
-from api.responses.protocol import Response, ResponseCreateRequest
+from api.responses.protocol import DeletedResponse, Response, ResponseCreateRequest, ResponseItemList
 from api.responses.serving import ResponsesService
 from api.serving.following import ClientWatch
 
@@ -59,3 +60,21 @@ async def retrieve_response(
 @router.post("/v1/responses/{response_id}/cancel")
 async def cancel_response(response_id: str, svc: ServiceDep) -> Response:
     return await svc.cancel(response_id)
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(
+    response_id: str,
+    svc: ServiceDep,
+    after: Annotated[str | None, Query(max_length=100)] = None,
+    before: Annotated[str | None, Query(max_length=100)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Literal["asc", "desc"] = "desc",
+) -> ResponseItemList:
+    # OpenAI's `include` adds fields of built-in tools' items, which never occur here: ignored.
+    return await svc.input_items(response_id, limit=limit, order=order, after=after, before=before)
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, svc: ServiceDep) -> DeletedResponse:
+    return await svc.delete(response_id)

@@ -14,13 +14,15 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from api import errors
 from api.edge import sse
 from api.edge.rate_limits import RateLimiter
+from api.responses import conversations
 from api.responses.protocol import (
     LOGPROBS_INCLUDE,
+    DeletedResponse,
     FunctionCallItem,
     IncompleteDetails,
     OutputFunctionCall,
@@ -29,6 +31,7 @@ from api.responses.protocol import (
     Response,
     ResponseCreateRequest,
     ResponseError,
+    ResponseItemList,
     ResponseStatus,
     ResponseUsage,
 )
@@ -117,6 +120,9 @@ class ResponseView:
             top_logprobs=self.spec.sampling.top_logprobs if self.spec.sampling.logprobs else None,
             tool_choice=self.options.tool_choice,
             tools=self.options.tools,
+            truncation=self.options.truncation,
+            store=self.options.store,
+            previous_response_id=self.options.previous_response_id,
             usage=self.usage,
         )
 
@@ -243,6 +249,60 @@ def _sse(event: dict[str, Any]) -> str:
     return f"event: {event['type']}\n" + sse.data(json.dumps(event, ensure_ascii=False))
 
 
+def not_found(response_id: str, param: str) -> errors.NotFound:
+    return errors.NotFound(f"No response with id '{response_id[:80]}'.", param=param)
+
+
+async def _owned(client: JobClient, response_id: str, owner: str | None, param: str) -> jobs.JobRecord:
+    """The record of the caller's response with this id; NotFound (naming `param`) otherwise."""
+    # Only ids this service hands out reach Redis: a key built from "resp_X:log" would be
+    # another key of job X (and the wrong type), so anything else is unknown without a look.
+    if not RESPONSE_ID.fullmatch(response_id):
+        raise not_found(response_id, param)
+    try:
+        record = await client.record(response_id)
+    except JobNotFound:
+        raise not_found(response_id, param) from None
+    # A chat completion's job is not a Response; another key's job is not there for this
+    # caller: the same 404 as an unknown id, so its existence is not revealed either.
+    # A batch line is its batch's: it is read, and cancelled, through /v1/batches only.
+    if record.spec.kind != "response" or record.meta.owner != owner or record.spec.batch:
+        raise not_found(response_id, param)
+    return record
+
+
+def _stored(record: jobs.JobRecord, param: str) -> jobs.ResponseOptions:
+    """A stored response's options; NotFound (naming `param`) for one created with store: false."""
+    options = record.meta.response or jobs.ResponseOptions()
+    if not options.store:
+        raise errors.NotFound(f"The response '{record.spec.id}' was not stored (store: false).", param=param)
+    return options
+
+
+async def conversation(client: JobClient, response_id: str, owner: str | None) -> list[jobs.Message]:
+    """The conversation a new response continues (previous_response_id): what the stored
+    response `response_id` was given, its instructions left out, and what it answered."""
+    param = "previous_response_id"
+    record = await _owned(client, response_id, owner, param)
+    options = _stored(record, param)
+    if record.status in ("queued", "in_progress"):
+        # As OpenAI: a response still being generated has no output to continue from yet.
+        raise errors.InvalidRequest(
+            f"The response '{response_id}' is still {record.status}; continue it once it has ended.",
+            param=param,
+        )
+    view = ResponseView(record.spec, record.meta, record.created_at)
+    for event in await client.log(response_id):
+        view.apply(event)
+    return conversations.given(record.spec, options) + conversations.answered(view.snapshot().output)
+
+
+def history_room(request: ResponseCreateRequest, settings: Settings) -> int:
+    """How many turns a continued conversation may hold before this request's input: MAX_MESSAGES,
+    less the instructions' turn."""
+    return settings.max_messages - (1 if request.instructions else 0)
+
+
 def validate(request: ResponseCreateRequest, settings: Settings) -> None:
     """Everything checked before a job exists; the batch API checks its lines with this too."""
     if (param := request.unsupported_param()) is not None:
@@ -283,11 +343,19 @@ class ResponsesService:
         return await route(self._models, request.model)
 
     async def _new_job(self, request: ResponseCreateRequest, model: str) -> jobs.NewJob:
+        history = None
+        if request.previous_response_id is not None:
+            earlier = await conversation(self._client, request.previous_response_id, self._owner)
+            room = history_room(request, self._settings)
+            history = conversations.fit_history(
+                earlier, request.input_messages(), room, request.truncation or "disabled"
+            )
         job = request.to_job(
             jobs.new_job_id("response"),
             model,
             max_tokens_default=caps.default_max_tokens(self._settings),
             owner=self._owner,
+            history=history,
         )
         logs.job_id_var.set(job.spec.id)
         if self._limits is not None:
@@ -307,7 +375,8 @@ class ResponsesService:
         job = await self._new_job(request, model)
         follow = self._follow(job.spec.id, cancel_on_close=not request.background)
         view = ResponseView(job.spec, job.meta, await follow.submit(job))
-        return self._stream(view, follow, after=-1)
+        first = await self._first(follow, self._settings.stream_ping_seconds)
+        return self._stream(view, follow, after=-1, first=first)
 
     async def create_blocking(
         self, request: ResponseCreateRequest, model: str, gone: asyncio.Event
@@ -317,7 +386,23 @@ class ResponsesService:
         job = await self._new_job(request, model)
         follow = self._follow(job.spec.id, gone=gone)
         view = ResponseView(job.spec, job.meta, await follow.submit(job))
-        return await self._collect(view, follow)
+        return await self._collect(view, follow, await self._first(follow, None))
+
+    async def _first(self, follow: Follow, wait: float | None) -> events.AnyEvent | None:
+        """The job's first event, waited for up to `wait` seconds (None: until it comes). A job
+        that failed for the request's fault before it started (a conversation too long for the
+        model's context) is then the HTTP error, as a chat completion's is, not a failed
+        Response; a stream still queued after `wait` starts anyway, and such an error then
+        ends it as a failed Response."""
+        try:
+            first = await follow.next(wait)
+        except BaseException:
+            await asyncio.shield(follow.close())
+            raise
+        if isinstance(first, events.Failed) and errors.is_request_failure(first.code):
+            await follow.close()
+            raise errors.from_failure(first.code, first.message)
+        return first
 
     async def retrieve(self, job_id: str) -> Response:
         view = await self._view(job_id)
@@ -342,23 +427,44 @@ class ResponsesService:
                 return response
             await asyncio.sleep(0.05)
 
+    async def input_items(
+        self,
+        job_id: str,
+        *,
+        limit: int,
+        order: Literal["asc", "desc"],
+        after: str | None = None,
+        before: str | None = None,
+    ) -> ResponseItemList:
+        """The items a stored response was given (the conversation it continued included)."""
+        record = await self._record(job_id)
+        options = _stored(record, "response_id")
+        listed = conversations.items(job_id, conversations.given(record.spec, options))
+        return conversations.page(listed, limit=limit, order=order, after=after, before=before)
+
+    async def delete(self, job_id: str) -> DeletedResponse:
+        """Delete an ended response's record and log. One still queued or running is refused
+        (400): cancel it first, so that it ends, and is counted and announced, once."""
+        await self._record(job_id)
+        status = await self._client.delete(job_id)
+        if status is None:  # it expired meanwhile
+            raise not_found(job_id, "response_id")
+        if status != "deleted":
+            raise errors.InvalidRequest(
+                f"The response '{job_id}' is still {status}; cancel it before deleting it.",
+                param="response_id",
+            )
+        log.info("response deleted")
+        return DeletedResponse(id=job_id)
+
+    async def _record(self, job_id: str) -> jobs.JobRecord:
+        record = await _owned(self._client, job_id, self._owner, "response_id")
+        logs.job_id_var.set(job_id)  # this request's logs and x-request-id name the job
+        return record
+
     async def _view(self, job_id: str) -> ResponseView:
         """The caller's response with this id, before any of its events; NotFound otherwise."""
-        not_found = errors.NotFound(f"No response with id '{job_id[:80]}'.", param="response_id")
-        # Only ids this service hands out reach Redis: a key built from "resp_X:log" would be
-        # another key of job X (and the wrong type), so anything else is unknown without a look.
-        if not RESPONSE_ID.fullmatch(job_id):
-            raise not_found
-        try:
-            record = await self._client.record(job_id)
-        except JobNotFound:
-            raise not_found from None
-        # A chat completion's job is not a Response; another key's job is not there for this
-        # caller: the same 404 as an unknown id, so its existence is not revealed either.
-        # A batch line is its batch's: it is read, and cancelled, through /v1/batches only.
-        if record.spec.kind != "response" or record.meta.owner != self._owner or record.spec.batch:
-            raise not_found
-        logs.job_id_var.set(job_id)  # this request's logs and x-request-id name the job
+        record = await self._record(job_id)
         return ResponseView(record.spec, record.meta, record.created_at)
 
     def _follow(self, job_id: str, gone: asyncio.Event | None = None, cancel_on_close: bool = True) -> Follow:
@@ -367,8 +473,10 @@ class ResponsesService:
             self._client, job_id, timeout_seconds=timeout, gone=gone, cancel_on_close=cancel_on_close
         )
 
-    async def _collect(self, view: ResponseView, follow: Follow) -> Response:
+    async def _collect(self, view: ResponseView, follow: Follow, first: events.AnyEvent | None) -> Response:
         try:
+            if first is not None:
+                view.apply(first)
             while not follow.ended:
                 event = await follow.next()
                 if event is not None:
@@ -377,9 +485,12 @@ class ResponsesService:
         finally:
             await asyncio.shield(follow.close())
 
-    async def _stream(self, view: ResponseView, follow: Follow, after: int) -> AsyncIterator[str]:
+    async def _stream(
+        self, view: ResponseView, follow: Follow, after: int, first: events.AnyEvent | None = None
+    ) -> AsyncIterator[str]:
         try:
-            for out in view.opening():
+            opening = view.opening() + (view.apply(first) if first is not None else [])
+            for out in opening:
                 if out["sequence_number"] > after:
                     yield _sse(out)
             while not follow.ended:

@@ -186,7 +186,9 @@ def test_unknown_ids_are_404(stack: Stack, client: openai.OpenAI, model_name: st
     ("body", "status", "param"),
     [
         ({"input": "x", "tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, 400, "tools"),
-        ({"input": "x", "previous_response_id": "resp_1"}, 400, "previous_response_id"),
+        ({"input": "x", "previous_response_id": "resp_1"}, 404, "previous_response_id"),  # no such response
+        ({"input": "x", "truncation": "sometimes"}, 400, "truncation"),
+        ({"input": "x", "conversation": "conv_1"}, 400, "conversation"),
         ({"input": "x", "text": {"format": {"type": "xml"}}}, 400, "text.format"),
         ({"input": "x", "temperature": 9}, 400, "temperature"),
         ({"input": 5}, 400, "input"),
