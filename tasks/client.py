@@ -16,7 +16,7 @@ from redis.asyncio.client import PubSub
 
 from tasks import events, jobs, keys
 from tasks.celery_app import app
-from tasks.scripts import AsyncScripts
+from tasks.scripts import AsyncScripts, wait_of
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class JobClient:
         self._redis = client
         self._settings = settings
         self._ttl = settings.job_ttl_seconds
-        self._scripts = AsyncScripts(client)
+        self._scripts = AsyncScripts(client, wait_of(settings))
         # Owner tag -> share (API_KEY_WEIGHTS, mapped by the API, which owns the tags); others 1.
         self._weights = dict(weights or {})
 
