@@ -11,6 +11,7 @@ re-asks the sentinels), not a performance figure: bench/failover.py measures the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import signal
@@ -18,14 +19,18 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
+import kombu
 import openai
 import pytest
 import redis
 
 from tasks import events, keys
+from tasks.redis import async_client, broker, sync_client
+from tasks.settings import Settings
 from tests.integration.conftest import Stack
 from tests.integration.helpers import TERMINAL, long_chat, sdk, wait_batch, wait_for
 from tests.processes import (
@@ -37,6 +42,7 @@ from tests.processes import (
     start_worker,
     wait_healthy,
 )
+from tests.tls import CertAuthority
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +150,9 @@ def serve_again(api_url: str, since: float) -> float:
     body = {"model": MODEL, "messages": HI, "max_tokens": 2, "stream": True}
     while True:
         try:
-            with httpx.stream("POST", f"{api_url}/v1/chat/completions", json=body, timeout=SERVE_AGAIN_SECONDS) as r:
+            with httpx.stream(
+                "POST", f"{api_url}/v1/chat/completions", json=body, timeout=SERVE_AGAIN_SECONDS
+            ) as r:
                 if r.status_code == 200:
                     return time.monotonic() - since
         except httpx.HTTPError:
@@ -246,3 +254,49 @@ def test_job_scripts_survive_a_new_masters_empty_script_cache(ha: HaStack) -> No
 def test_the_sentinels_refused_the_service_nothing(ha: HaStack) -> None:
     for port in ha.ha.sentinels:
         assert ha.ha.sentinel(port).acl_log() == [], port
+
+
+def settings_for(replicated: ReplicatedRedis) -> Settings:
+    env = replicated.env()
+    return Settings(  # type: ignore[call-arg]
+        **{name.lower(): value for name, value in env.items()}, redis_failover_seconds=SERVE_AGAIN_SECONDS
+    )
+
+
+def test_over_tls_the_clients_and_the_broker_follow_a_failover(tmp_path: Path) -> None:
+    """Sentinels and data nodes on TLS only, with the test CA's certificates (IP SANs: the
+    sentinels name the master by address); the service's clients and Celery's broker are
+    built as the service builds them (tasks/redis.py)."""
+    ca = CertAuthority.make(tmp_path / "ca")
+    replicated = start_replicated_redis(tmp_path, tls=ca)
+    try:
+        settings = settings_for(replicated)
+        client = sync_client(settings, name="llmq-test")
+        client.set(f"{keys.PREFIX}tls", "before")
+        b = broker(settings)
+        with kombu.Connection(b.url, transport_options=b.transport_options, ssl=b.use_ssl) as conn:
+            queue = conn.SimpleQueue("failover-tls")
+            queue.put({"n": 1})
+            master = replicated.master_port()
+            replicated.wait_replicated(master)
+            client.execute_command("WAIT", 1, 1000)
+            replicated.nodes[master].stop(signal.SIGKILL)
+            client.set(f"{keys.PREFIX}tls", "after")  # retried until the new master answers
+            assert replicated.master_port() != master
+            queue.put({"n": 2})  # kombu asks the sentinels again
+            assert [queue.get(timeout=10).payload["n"] for _ in range(2)] == [1, 2]
+            queue.close()
+
+        async def read() -> str | None:
+            aclient = async_client(settings, name="llmq-test-async")
+            try:
+                return await aclient.get(f"{keys.PREFIX}tls")  # type: ignore[no-any-return]
+            finally:
+                await aclient.aclose()
+
+        assert asyncio.run(read()) == "after"
+        for port, svc in replicated.nodes.items():
+            if svc.proc.poll() is None:
+                assert replicated.node(port).acl_log() == [], port
+    finally:
+        replicated.stop()
