@@ -829,7 +829,7 @@ def append(job_id: str, event: events.AnyEvent, *, ttl: int) -> ScriptCall:
     """Append an event (and end the job, if terminal) unless it has ended; its seq, or -1.
     Safe to run again (a retry after a lost reply): the event is appended once."""
     if not events.is_terminal(event):
-        args = [job_id, ttl, events.encode(event), "0", next(_writes)]
+        args: list[str | int | float] = [job_id, ttl, events.encode(event), "0", next(_writes)]
         return ScriptCall(APPEND_EVENT, _job_keys(job_id), args)
     fields = terminal_fields(event)  # type: ignore[arg-type]
     pairs = [x for kv in fields.items() for x in kv]

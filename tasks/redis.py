@@ -267,7 +267,7 @@ def async_client(
     timeout = max(settings.redis_timeout_seconds, LARGE_VALUE_TIMEOUT_SECONDS) if large_values else None
     options = connection_options(settings, timeout_seconds=timeout)
     backoff, retries = retry_policy(settings)
-    extra = {
+    extra: dict[str, Any] = {
         "retry": redis.asyncio.retry.Retry(backoff, retries),
         "decode_responses": decode_responses,
         "client_name": name,
@@ -286,7 +286,11 @@ def sync_client(settings: Settings, *, name: str) -> redis.Redis:
     """A blocking client (the worker's threads), decoding replies to str."""
     options = connection_options(settings)
     backoff, retries = retry_policy(settings)
-    extra = {"retry": redis.retry.Retry(backoff, retries), "decode_responses": True, "client_name": name}
+    extra: dict[str, Any] = {
+        "retry": redis.retry.Retry(backoff, retries),
+        "decode_responses": True,
+        "client_name": name,
+    }
     if url := sentinel_url(settings.redis_url):
         sentinel = _sentinel(settings, url, asynchronous=False)
         kwargs = _master_kwargs(settings, url, options)
