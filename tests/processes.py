@@ -302,7 +302,8 @@ class ReplicatedRedis:
 
     def start_node(self, port: int, master_port: int | None, extra: Sequence[str] = ()) -> Service:
         name = f"redis-{port}"
-        args = [*replication_args(master_port), *extra]
+        # A replica writes the copy it receives to disk: in the log directory, not the checkout.
+        args = [*replication_args(master_port), "--dir", str(self.log_dir), *extra]
         if self.tls is not None:  # replication over TLS too, showing the client certificate
             args += [
                 "--tls-replication", "yes",
