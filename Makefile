@@ -59,9 +59,11 @@ run: install
 	pids=()
 	stop() { trap - INT TERM EXIT; kill "$${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 	trap stop INT TERM EXIT
-	# Asked as the service asks it (tasks/redis.py): REDIS_URL's user and password, REDIS_TLS_*.
+	# Asked as the service asks it (tasks/redis.py): REDIS_URL's user and password, REDIS_TLS_*,
+	# and under Sentinel the sentinels (REDIS_SENTINEL_*) for the master, retried through a failover.
 	if ! $(PY) -c "from tasks.redis import sync_client; from tasks.settings import get_settings; sync_client(get_settings(), name='make-run').ping()" 2>/dev/null; then
 	  case "$$REDIS_URL" in rediss://*) echo "no Redis answers at REDIS_URL (TLS, REDIS_TLS_*): make run starts only a plain local one"; exit 1;; esac
+	  case "$$REDIS_URL" in sentinel://*) echo "no master answers through the sentinels of REDIS_URL (REDIS_SENTINEL_*): make run starts only a plain local Redis"; exit 1;; esac
 	  port=$$($(PY) -c "import os; from urllib.parse import urlparse; print(urlparse(os.environ['REDIS_URL']).port or 6379)")
 	  command -v redis-server >/dev/null || { echo "no Redis at REDIS_URL and no redis-server installed (apt-get install redis-server / brew install redis)"; exit 1; }
 	  # A password in REDIS_URL: the local Redis gets its user with the README's minimal ACL.

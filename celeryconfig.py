@@ -12,6 +12,9 @@ task_publish_retry_policy = _broker.publish_retry_policy
 broker_connection_retry_on_startup = True
 # Keep reconnecting after Redis goes away (None = forever), so workers resume on their own.
 broker_connection_max_retries = None
+# A Sentinel failover leaves connections on the demoted master, which answers READONLY: a channel
+# error, on which Celery reconnects (asking the sentinels for the new master) only with this.
+broker_channel_error_retry = True
 # Redis redelivers a message not acknowledged within this time. A generation may outlast it:
 # the claim in tasks/jobs.py makes a second delivery a no-op, so it never runs twice.
 # Priorities: kombu keeps one Redis list per priority step and pops the highest step first, so a

@@ -213,6 +213,8 @@ _FAILURE_TYPES: dict[str, type[APIError]] = {
     "invalid_grammar": InvalidRequest,
     # Only the worker knows its model's vocabulary.
     "invalid_logit_bias": InvalidRequest,
+    # A Redis failover lost the job's record (tasks/client.py LOST): worth submitting again.
+    "job_lost": ServiceUnavailable,
 }
 _FAILURE_PARAMS = {"invalid_logit_bias": "logit_bias"}
 

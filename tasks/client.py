@@ -16,7 +16,7 @@ from redis.asyncio.client import PubSub
 
 from tasks import events, jobs, keys
 from tasks.celery_app import app
-from tasks.scripts import AsyncScripts
+from tasks.scripts import AsyncScripts, wait_of
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,12 @@ SUBSCRIBE_ATTEMPTS = 5
 # What a repair wake-up carries where a job's own carries its id (the task claims whichever job
 # the fair index puts first either way; the id is for logs and Flower).
 WAKE_UP = "wake-up"
+
+
+# What a follower reads when the job's record vanished under it (EventFollower.events).
+LOST = events.Failed(
+    code="job_lost", message="The queue lost this job (a Redis failover or its expiry); submit it again."
+)
 
 
 class JobNotFound(LookupError):
@@ -64,7 +70,7 @@ class JobClient:
         self._redis = client
         self._settings = settings
         self._ttl = settings.job_ttl_seconds
-        self._scripts = AsyncScripts(client)
+        self._scripts = AsyncScripts(client, wait_of(settings))
         # Owner tag -> share (API_KEY_WEIGHTS, mapped by the API, which owns the tags); others 1.
         self._weights = dict(weights or {})
 
@@ -290,11 +296,24 @@ class EventFollower:
         assert self._pubsub is not None, "use inside 'async with'"
         next_seq = after + 1
         read_log = True
+        first = True
         while True:
             if read_log:
                 # The log holds everything appended so far: the catch-up path, and the repair
-                # path after a quiet spell or a gap in what pub/sub delivered.
-                stored = await self._redis.lrange(keys.job_log(self._job_id), next_seq, -1)  # type: ignore[misc]
+                # path after a quiet spell or a gap in what pub/sub delivered (pub/sub readers
+                # lose what was published while their connection was down, as at a failover:
+                # redis-py resubscribes, and this re-read catches up).
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.lrange(keys.job_log(self._job_id), next_seq, -1)
+                pipe.exists(keys.job(self._job_id))
+                stored, exists = await pipe.execute()
+                if not stored and not exists and not first:
+                    # The record is gone while its follower waits: a failover lost the write
+                    # that admitted it (asynchronous replication), or it expired. Nothing will
+                    # ever end it, so its follower ends it here, in the terminal event's shape.
+                    yield events.decode(next_seq, events.encode(LOST))
+                    return
+                first = False
                 for payload in stored:
                     event = events.decode(next_seq, payload)
                     next_seq += 1

@@ -8,8 +8,10 @@ already ended, whoever (worker, API, a later reaper) tries.
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -466,8 +468,11 @@ return 1
 """
 )
 
-# ARGV: id, ttl, event json, '1' if terminal, then field/value pairs for the record.
-# Appends the event unless the job already ended; returns its sequence number, or -1.
+# ARGV: id, ttl, event json, '1' if terminal, then field/value pairs for the record; or '0'
+# and the write's number (append: rising, per worker process). Appends the event unless the job
+# already ended; returns its sequence number, or -1. Runs once per event: a retried call (its
+# reply lost with a connection, as at a Sentinel failover) finds the job ended, or its number
+# not above the job's `written`, and appends nothing twice.
 APPEND_EVENT = (
     _PRELUDE
     + _JOB_KEYS
@@ -476,6 +481,11 @@ local id, ttl, event = ARGV[1], ARGV[2], ARGV[3]
 if not is_open(redis.call('HGET', job, 'status')) then return -1 end
 if ARGV[4] == '1' then
   return end_job(job, log, channel, lease, running, queued, id, ttl, event, {unpack(ARGV, 5)})
+end
+local write = tonumber(ARGV[5])
+if write then
+  if write <= tonumber(redis.call('HGET', job, 'written') or '0') then return -1 end
+  redis.call('HSET', job, 'written', ARGV[5])
 end
 local seq = redis.call('RPUSH', log, event) - 1
 redis.call('EXPIRE', log, ttl)
@@ -829,10 +839,18 @@ def claim(job_id: str, *, ttl: int, worker: str, lease_seconds: int, queue_timeo
     return ScriptCall(CLAIM, _job_keys(job_id), args)
 
 
+# Numbers of this process's event writes (APPEND_EVENT's guard against appending one twice). Only
+# a job's claimer writes its events, and numbers from microseconds since the epoch rise across a
+# worker's restarts too; they stay below 2**53, exact in Lua's numbers.
+_writes = itertools.count(time.time_ns() // 1000)
+
+
 def append(job_id: str, event: events.AnyEvent, *, ttl: int) -> ScriptCall:
-    """Append an event (and end the job, if terminal) unless it has ended; its seq, or -1."""
+    """Append an event (and end the job, if terminal) unless it has ended; its seq, or -1.
+    Safe to run again (a retry after a lost reply): the event is appended once."""
     if not events.is_terminal(event):
-        return ScriptCall(APPEND_EVENT, _job_keys(job_id), [job_id, ttl, events.encode(event), "0"])
+        args: list[str | int | float] = [job_id, ttl, events.encode(event), "0", next(_writes)]
+        return ScriptCall(APPEND_EVENT, _job_keys(job_id), args)
     fields = terminal_fields(event)  # type: ignore[arg-type]
     pairs = [x for kv in fields.items() for x in kv]
     return ScriptCall(APPEND_EVENT, _job_keys(job_id), [job_id, ttl, events.encode(event), "1", *pairs])

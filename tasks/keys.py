@@ -232,7 +232,25 @@ ACL_COMMANDS = (
     "multi", "exec", "watch", "unwatch",
     # Events and Celery's task events and remote control.
     "publish", "subscribe", "unsubscribe", "psubscribe", "punsubscribe",
+    # Durability (REDIS_WAIT_REPLICAS, tasks/scripts.py): a job's write acknowledged by replicas.
+    "wait",
 )  # fmt: skip
+
+# What the service's clients send a sentinel (a Sentinel REDIS_URL): redis-py asks for the
+# master (SENTINEL MASTERS, checking its state) and, where it looks for replicas, SENTINEL
+# REPLICAS; an idle connection is checked with PING. The sentinel's own ACL, with
+# REDIS_SENTINEL_USERNAME: never `&*` or the `__sentinel__:hello` channel, through which a
+# client could forge the topology the sentinels agree on.
+SENTINEL_ACL_COMMANDS = (
+    "ping", "sentinel|masters", "sentinel|master", "sentinel|replicas", "sentinel|slaves",
+)  # fmt: skip
+
+
+def sentinel_acl_rules(client_setinfo: bool = True) -> list[str]:
+    """The rules of the service's user on each sentinel (its `user` line in sentinel.conf, or
+    ACL SETUSER there), after the user name, `on` and its password."""
+    setinfo = ["+client|setinfo"] if client_setinfo else []
+    return ["resetkeys", "resetchannels", "-@all", *(f"+{c}" for c in SENTINEL_ACL_COMMANDS), *setinfo]
 
 
 def acl_rules(db: int = 0, client_setinfo: bool = True) -> list[str]:

@@ -5,6 +5,13 @@ One place, so that what a connection needs beyond a URL (Sentinel, TLS certifica
 once for all three, and every call has a bounded connect and reply time. The URL says most:
 `redis://`, `unix://`, `rediss://` (TLS), with an ACL `user:password@` if needed; redis-py and
 kombu both read those from it. TLS certificates come from REDIS_TLS_* (tls_options).
+
+Sentinel (high availability) takes kombu's syntax, `sentinel://[user:pass@]h1:26379[/db];
+sentinel://h2:26379;...` with REDIS_SENTINEL_MASTER (sentinel_url). The URL's credentials and
+REDIS_TLS_* reach the data nodes only (master and replicas): the sentinels get what
+sentinel_kwargs says (REDIS_SENTINEL_USERNAME/_PASSWORD, TLS when REDIS_SENTINEL_TLS), as kombu
+does with its transport option of that name. Each process asks the sentinels for the master
+through one redis-py Sentinel per kind of client (sync, asyncio), reused by every client.
 """
 
 from __future__ import annotations
@@ -13,18 +20,26 @@ import socket
 import ssl
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
 import redis.asyncio.retry
+import redis.asyncio.sentinel
 import redis.retry
-from redis.backoff import NoBackoff
+import redis.sentinel
+from redis.backoff import AbstractBackoff, ExponentialWithJitterBackoff, NoBackoff
 
 from tasks import keys
 from tasks.settings import Settings
 
-SCHEMES = ("redis", "rediss", "unix")
+SCHEMES = ("redis", "rediss", "unix", "sentinel")
+SENTINEL_PORT = 26379
+# Retries through a failover (Sentinel URLs only): exponential from FAILOVER_BACKOFF_BASE, with
+# jitter so a fleet of clients does not reconnect in step, each wait at most FAILOVER_BACKOFF_CAP,
+# as many as fill REDIS_FAILOVER_SECONDS (failover_retries).
+FAILOVER_BACKOFF_BASE = 0.1
+FAILOVER_BACKOFF_CAP = 1.0
 # A connection unused this long is checked with a PING before its next command, so one that
 # went stale while idle (a restarted Redis, a NAT or firewall that dropped it) is replaced
 # without spending the command's retry. The API had it at 30 s; kombu's default is 25.
@@ -41,6 +56,64 @@ class UnsupportedRedisUrl(ValueError):
     """REDIS_URL names a scheme no client here can connect with."""
 
 
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A sentinel:// REDIS_URL: the sentinels to ask, and the data nodes' credentials and
+    database (kombu reads those from the first part only, so only the first may carry them)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    username: str | None
+    password: str | None
+    db: int
+
+
+def sentinel_url(url: str) -> SentinelUrl | None:
+    """REDIS_URL parsed as kombu parses a Sentinel broker URL; None for any other scheme."""
+    parts = [urlsplit(part.strip()) for part in url.split(";")]
+    if parts[0].scheme != "sentinel":
+        return None
+    sentinels = []
+    for i, part in enumerate(parts):
+        try:
+            host, port = part.hostname, part.port or SENTINEL_PORT
+        except ValueError:  # a port that is no number
+            host = None
+        if part.scheme != "sentinel" or not host:
+            raise UnsupportedRedisUrl("REDIS_URL: a Sentinel URL is sentinel://host:port;sentinel://...")
+        if i and (part.username or part.password or part.path.strip("/")):
+            raise UnsupportedRedisUrl("REDIS_URL: a Sentinel URL's credentials and db go in its first part")
+        sentinels.append((host, port))
+    db = parts[0].path.strip("/") or "0"
+    if not db.isdigit():
+        raise UnsupportedRedisUrl("REDIS_URL: a Sentinel URL's database is a number")
+    user, password = parts[0].username, parts[0].password
+    return SentinelUrl(
+        tuple(sentinels), unquote(user) if user else None, unquote(password) if password else None, int(db)
+    )
+
+
+def failover_retries(seconds: float) -> int:
+    """How many retries with the failover backoff wait about `seconds` in all, at the most."""
+    retries, waited = 0, 0.0
+    while waited < seconds:
+        retries += 1
+        waited += min(FAILOVER_BACKOFF_CAP, FAILOVER_BACKOFF_BASE * 2**retries)
+    return retries
+
+
+def retry_policy(settings: Settings) -> tuple[AbstractBackoff, int]:
+    """The backoff and retries of every data client (see the comment above async_client).
+
+    Sentinel: a failover takes seconds (down-after, then the election and promotion), during
+    which the old master refuses connections and the sentinels still name it, then the new one
+    answers; a call keeps trying for about REDIS_FAILOVER_SECONDS, so requests and running jobs
+    ride through a failover instead of failing. A plain Redis has nothing to wait for."""
+    if sentinel_url(settings.redis_url) is None:
+        return NoBackoff(), settings.redis_retries
+    backoff = ExponentialWithJitterBackoff(cap=FAILOVER_BACKOFF_CAP, base=FAILOVER_BACKOFF_BASE)
+    return backoff, failover_retries(settings.redis_failover_seconds)
+
+
 def connection_options(settings: Settings, *, timeout_seconds: float | None = None) -> dict[str, Any]:
     """What every client built here shares, the retry policy aside (its class differs between
     the sync and async clients): bounded connect and reply, health checks, a vanished peer
@@ -48,6 +121,7 @@ def connection_options(settings: Settings, *, timeout_seconds: float | None = No
     scheme = urlsplit(settings.redis_url).scheme
     if scheme not in SCHEMES:
         raise UnsupportedRedisUrl(f"REDIS_URL: {scheme or 'no'} scheme; use one of {', '.join(SCHEMES)}")
+    sentinel_url(settings.redis_url)  # refuses a malformed Sentinel URL by name
     return {
         "socket_connect_timeout": settings.redis_connect_timeout_seconds,
         "socket_timeout": timeout_seconds or settings.redis_timeout_seconds,
@@ -85,23 +159,87 @@ def keepalive_options(settings: Settings, *, patience_seconds: float | None = No
     return {"socket_keepalive": True, "socket_keepalive_options": tcp}
 
 
+def uses_tls(settings: Settings) -> bool:
+    """A rediss:// REDIS_URL, or a sentinel:// one with REDIS_SENTINEL_TLS (kombu has no TLS
+    scheme for Sentinel): then the sentinels and the data nodes are all reached over TLS."""
+    scheme = urlsplit(settings.redis_url).scheme
+    if settings.redis_sentinel_tls and scheme != "sentinel":
+        raise UnsupportedRedisUrl("REDIS_SENTINEL_TLS is set, but REDIS_URL is not sentinel://")
+    return scheme == "rediss" or (scheme == "sentinel" and settings.redis_sentinel_tls)
+
+
 def tls_options(settings: Settings) -> dict[str, Any]:
-    """The TLS options of a `rediss://` REDIS_URL, {} for any other: the certificate must be
-    valid for the host the URL names, signed by REDIS_TLS_CA_FILE (else a CA the system trusts);
-    REDIS_TLS_CERT_FILE and _KEY_FILE are shown to a Redis that asks clients for a certificate.
-    The names are redis-py's connection arguments, which kombu's broker_use_ssl passes on as
-    they are, so redis-py clients and Celery's broker (plain or Sentinel) share them."""
+    """The TLS options of a `rediss://` REDIS_URL (or a sentinel:// one with REDIS_SENTINEL_TLS),
+    {} for any other: the certificate must be valid for the host the URL (or the sentinels)
+    names, signed by REDIS_TLS_CA_FILE (else a CA the system trusts); REDIS_TLS_CERT_FILE and
+    _KEY_FILE are shown to a Redis that asks clients for a certificate. The names are redis-py's
+    connection arguments, which kombu's broker_use_ssl passes on as they are, so redis-py
+    clients and Celery's broker (plain or Sentinel) share them. Sentinels hand out IP
+    addresses: a data node's certificate needs them as IP SANs (hostname checks are on)."""
     files = {
         "ssl_ca_certs": settings.redis_tls_ca_file,
         "ssl_certfile": settings.redis_tls_cert_file,
         "ssl_keyfile": settings.redis_tls_key_file,
     }
     given = {name: str(path) for name, path in files.items() if path is not None}
-    if urlsplit(settings.redis_url).scheme != "rediss":
+    if not uses_tls(settings):
         if given:  # a TLS setup that would be silently ignored: most likely a URL left at redis://
-            raise UnsupportedRedisUrl("REDIS_TLS_* files are set, but REDIS_URL is not rediss://")
+            raise UnsupportedRedisUrl(
+                "REDIS_TLS_* files are set, but REDIS_URL is not rediss:// (or sentinel:// with "
+                "REDIS_SENTINEL_TLS)"
+            )
         return {}
     return {"ssl_cert_reqs": ssl.CERT_REQUIRED, **given}
+
+
+def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
+    """How to reach the sentinels themselves (redis-py's and kombu's `sentinel_kwargs`): bounded
+    like any connection, their own ACL user if REDIS_SENTINEL_USERNAME/_PASSWORD say so (never
+    the data nodes': a sentinel's ACL is its own), TLS with REDIS_SENTINEL_TLS. No retry: asking
+    for the master moves on to the next sentinel when one fails (redis-py's default here)."""
+    options = connection_options(settings)
+    kwargs: dict[str, Any] = {
+        "socket_connect_timeout": options["socket_connect_timeout"],
+        "socket_timeout": options["socket_timeout"],
+        **{k: options[k] for k in ("socket_keepalive", "socket_keepalive_options") if k in options},
+    }
+    if settings.redis_sentinel_username:
+        kwargs["username"] = settings.redis_sentinel_username
+    if settings.redis_sentinel_password:
+        kwargs["password"] = settings.redis_sentinel_password
+    if tls := tls_options(settings):
+        kwargs.update(ssl=True, **tls)
+    return kwargs
+
+
+def min_other_sentinels(url: SentinelUrl) -> int:
+    """A sentinel's word on the master counts only if it sees at least one other sentinel: one
+    cut off from the rest (a partition) may still name a demoted master. With one sentinel
+    listed (a development setup) there is no other to see."""
+    return 1 if len(url.sentinels) > 1 else 0
+
+
+_sentinels: dict[tuple[Any, ...], redis.sentinel.Sentinel | redis.asyncio.sentinel.Sentinel] = {}
+
+
+def _sentinel(settings: Settings, url: SentinelUrl, asynchronous: bool) -> Any:
+    """This process's Sentinel for `url`, sync or asyncio, made on first use and reused by every
+    client after (each client's master_for pool asks it for the master)."""
+    kwargs = sentinel_kwargs(settings)
+    key = (asynchronous, url.sentinels, repr(sorted(kwargs.items())))
+    if key not in _sentinels:
+        kind = redis.asyncio.sentinel.Sentinel if asynchronous else redis.sentinel.Sentinel
+        _sentinels[key] = kind(
+            list(url.sentinels), min_other_sentinels=min_other_sentinels(url), sentinel_kwargs=kwargs
+        )
+    return _sentinels[key]
+
+
+def _master_kwargs(settings: Settings, url: SentinelUrl, options: dict[str, Any]) -> dict[str, Any]:
+    """master_for's connection arguments: what a URL would have said (database, credentials),
+    and `ssl` to pick the TLS connection class, beside connection_options' own."""
+    tls = {"ssl": True} if options.get("ssl_cert_reqs") is not None else {}
+    return {"db": url.db, "username": url.username, "password": url.password, **tls, **options}
 
 
 # Retries are immediate (no backoff): what one cures is a connection that broke (Redis restarted
@@ -111,6 +249,9 @@ def tls_options(settings: Settings) -> dict[str, Any]:
 # hold its decode loop for close to a minute, while its callers already try again later on
 # their own (the heartbeat each beat, cancel polling each poll) and a write that fails ends its
 # jobs cleanly; so it follows the same policy.
+# Under Sentinel there is something worth waiting for, a promoted replica, so calls back off
+# and retry for about REDIS_FAILOVER_SECONDS (retry_policy); a failed-over master answers
+# READONLY, which redis-py's Sentinel connection turns into a retried connection error.
 
 
 def async_client(
@@ -124,25 +265,40 @@ def async_client(
     """An asyncio client (the API). `large_values`: it carries whole file bodies, so it may
     wait longer for a reply; `max_connections` bounds its pool (None: no bound)."""
     timeout = max(settings.redis_timeout_seconds, LARGE_VALUE_TIMEOUT_SECONDS) if large_values else None
-    return aioredis.Redis.from_url(
-        settings.redis_url,
-        **connection_options(settings, timeout_seconds=timeout),
-        retry=redis.asyncio.retry.Retry(NoBackoff(), settings.redis_retries),
-        decode_responses=decode_responses,
-        client_name=name,
-        max_connections=max_connections,
-    )
+    options = connection_options(settings, timeout_seconds=timeout)
+    backoff, retries = retry_policy(settings)
+    extra: dict[str, Any] = {
+        "retry": redis.asyncio.retry.Retry(backoff, retries),
+        "decode_responses": decode_responses,
+        "client_name": name,
+        "max_connections": max_connections,
+    }
+    if url := sentinel_url(settings.redis_url):
+        sentinel = _sentinel(settings, url, asynchronous=True)
+        master = settings.redis_sentinel_master
+        kwargs = _master_kwargs(settings, url, options)
+        client: aioredis.Redis = sentinel.master_for(master, redis_class=aioredis.Redis, **kwargs, **extra)
+        return client
+    return aioredis.Redis.from_url(settings.redis_url, **options, **extra)
 
 
 def sync_client(settings: Settings, *, name: str) -> redis.Redis:
     """A blocking client (the worker's threads), decoding replies to str."""
-    return redis.Redis.from_url(
-        settings.redis_url,
-        **connection_options(settings),
-        retry=redis.retry.Retry(NoBackoff(), settings.redis_retries),
-        decode_responses=True,
-        client_name=name,
-    )
+    options = connection_options(settings)
+    backoff, retries = retry_policy(settings)
+    extra: dict[str, Any] = {
+        "retry": redis.retry.Retry(backoff, retries),
+        "decode_responses": True,
+        "client_name": name,
+    }
+    if url := sentinel_url(settings.redis_url):
+        sentinel = _sentinel(settings, url, asynchronous=False)
+        kwargs = _master_kwargs(settings, url, options)
+        client: redis.Redis = sentinel.master_for(
+            settings.redis_sentinel_master, redis_class=redis.Redis, **kwargs, **extra
+        )
+        return client
+    return redis.Redis.from_url(settings.redis_url, **options, **extra)
 
 
 @dataclass(frozen=True)
@@ -162,9 +318,40 @@ class BrokerSettings:
 
 def broker(settings: Settings) -> BrokerSettings:
     options = connection_options(settings)
+    url = sentinel_url(settings.redis_url)
+    # kombu's Sentinel channel: which master, whom to believe, how to reach the sentinels.
+    sentinel = (
+        {
+            "master_name": settings.redis_sentinel_master,
+            "min_other_sentinels": min_other_sentinels(url),
+            "sentinel_kwargs": sentinel_kwargs(settings),
+        }
+        if url
+        else {}
+    )
+    # A publish after the connection broke: Celery's default spacing with our retries, or, under
+    # Sentinel, spaced to outlast a failover (retry_policy).
+    if url:
+        backoff_retries = retry_policy(settings)[1]
+        publish_retry_policy = {
+            "max_retries": backoff_retries,
+            "interval_start": 0,
+            "interval_step": FAILOVER_BACKOFF_CAP / 2,
+            "interval_max": FAILOVER_BACKOFF_CAP,
+        }
+    else:
+        # Celery's default, with our count of retries: immediate, then 0.2 s apart. A message
+        # published twice (the first reply lost) runs once: the worker's claim skips it.
+        publish_retry_policy = {
+            "max_retries": settings.redis_retries,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.2,
+        }
     return BrokerSettings(
         url=settings.redis_url,
         transport_options={
+            **sentinel,
             # kombu prefixes each key it touches (queue lists, bindings, unacked messages and
             # their index and mutex) and each pub/sub channel (task events, remote control,
             # which Flower and `celery inspect` use) with this; see tasks/keys.py.
@@ -184,13 +371,6 @@ def broker(settings: Settings) -> BrokerSettings:
             "client_name": "llmq-celery",
             **{k: options[k] for k in ("socket_keepalive", "socket_keepalive_options") if k in options},
         },
-        # Celery's default, with our count of retries: immediate, then 0.2 s apart. A message
-        # published twice (the first reply lost) runs once: the worker's claim skips it.
-        publish_retry_policy={
-            "max_retries": settings.redis_retries,
-            "interval_start": 0,
-            "interval_step": 0.2,
-            "interval_max": 0.2,
-        },
+        publish_retry_policy=publish_retry_policy,
         use_ssl=tls_options(settings) or None,
     )

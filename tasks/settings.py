@@ -107,7 +107,10 @@ class Settings(BaseSettings):
     # Redis: every client and Celery's broker are built from these in tasks/redis.py.
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="redis://, rediss:// (TLS) or unix://; an ACL user and password go in the URL",
+        description=(
+            "redis://, rediss:// (TLS), unix://, or Sentinel: sentinel://[user:pass@]h1:26379[/db];"
+            "sentinel://h2:26379; an ACL user and password (the data nodes') go in the (first) URL"
+        ),
     )
     redis_connect_timeout_seconds: float = Field(1.0, gt=0, description="Longest wait to connect to Redis")
     redis_timeout_seconds: float = Field(10.0, gt=0, description="Longest wait for one Redis reply")
@@ -119,6 +122,24 @@ class Settings(BaseSettings):
     redis_tls_ca_file: Path | None = Field(None, description="CA bundle that signed Redis's certificate")
     redis_tls_cert_file: Path | None = Field(None, description="Client certificate for Redis (PEM)")
     redis_tls_key_file: Path | None = Field(None, description="Key of REDIS_TLS_CERT_FILE (PEM)")
+    # Sentinel (a sentinel:// REDIS_URL, tasks/redis.py): the URL's credentials reach only the data
+    # nodes (master and replicas); the sentinels take their own, or none.
+    redis_sentinel_master: str = Field("mymaster", description="Name the sentinels monitor the master as")
+    redis_sentinel_username: str = Field("", description="ACL user on the sentinels; empty = none")
+    redis_sentinel_password: str = Field("", description="Password on the sentinels; empty = no auth")
+    redis_sentinel_tls: bool = Field(
+        False, description="Sentinels and data nodes on TLS (with REDIS_TLS_*): a sentinel:// URL's rediss"
+    )
+    redis_failover_seconds: float = Field(
+        15.0, gt=0, le=120, description="Sentinel only: how long a call retries through a failover"
+    )
+    # WAIT after the writes that must not be lost (tasks/scripts.py): 0 = off.
+    redis_wait_replicas: int = Field(
+        0, ge=0, le=10, description="Replicas that must acknowledge a job's admit, claim and end"
+    )
+    redis_wait_timeout_ms: int = Field(
+        1000, ge=1, le=60_000, description="Longest WAIT for REDIS_WAIT_REPLICAS (ms); then go on"
+    )
     host: str = "127.0.0.1"
     port: int = 8000
     job_ttl_seconds: int = Field(86_400, ge=60, description="How long job records and logs live")

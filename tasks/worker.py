@@ -24,7 +24,7 @@ from model.loading import load_model
 from model.prefill import PrefillPolicy
 from tasks import keys, logs, registry
 from tasks.redis import sync_client
-from tasks.scripts import Scripts
+from tasks.scripts import Scripts, wait_of
 from tasks.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -161,9 +161,8 @@ def load_on_start(**_: Any) -> None:
         # Warmed up by the decode loop's thread, not here: see SlotLoop.start.
         engine = load_engine(settings, warm_up=False)
         client = sync_client(settings, name="llmq-worker")
-        _runtime = WorkerRuntime(
-            name=name, engine=engine, redis=client, scripts=Scripts(client), settings=settings
-        )
+        scripts = Scripts(client, wait_of(settings))
+        _runtime = WorkerRuntime(name=name, engine=engine, redis=client, scripts=scripts, settings=settings)
         SlotLoop.start(_runtime)
     except Exception:
         # A worker without its model must not take jobs: stop the whole worker.

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from tasks import events, jobs, keys
-from tasks.scripts import Scripts
+from tasks.scripts import Scripts, Wait, durable
 from tests import needs
 from tests.integration.conftest import assert_no_denials
 from tests.processes import admin_url, start_redis
@@ -367,3 +367,57 @@ def test_a_pipeline_of_appends_keeps_order_sends_no_script_exists_and_survives_a
     assert [*first, *second, *third] == list(range(7))  # each event's seq, none lost or repeated
     assert job_log(db, job_id) == [e.model_copy(update={"seq": i}) for i, e in enumerate([*deltas, FINISHED])]
     assert _calls(db, "script|exists") == 0
+
+
+# --- A failover's retries, WAIT, an empty script cache (tasks/scripts.py) ----------------------
+
+
+def claim_call(job_id: str) -> jobs.ScriptCall:
+    return jobs.claim(job_id, ttl=TTL, worker="w1", lease_seconds=LEASE, queue_timeout=QUEUE_TIMEOUT)
+
+
+def log_texts(db: redis.Redis, job_id: str) -> list[str | None]:
+    stored = db.lrange(keys.job_log(job_id), 0, -1)
+    return [getattr(events.decode(i, p), "text", None) for i, p in enumerate(stored)]
+
+
+def test_an_event_retried_after_a_lost_reply_is_appended_once(scripts: Scripts, db: redis.Redis) -> None:
+    job_id = running(scripts)
+    delta = jobs.append(job_id, events.Delta(text="the"), ttl=TTL)
+    first = scripts.run(delta)
+    assert first >= 0
+    assert scripts.run(delta) == -1  # the same call again, as redis-py's retry sends it
+    again = jobs.append(job_id, events.Delta(text="the"), ttl=TTL)  # a new write of equal text
+    assert scripts.run(again) == first + 1
+    assert scripts.run_many([delta, again]) == [-1, -1]  # a pipeline retried whole
+    end = jobs.append(job_id, FINISHED, ttl=TTL)
+    assert scripts.run(end) >= 0 and scripts.run(end) == -1
+    assert log_texts(db, job_id).count("the") == 2
+
+
+def test_durable_writes_wait_for_replicas_and_go_on_without_them(server: str, db: redis.Redis) -> None:
+    client = redis.Redis.from_url(server, decode_responses=True, socket_timeout=10)
+    waiting = Scripts(client, Wait(replicas=1, timeout_ms=50))  # this Redis has none: WAIT times out
+    job = new_job()
+    call = jobs.admit(job, ttl=TTL, max_queued=100, queue_timeout=QUEUE_TIMEOUT)
+    assert isinstance(jobs.admitted(waiting.run(call)), float)
+    assert jobs.claimed(waiting.run(claim_call(job.spec.id))) is not None
+    delta = jobs.append(job.spec.id, events.Delta(text="x"), ttl=TTL)
+    assert waiting.run_many([delta, jobs.append(job.spec.id, FINISHED, ttl=TTL)])[1] >= 0
+    assert db.hget(keys.job(job.spec.id), "status") == "completed"
+    assert int(db.info("commandstats")["cmdstat_wait"]["calls"]) == 3  # admit, claim, end: not the delta
+    assert durable(claim_call(job.spec.id)) and durable(jobs.append(job.spec.id, FINISHED, ttl=TTL))
+    assert not durable(delta)
+    client.close()
+
+
+def test_scripts_are_loaded_again_after_the_cache_is_emptied(scripts: Scripts, db: redis.Redis) -> None:
+    """As on a replica promoted by a failover: NOSCRIPT, then loaded, and the calls run in order."""
+    job_id = queued(scripts)
+    db.script_flush()
+    assert jobs.claimed(scripts.run(claim_call(job_id))) is not None
+    db.script_flush()
+    base = db.llen(keys.job_log(job_id))
+    deltas = [jobs.append(job_id, events.Delta(text=t), ttl=TTL) for t in "abc"]
+    assert scripts.run_many(deltas) == [base, base + 1, base + 2]
+    assert log_texts(db, job_id)[base:] == ["a", "b", "c"]

@@ -12,10 +12,15 @@ import pytest
 
 from tasks import keys
 from tasks.redis import (
+    FAILOVER_BACKOFF_BASE,
+    FAILOVER_BACKOFF_CAP,
     LARGE_VALUE_TIMEOUT_SECONDS,
+    SentinelUrl,
     UnsupportedRedisUrl,
     async_client,
     broker,
+    failover_retries,
+    sentinel_url,
     sync_client,
     tls_options,
 )
@@ -38,6 +43,8 @@ NOT_KEYS = {
     "NO_OWNER",
     "PRIORITY_SEP",  # kombu's separator of a priority list's name, and the lists of one queue
     "generate_lists",
+    "SENTINEL_ACL_COMMANDS",  # the sentinels' ACL, not keys
+    "sentinel_acl_rules",
 }
 
 
@@ -77,7 +84,17 @@ def test_tls_url_gives_a_tls_connection() -> None:
     assert client.connection_pool.connection_class.__name__ == "SSLConnection"
 
 
-@pytest.mark.parametrize("url", ["sentinel://host:26379", "http://redis", "127.0.0.1:6379"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://redis",
+        "127.0.0.1:6379",
+        "sentinel://s1:26379;redis://s2:6379",  # every part is a sentinel
+        "sentinel://s1:26379;sentinel://u:p@s2:26379",  # credentials in the first part only
+        "sentinel://s1:26379/x",
+        "sentinel://s1:port",
+    ],
+)
 def test_a_url_no_client_can_use_is_refused_by_name(url: str) -> None:
     settings = configured(redis_url=url)
     with pytest.raises(UnsupportedRedisUrl, match="REDIS_URL"):
@@ -214,3 +231,126 @@ def test_make_runs_redis_with_the_urls_user_and_the_acl() -> None:
     ]  # fmt: skip
     assert keys.redis_server_args("redis://:secret@127.0.0.1:6390/0") == ["--requirepass", "secret"]
     assert keys.redis_server_args("redis://127.0.0.1:6390/0") == []
+
+
+# --- Sentinel ----------------------------------------------------------------------------------
+
+SENTINELS = "sentinel://llmq:s%40cret@10.0.0.1:26379/2;sentinel://10.0.0.2;sentinel://10.0.0.3:26380"
+
+
+def test_a_sentinel_url_is_read_as_kombu_reads_it() -> None:
+    assert sentinel_url(SENTINELS) == SentinelUrl(
+        sentinels=(("10.0.0.1", 26379), ("10.0.0.2", 26379), ("10.0.0.3", 26380)),
+        username="llmq",
+        password="s@cret",
+        db=2,
+    )
+    assert sentinel_url("sentinel://10.0.0.1") == SentinelUrl((("10.0.0.1", 26379),), None, None, 0)
+    assert sentinel_url("redis://10.0.0.1:6379/0") is None
+
+
+def sentinel_settings(**fields: object) -> Settings:
+    return configured(redis_url=SENTINELS, redis_sentinel_master="queue", **fields)
+
+
+def test_every_client_asks_the_sentinels_for_the_master_with_the_urls_credentials() -> None:
+    settings = sentinel_settings(redis_sentinel_username="watcher", redis_sentinel_password="w-pass")
+    for client in (sync_client(settings, name="w"), async_client(settings, name="a")):
+        pool = client.connection_pool
+        assert pool.service_name == "queue" and pool.is_master
+        assert pool.connection_class.__name__ == "SentinelManagedConnection"
+        kwargs = pool.connection_kwargs
+        assert (kwargs["username"], kwargs["password"], kwargs["db"]) == ("llmq", "s@cret", 2)
+        assert (kwargs["socket_connect_timeout"], kwargs["socket_timeout"]) == (2.5, 7.0)
+        # The sentinels are asked with their own credentials, never the data nodes'.
+        manager = pool.sentinel_manager
+        assert [s.connection_pool.connection_kwargs["port"] for s in manager.sentinels] == [
+            26379,
+            26379,
+            26380,
+        ]
+        for sentinel in manager.sentinels:
+            sentinel_kwargs = sentinel.connection_pool.connection_kwargs
+            assert (sentinel_kwargs["username"], sentinel_kwargs["password"]) == ("watcher", "w-pass")
+            assert sentinel_kwargs["socket_connect_timeout"] == 2.5
+        assert manager.min_other_sentinels == 1  # a sentinel cut off from the others is not believed
+
+
+def test_one_sentinel_per_process_and_kind_serves_every_client() -> None:
+    settings = sentinel_settings()
+    first, second = sync_client(settings, name="w"), sync_client(settings, name="x")
+    assert first.connection_pool.sentinel_manager is second.connection_pool.sentinel_manager
+    a, b = async_client(settings, name="a"), async_client(settings, name="f", large_values=True)
+    assert a.connection_pool.sentinel_manager is b.connection_pool.sentinel_manager
+    assert a.connection_pool.sentinel_manager is not first.connection_pool.sentinel_manager
+
+
+def test_sentinels_without_credentials_get_none() -> None:
+    pool = sync_client(sentinel_settings(), name="w").connection_pool
+    for sentinel in pool.sentinel_manager.sentinels:
+        kwargs = sentinel.connection_pool.connection_kwargs
+        assert kwargs.get("username") is None and kwargs.get("password") is None
+
+
+def test_calls_retry_through_a_failover_under_sentinel_only() -> None:
+    retry = sync_client(
+        sentinel_settings(redis_failover_seconds=15), name="w"
+    ).connection_pool.connection_kwargs["retry"]
+    assert retry.get_retries() == failover_retries(15)
+    # The longest the backoff can wait in all is about the setting, never much more.
+    most = sum(
+        min(FAILOVER_BACKOFF_CAP, FAILOVER_BACKOFF_BASE * 2**k) for k in range(1, retry.get_retries() + 1)
+    )
+    assert 15 <= most < 15 + FAILOVER_BACKOFF_CAP
+    assert type(retry._backoff).__name__ == "ExponentialWithJitterBackoff"
+    plain = sync_client(configured(), name="w").connection_pool.connection_kwargs["retry"]
+    assert plain.get_retries() == 3 and type(plain._backoff).__name__ == "NoBackoff"  # fast 503 kept
+
+
+def test_celery_follows_the_sentinels() -> None:
+    settings = sentinel_settings(redis_sentinel_password="w-pass")
+    b = broker(settings)
+    assert b.url == SENTINELS  # kombu reads the sentinels, credentials and database from it
+    options = b.transport_options
+    assert options["master_name"] == "queue" and options["min_other_sentinels"] == 1
+    assert options["sentinel_kwargs"]["password"] == "w-pass" and "username" not in options["sentinel_kwargs"]
+    assert options["sentinel_kwargs"]["socket_connect_timeout"] == 2.5
+    assert options["global_keyprefix"] == keys.PREFIX
+    assert b.publish_retry_policy["max_retries"] == failover_retries(settings.redis_failover_seconds)
+    assert b.use_ssl is None
+    assert "master_name" not in broker(configured()).transport_options
+
+
+def test_celery_retries_a_channel_error_as_a_demoted_master_answers_readonly() -> None:
+    import celeryconfig
+
+    assert celeryconfig.broker_channel_error_retry is True
+
+
+def test_sentinel_tls_reaches_the_sentinels_the_data_nodes_and_the_broker(tmp_path: Path) -> None:
+    settings = sentinel_settings(redis_sentinel_tls=True, redis_tls_ca_file=tmp_path / "ca.pem")
+    expected = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": str(tmp_path / "ca.pem")}
+    for client in (sync_client(settings, name="w"), async_client(settings, name="a")):
+        pool = client.connection_pool
+        assert pool.connection_class.__name__ == "SentinelManagedSSLConnection"
+        assert pool.connection_kwargs.items() >= expected.items()
+        for sentinel in pool.sentinel_manager.sentinels:
+            assert sentinel.connection_pool.connection_class.__name__ == "SSLConnection"
+            assert sentinel.connection_pool.connection_kwargs.items() >= expected.items()
+    b = broker(settings)
+    assert b.use_ssl == expected  # the data nodes, through kombu's SentinelManagedSSLConnection
+    assert b.transport_options["sentinel_kwargs"].items() >= {"ssl": True, **expected}.items()
+
+
+def test_sentinel_tls_is_refused_without_a_sentinel_url_and_files_without_it(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedRedisUrl, match="REDIS_SENTINEL_TLS"):
+        sync_client(configured(redis_sentinel_tls=True), name="w")
+    with pytest.raises(UnsupportedRedisUrl, match="REDIS_SENTINEL_TLS"):
+        broker(sentinel_settings(redis_tls_ca_file=tmp_path / "ca.pem"))
+
+
+def test_the_sentinels_acl_is_their_own_and_narrow() -> None:
+    rules = keys.sentinel_acl_rules()
+    assert "+sentinel|masters" in rules and "-@all" in rules
+    assert not [r for r in rules if r[0] in "~&" or r.startswith("+@") or r == "allchannels"]
+    assert "wait" in keys.ACL_COMMANDS  # REDIS_WAIT_REPLICAS, on the data nodes
