@@ -354,3 +354,12 @@ def test_the_sentinels_acl_is_their_own_and_narrow() -> None:
     assert "+sentinel|masters" in rules and "-@all" in rules
     assert not [r for r in rules if r[0] in "~&" or r.startswith("+@") or r == "allchannels"]
     assert "wait" in keys.ACL_COMMANDS  # REDIS_WAIT_REPLICAS, on the data nodes
+
+
+def test_the_readmes_acl_is_the_one_the_service_needs() -> None:
+    # README, "Redis: locked down ...": the ACL SETUSER block operators copy, rule for rule.
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("ACL SETUSER llmq on >YOUR-PASSWORD", 1)[1].split("ACL SETUSER default off", 1)[0]
+    assert block.split() == keys.acl_rules(db=0)
+    sentinel_line = readme.split("The service's user on a sentinel\nneeds only `", 1)[1].split("`", 1)[0]
+    assert sentinel_line.split() == keys.sentinel_acl_rules()
