@@ -163,9 +163,15 @@ class SlotBatch:
             out.failed[newest] = f"decode failed: {exc}"
             return False  # nothing to undo: the columns written lie past every row's length
         logits = result.logits[:, -1, :]
+        # Plain greedy rows (no penalties, grammar or logprobs) take one argmax for the whole
+        # batch and one transfer, instead of a device round trip per row.
+        best = logits.argmax(dim=-1).tolist() if any(_plain_greedy(self._seqs[s]) for s in decoding) else []
         for slot in decoding:
             seq = self._seqs[slot]
-            seq.next_token, logprobs = pick(seq, logits[slot : slot + 1])
+            if _plain_greedy(seq):
+                seq.next_token, logprobs = int(best[slot]), None
+            else:
+                seq.next_token, logprobs = pick(seq, logits[slot : slot + 1])
             seq.length += 1
             out.tokens[slot] = seq.next_token
             if logprobs is not None:
@@ -244,3 +250,8 @@ class SlotBatch:
         self.cache.copy_row(source, slot, n)
         seq.length, seq.pending = n, seq.pending[n:]
         self.shared_prefill_tokens += n
+
+
+def _plain_greedy(seq: _Seq) -> bool:
+    plain = seq.penalties is None and seq.constraint is None and seq.top_logprobs is None
+    return plain and seq.sampler.greedy

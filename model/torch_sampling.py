@@ -98,6 +98,10 @@ class Sampler:
             self._generator = torch.Generator("cpu").manual_seed(sampling.seed)
 
     @property
+    def greedy(self) -> bool:
+        return self._greedy
+
+    @property
     def logprob_temperature(self) -> float:
         """The temperature logprobs are reported at: the request's, or 1 when greedy."""
         return 1.0 if self._greedy else self._temperature
