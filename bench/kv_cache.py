@@ -12,7 +12,8 @@ together after ~1,800-token prompts against after ~50-token prompts, per-stream 
 ratio, on the embedded model.
 
 Every slot decodes the same prompt (its siblings take its KV, not timed): only decode steps are
-timed, interleaved between the two paths, medians over steps and rounds.
+timed, the two paths alternating step by step (so load from elsewhere on a shared machine falls on
+both alike), medians over steps and rounds.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = logging.getLogger("bench.kv_cache")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("slots", "dynamic")
+TARGET_STREAMS = 4
 GREEDY = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
 
 
@@ -44,22 +46,37 @@ def prompt(length: int) -> list[int]:
     return torch.randint(0, 40000, (length,), generator=generator).tolist()  # within both vocabularies
 
 
-def decode_steps(runner: BatchRunner, slots: int, context: int, steps: int) -> list[float]:
-    """Seconds of each of `steps` decode steps of `slots` sequences of a `context`-token prompt."""
+def start(runner: BatchRunner, slots: int, context: int, steps: int) -> list[int]:
+    """`slots` sequences of one `context`-token prompt, prefilled (once, the others sharing it)
+    until every one decodes; their slots."""
     ids = prompt(context)
     first = runner.add(ids, GREEDY, context + steps)
     added = [first] + [runner.add(ids, GREEDY, steps, share_from=first) for _ in range(slots - 1)]
     decoding: set[int] = set()
-    while len(decoding) < slots:  # prefill and share, untimed
+    while len(decoding) < slots:
         decoding |= set(runner.step().tokens)
-    seconds = []
+    return added
+
+
+def paired_steps(
+    runners: dict[str, tuple[BatchRunner, int]], slots: int, steps: int
+) -> dict[str, list[float]]:
+    """Seconds of `steps` decode steps of each runner (at its own context), the runners taking
+    turns step by step (the order reversing every step), so load from elsewhere on the machine
+    falls on all of them alike."""
+    added = {key: start(runner, slots, context, steps) for key, (runner, context) in runners.items()}
+    seconds: dict[str, list[float]] = {key: [] for key in runners}
+    order = list(runners)
     for _ in range(steps):
-        started = time.perf_counter()
-        out = runner.step()
-        seconds.append(time.perf_counter() - started)
-        assert len(out.tokens) == slots and not out.failed
-    for slot in added:
-        runner.drop(slot)
+        for key in order:
+            started = time.perf_counter()
+            out = runners[key][0].step()
+            seconds[key].append(time.perf_counter() - started)
+            assert len(out.tokens) == slots and not out.failed
+        order.reverse()
+    for key, (runner, _) in runners.items():
+        for slot in added[key]:
+            runner.drop(slot)
     return seconds
 
 
@@ -90,16 +107,15 @@ def compare(
     loaded = {kv: load(model_id, kv, most, threads) for kv in PATHS}
     runners = {kv: m.runner for kv, m in loaded.items()}
     machine["model"] = describe(loaded["slots"])
-    for runner in runners.values():  # first-call costs (allocation, lazy init) outside the figures
-        decode_steps(runner, 1, 16, 2)
+    paired_steps({kv: (r, 16) for kv, r in runners.items()}, 1, 2)  # first-call costs, untimed
     rows = []
     for context in contexts:
         for slots in slot_counts:
             times: dict[str, list[float]] = {kv: [] for kv in PATHS}
-            for round_no in range(rounds):
-                order = PATHS if round_no % 2 == 0 else PATHS[::-1]
-                for kv in order:
-                    times[kv] += decode_steps(runners[kv], slots, context, steps)
+            for _ in range(rounds):
+                paired = paired_steps({kv: (r, context) for kv, r in runners.items()}, slots, steps)
+                for kv, seconds in paired.items():
+                    times[kv] += seconds
             step_ms = {kv: 1000 * statistics.median(times[kv]) for kv in PATHS}
             row = {
                 "context": context,
@@ -113,13 +129,28 @@ def compare(
     return rows
 
 
-def target(rows: list[dict[str, Any]], short: int, long: int) -> dict[str, Any]:
-    """Per-stream decode speed at 4 slots after long prompts over after short ones, per path."""
-    at = {(r["context"], r["slots"]): r for r in rows}
-    return {
-        kv: round(at[short, 4][f"{kv}_step_ms"] / at[long, 4][f"{kv}_step_ms"], 2)
+def target(model_id: str, short: int, long: int, steps: int, rounds: int, threads: int) -> dict[str, Any]:
+    """Per path, 4 streams' per-stream decode speed after `long`-token prompts over after `short`
+    ones: four runners (each path at each length) taking turns step by step."""
+    runners = {
+        (kv, context): load(model_id, kv, TARGET_STREAMS, threads).runner
         for kv in PATHS
-        if (short, 4) in at and (long, 4) in at
+        for context in (short, long)
+    }
+    keyed = {f"{kv}@{context}": (runner, context) for (kv, context), runner in runners.items()}
+    paired_steps({k: (r, 16) for k, (r, _) in keyed.items()}, 1, 2)  # first-call costs, untimed
+    times: dict[str, list[float]] = {key: [] for key in keyed}
+    for _ in range(rounds):
+        for key, seconds in paired_steps(keyed, TARGET_STREAMS, steps).items():
+            times[key] += seconds
+    step_ms = {key: 1000 * statistics.median(t) for key, t in times.items()}
+    return {
+        "short": short,
+        "long": long,
+        "streams": TARGET_STREAMS,
+        "step_ms": {key: round(ms, 2) for key, ms in step_ms.items()},
+        "per_stream_tok_s": {key: round(1000 / ms, 1) for key, ms in step_ms.items()},
+        "long_over_short": {kv: round(step_ms[f"{kv}@{short}"] / step_ms[f"{kv}@{long}"], 2) for kv in PATHS},
     }
 
 
@@ -173,10 +204,10 @@ def main(argv: list[str] | None = None) -> None:
                 tiny, slot_counts, contexts, steps, rounds, args.threads, machine
             ),
         }
-    embedded = compare(
-        EMBEDDED_MODEL_ID, slot_counts, sorted({*contexts, short, long}), steps, rounds, args.threads, machine
+    results[f"embedded {EMBEDDED_MODEL_ID}"] = compare(
+        EMBEDDED_MODEL_ID, slot_counts, contexts, steps, rounds, args.threads, machine
     )
-    results[f"embedded {EMBEDDED_MODEL_ID}"] = [r for r in embedded if r["context"] in contexts]
+    goal = target(EMBEDDED_MODEL_ID, short, long, steps, rounds, args.threads)
     report: dict[str, Any] = {
         "machine": machine["model"],
         "load_average": {"before": load_before, "after": load_average()},
@@ -184,15 +215,10 @@ def main(argv: list[str] | None = None) -> None:
         "steps": steps,
         "rounds": rounds,
         "results": results,
-        "target_4_streams": {
-            "short": short,
-            "long": long,
-            "per_stream_long_over_short": target(embedded, short, long),
-            "rows": [r for r in embedded if r["context"] in (short, long) and r["slots"] == 4],
-        },
+        "target_4_streams": goal,
     }
     text = "\n\n".join(table(title, rows) for title, rows in results.items())
-    ratios = report["target_4_streams"]["per_stream_long_over_short"]
+    ratios = goal["long_over_short"]
     text += (
         f"\n\n4 streams, per-stream decode speed after {long}-token prompts over after {short}-token"
         f" prompts (in-process, {EMBEDDED_MODEL_ID}): new {ratios.get('slots')}x,"
