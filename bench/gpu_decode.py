@@ -5,8 +5,11 @@ Random weights of Llama-3-8B's shape (32 layers, hidden 4096, 32 heads, 8 KV hea
 128k vocabulary), in bf16 and in bitsandbytes NF4 (quantized on the GPU from the bf16 weights, no
 download, no disk). For each precision, slot count (1, 8, 32, 64) and context (512, 2048):
 
-- the engine's path (SlotBatch, model/slot_batch.py, eager): the median decode step in ms over
+- the engine's path (SlotBatch, model/slot_batch.py), eager: the median decode step in ms over
   --steps steps, aggregate and per-stream tok/s;
+- the same step replayed from CUDA graphs (model/decode_graphs.py: rows and columns padded to
+  buckets, one graph per bucket captured on first use), whether it replayed (a failed capture
+  falls back to eager) and whether its greedy tokens equal the eager run's;
 - the HBM floor: the bytes a step must read (every weight but the embedding table, and every
   row's KV up to its position) over the device-to-device copy bandwidth measured in the same run;
   `floor_fraction` = floor ms / step ms (1.0 would be the card's limit);
@@ -17,7 +20,7 @@ Writes bench/results/gpu_decode.json and prints a markdown table. `--dry-run` ru
 code on a tiny Llama on the CPU in seconds (what the test suite checks); it measures nothing.
 
 Sized to finish in under 8 minutes on one H100 80GB: model build ~10 s per precision, each cell
-a shared prefill and --steps (32) steps of both paths. Nothing here has run on a GPU yet.
+a shared prefill and --steps (32) steps of each of the three. Nothing here has run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -134,15 +137,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def engine_step_ms(model: Any, device: torch.device, slots: int, context: int, steps: int) -> float:
-    """The engine's path: `slots` rows of a `context`-token prompt (one prefill, shared), median step."""
-    runner = SlotBatch(model, device, slots, max_positions=context + steps + 2)
-    ids = torch.randint(0, model.config.vocab_size, (context,)).tolist()
+def engine_step_ms(
+    model: Any, device: torch.device, slots: int, context: int, steps: int, graphs: bool
+) -> tuple[float, list[int], bool]:
+    """The engine's path: `slots` rows of a `context`-token prompt (one prefill, shared); the
+    median step, the first row's tokens, and whether the steps were replayed from CUDA graphs.
+    `graphs` on a CPU (the dry run) runs the graphs' padded shapes eagerly."""
+    runner = SlotBatch(
+        model, device, slots, max_positions=context + steps + 2, static_shapes=graphs, graphs=graphs
+    )
+    generator = torch.Generator().manual_seed(context)
+    ids = torch.randint(0, model.config.vocab_size, (context,), generator=generator).tolist()
     first = runner.add(ids, GREEDY, context + steps)
     for _ in range(slots - 1):
         runner.add(ids, GREEDY, steps, share_from=first)
-    while len(runner.step().tokens) < slots:  # prefill, share, and a first step (warm-up)
+    tokens: list[int] = []
+    while len(out := runner.step().tokens) < slots:  # prefill, share, and a first step (warm-up)
         pass
+    tokens.append(out[first])
     seconds = []
     for _ in range(steps):
         sync(device)
@@ -150,9 +162,11 @@ def engine_step_ms(model: Any, device: torch.device, slots: int, context: int, s
         out = runner.step()
         sync(device)
         seconds.append(time.perf_counter() - started)
-        assert len(out.tokens) == slots and not out.failed
+        assert len(out.tokens) == slots
+        tokens.append(out.tokens[first])
+    replayed = runner.graphs is not None and not runner.graphs.broken
     del runner
-    return 1000 * statistics.median(seconds)
+    return 1000 * statistics.median(seconds), tokens, replayed
 
 
 def generate_step_ms(model: Any, device: torch.device, slots: int, context: int, steps: int) -> float:
@@ -184,7 +198,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         log.info("%s: %.2f GB of weights read per step", precision, weights / 1e9)
         for context in contexts:
             for slots in slot_counts:
-                step = engine_step_ms(model, device, slots, context, args.steps)
+                step, tokens, _ = engine_step_ms(model, device, slots, context, args.steps, graphs=False)
+                graphed, graph_tokens, replayed = engine_step_ms(
+                    model, device, slots, context, args.steps, graphs=True
+                )
                 baseline = generate_step_ms(model, device, slots, context, args.steps)
                 floor = 1000 * (weights + kv_bytes(model, slots, context)) / bandwidth
                 row = {
@@ -194,10 +211,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "step_ms": round(step, 2),
                     "aggregate_tok_s": round(1000 * slots / step, 1),
                     "per_stream_tok_s": round(1000 / step, 1),
-                    "floor_ms": round(floor, 2),
+                    "floor_ms": round(floor, 3),
                     "floor_fraction": round(floor / step, 3),
                     "generate_step_ms": round(baseline, 2),
                     "speedup_over_generate": round(baseline / step, 2),
+                    # The same step replayed from CUDA graphs (padded to its buckets); on a CPU
+                    # (dry run) the padded shapes run eagerly and `graphs_replayed` is false.
+                    "graphs_step_ms": round(graphed, 2),
+                    "graphs_replayed": replayed,
+                    "graphs_tokens_match": graph_tokens == tokens,
+                    "graphs_per_stream_tok_s": round(1000 / graphed, 1),
+                    "graphs_floor_fraction": round(floor / graphed, 3),
+                    "graphs_speedup_over_generate": round(baseline / graphed, 2),
                 }
                 log.info("%s", row)
                 rows.append(row)
@@ -210,7 +235,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
         "steps": args.steps,
-        "cuda_graphs": False,  # the step runs eager: no capture yet
         "rows": rows,
     }
 
@@ -221,14 +245,16 @@ def table(report: dict[str, Any]) -> str:
         f"copy bandwidth {report['copy_bandwidth_gb_s']} GB/s",
         "",
         "| precision | slots | context | step ms | agg tok/s | per-stream tok/s | floor ms | of floor "
-        "| generate step ms | vs generate |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| generate step ms | vs generate | graphs step ms | graphs of floor | graphs vs generate "
+        "| graphs replayed, same tokens |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['precision']} | {r['slots']} | {r['context']} | {r['step_ms']} | {r['aggregate_tok_s']} "
             f"| {r['per_stream_tok_s']} | {r['floor_ms']} | {r['floor_fraction']} | {r['generate_step_ms']} "
-            f"| {r['speedup_over_generate']}x |"
+            f"| {r['speedup_over_generate']}x | {r['graphs_step_ms']} | {r['graphs_floor_fraction']} "
+            f"| {r['graphs_speedup_over_generate']}x | {r['graphs_replayed']}, {r['graphs_tokens_match']} |"
         )
     return "\n".join(lines)
 

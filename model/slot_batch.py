@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from model.decode_graphs import DecodeGraphs, row_bucket, width_bucket
 from model.grammar import Constraint
 from model.penalties import Penalties, penalties_for
 from model.scheduler import PREFILL_BATCH_TOKENS, PREFILL_CHUNK_TOKENS
@@ -71,7 +72,18 @@ class SlotBatch:
     Tested on Llama-architecture models (full attention in every layer) only.
     """
 
-    def __init__(self, model: Any, device: torch.device, slots: int, max_positions: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        device: torch.device,
+        slots: int,
+        max_positions: int,
+        *,
+        static_shapes: bool = False,
+        graphs: bool = False,
+    ) -> None:
+        """`static_shapes` rounds each decode forward's rows and columns up to buckets
+        (model/decode_graphs.py); `graphs` (CUDA only, implies it) replays the step as CUDA graphs."""
         self._model = model
         self._device = device
         self._capacity = slots
@@ -87,6 +99,9 @@ class SlotBatch:
             additive_mask=model.dtype if eager else None,
         )
         self.shared_prefill_tokens = 0
+        use_graphs = graphs and device.type == "cuda"
+        self._static = static_shapes or use_graphs
+        self.graphs = DecodeGraphs(model, self.cache) if use_graphs else None
 
     @property
     def capacity(self) -> int:
@@ -141,28 +156,35 @@ class SlotBatch:
         """One token for every decoding row; False when the forward failed (the newest then fails)."""
         decoding = sorted(slot for slot, seq in self._seqs.items() if seq.decoding)
         rows = decoding[-1] + 1
+        if self._static:
+            rows = row_bucket(rows, self._capacity)
         present = [self._seqs.get(row) for row in range(rows)]
         # A row that does not decode writes at its own next position (free: 0), where its next
         # token's KV will overwrite it, and attends to column 0 only: finite, and never read.
         writes = [seq.length if seq is not None else 0 for seq in present]
         attends = [seq.length if seq is not None and seq.decoding else 0 for seq in present]
         tokens = [[seq.next_token if seq is not None and seq.decoding else 0] for seq in present]
+        width = width_bucket(max(attends) + 1, self.cache.max_positions) if self._static else 0
         try:
-            mask = self.cache.plan_decode(writes, attends, self._device)
-            result = self._model(
-                input_ids=torch.tensor(tokens, device=self._device),
-                attention_mask=mask,
-                position_ids=torch.tensor(writes, device=self._device).unsqueeze(1),
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            mask = self.cache.plan_decode(writes, attends, self._device, width)
+            inputs = torch.tensor(tokens, device=self._device)
+            positions = torch.tensor(writes, device=self._device).unsqueeze(1)
+            replayed = self.graphs.forward(inputs, positions, mask) if self.graphs is not None else None
+            if replayed is None:
+                replayed = self._model(
+                    input_ids=inputs,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    cache=self.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits
         except RuntimeError as exc:  # out of memory, most likely: the newest gives its room back
             log.warning("batched decode of %d sequences failed: %s", len(decoding), exc)
             newest = max(decoding, key=lambda slot: self._seqs[slot].admitted)
             out.failed[newest] = f"decode failed: {exc}"
             return False  # nothing to undo: the columns written lie past every row's length
-        logits = result.logits[:, -1, :]
+        logits = replayed[:, -1, :]
         # Plain greedy rows (no penalties, grammar or logprobs) take one argmax for the whole
         # batch and one transfer, instead of a device round trip per row.
         best = logits.argmax(dim=-1).tolist() if any(_plain_greedy(self._seqs[s]) for s in decoding) else []

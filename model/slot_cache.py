@@ -131,12 +131,15 @@ class SlotCache(Cache):
                 layer.grow(capacity)
             self.capacity = capacity
 
-    def plan_decode(self, writes: list[int], attends: list[int], device: torch.device) -> torch.Tensor:
+    def plan_decode(
+        self, writes: list[int], attends: list[int], device: torch.device, width: int = 0
+    ) -> torch.Tensor:
         """One new token in each of rows 0..len(writes)-1: row i writes column writes[i] and
-        attends to columns 0..attends[i]. The attention mask for the forward."""
-        self.reserve(max(writes) + 1)
+        attends to columns 0..attends[i]; attention reads `width` columns, or (if fewer) up to
+        the longest row's. The attention mask for the forward."""
+        width = max(width, max(attends) + 1)
+        self.reserve(max(max(writes) + 1, width))
         rows = len(writes)
-        width = max(attends) + 1
         self.plan = Plan(
             rows=slice(0, rows),
             index=torch.arange(rows, device=device).unsqueeze(1),

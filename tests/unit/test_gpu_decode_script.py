@@ -23,7 +23,9 @@ def test_the_gpu_script_dry_runs_every_cell_on_the_cpu(tmp_path: Path) -> None:
     # Two steps on a shared CPU measure nothing (generate's difference of two timings can even
     # come out negative): only that every figure is there.
     for row in report["rows"]:
-        assert row["step_ms"] > 0 and row["floor_ms"] > 0 and isinstance(row["generate_step_ms"], float)
+        assert row["step_ms"] > 0 and row["floor_ms"] >= 0 and isinstance(row["generate_step_ms"], float)
+        # The graphs' padded shapes, run eagerly on the CPU, pick the tokens the eager step picks.
+        assert row["graphs_tokens_match"] and not row["graphs_replayed"]
 
 
 def test_the_floor_counts_weights_but_the_embedding_and_every_rows_kv() -> None:

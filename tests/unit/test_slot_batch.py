@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from model.decode_graphs import row_bucket, width_bucket
 from model.engine import Engine
 from model.scheduler import PREFILL_CHUNK_TOKENS
 from model.slot_batch import SlotBatch
@@ -42,6 +43,18 @@ def runner_of(engine: Engine) -> SlotBatch:
     runner = engine.loaded.runner
     assert isinstance(runner, SlotBatch), "SlotBatch is the transformers engine's default"
     return runner
+
+
+@pytest.fixture(scope="module")
+def static_runner(engine: Engine) -> SlotBatch:
+    """The same model with the CUDA graphs' shapes (rows and columns rounded up to buckets, the
+    padding rows masked), run eagerly: what a captured graph computes, checked on the CPU."""
+    return SlotBatch(engine.loaded.model, torch.device("cpu"), SLOTS, 1024, static_shapes=True)
+
+
+@pytest.fixture(params=["eager", "static shapes"])
+def runner(request: pytest.FixtureRequest, engine: Engine, static_runner: SlotBatch) -> SlotBatch:
+    return runner_of(engine) if request.param == "eager" else static_runner
 
 
 def prompt(length: int, seed: int) -> list[int]:
@@ -87,7 +100,7 @@ def run(runner: SlotBatch, jobs: dict[str, Job], tokens: int = GREEDY.max_tokens
 
 
 def test_rows_joining_and_leaving_mid_run_say_what_generate_says(
-    engine: Engine, reference: tuple[Path, LlamaForCausalLM]
+    runner: SlotBatch, reference: tuple[Path, LlamaForCausalLM]
 ) -> None:
     model = reference[1]
     jobs = {
@@ -97,7 +110,7 @@ def test_rows_joining_and_leaving_mid_run_say_what_generate_says(
         "leaves": Job(prompt(90, 4), leave=6),
         "late": Job(prompt(20, 5), join=7),  # takes the slot "leaves" freed, over its old KV
     }
-    got = run(runner_of(engine), jobs)
+    got = run(runner, jobs)
     for key, job in jobs.items():
         expected = generated(model, job.ids, GREEDY.max_tokens)
         assert got[key] == expected[: len(got[key])], key
@@ -106,24 +119,23 @@ def test_rows_joining_and_leaving_mid_run_say_what_generate_says(
 
 
 def test_long_prompts_prefilled_in_chunks_beside_decoding_rows(
-    engine: Engine, reference: tuple[Path, LlamaForCausalLM]
+    runner: SlotBatch, reference: tuple[Path, LlamaForCausalLM]
 ) -> None:
     model = reference[1]
     long = prompt(3 * PREFILL_CHUNK_TOKENS + 40, 6)
     jobs = {"decoding": Job(prompt(9, 7)), "long": Job(long, join=1), "longer": Job(prompt(700, 8), join=3)}
-    got = run(runner_of(engine), jobs)
+    got = run(runner, jobs)
     for key, job in jobs.items():
         assert got[key] == generated(model, job.ids, GREEDY.max_tokens), key
 
 
 def test_a_preempted_sequence_resumes_from_its_tokens(
-    engine: Engine, reference: tuple[Path, LlamaForCausalLM]
+    runner: SlotBatch, reference: tuple[Path, LlamaForCausalLM]
 ) -> None:
     """What the scheduler does on preemption: drop the sequence, add it again later with its
     prompt and the tokens it had; it goes on as if never interrupted."""
     model = reference[1]
     ids = prompt(30, 9)
-    runner = runner_of(engine)
     first = run(runner, {"before": Job(ids, leave=5), "other": Job(prompt(12, 10))})["before"]
     assert 0 < len(first) < GREEDY.max_tokens
     rest = run(runner, {"after": Job(ids + first), "other": Job(prompt(50, 11))})["after"]
@@ -131,11 +143,10 @@ def test_a_preempted_sequence_resumes_from_its_tokens(
 
 
 def test_siblings_take_the_prompt_kv_from_another_row(
-    engine: Engine, reference: tuple[Path, LlamaForCausalLM]
+    runner: SlotBatch, reference: tuple[Path, LlamaForCausalLM]
 ) -> None:
     model = reference[1]
     ids = prompt(400, 12)
-    runner = runner_of(engine)
     before = runner.shared_prefill_tokens
     jobs = {
         "decoding": Job(prompt(6, 13)),
@@ -233,3 +244,35 @@ def test_the_earlier_dynamic_cache_path_stays_selectable_and_agrees(
             tokens.append(out.tokens[slot])
     runner.drop(slot)
     assert tokens == run(runner_of(engine), {"x": Job(ids)})["x"]
+
+
+def test_buckets_round_rows_and_columns_up_for_a_few_graphs() -> None:
+    assert [row_bucket(n, 64) for n in (1, 2, 3, 5, 8, 9, 33, 64)] == [1, 2, 4, 8, 8, 16, 64, 64]
+    assert row_bucket(5, 6) == 6  # never more rows than slots
+    assert [width_bucket(w, 8192) for w in (1, 256, 257, 1000, 5000)] == [256, 256, 512, 1024, 8192]
+    assert width_bucket(3000, 2048) == 2048  # never past the context
+
+
+def test_static_shapes_pad_rows_that_do_not_decode_without_touching_their_kv(
+    static_runner: SlotBatch,
+) -> None:
+    """Three rows decode in a bucket of four: the fourth, mid-prefill, rides along; its prompt
+    KV is the same as if it had prefilled alone."""
+    runner = static_runner
+    decoding = [runner.add(prompt(n, 20 + n), GREEDY, n + 16) for n in (3, 8, 5)]
+    runner.step()
+    long = runner.add(prompt(600, 30), GREEDY, 620)
+    runner.step()  # the three decode (4 rows: the bucket), the long one prefills a chunk
+    layer = runner.cache.layers[0]
+    assert layer.keys is not None
+    assert long == 3 and row_bucket(3, SLOTS) == 4  # the decode forward's bucket takes its row in
+    kept = layer.keys[long, :, :PREFILL_CHUNK_TOKENS].clone()
+    runner.step()
+    assert torch.equal(layer.keys[long, :, :PREFILL_CHUNK_TOKENS], kept)
+    for slot in (*decoding, long):
+        runner.drop(slot)
+
+
+def test_graphs_are_asked_for_on_cuda_only(engine: Engine) -> None:
+    cpu = SlotBatch(engine.loaded.model, torch.device("cpu"), 2, 1024, graphs=True)
+    assert cpu.graphs is None
