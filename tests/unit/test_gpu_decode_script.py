@@ -19,6 +19,7 @@ def test_the_gpu_script_dry_runs_every_cell_on_the_cpu(tmp_path: Path) -> None:
     report = gpu_decode.main(["--dry-run", "--out", str(tmp_path / "gpu.json")])
     assert (tmp_path / "gpu.json").is_file()
     cells = {(r["precision"], r["slots"], r["context"]) for r in report["rows"]}
+    assert report["targets"] == {}  # no 32-slot cell in a dry run
     assert cells == {(p, s, c) for p in ("bf16", "nf4") for s in (1, 2) for c in (16, 32)}
     # Two steps on a shared CPU measure nothing (generate's difference of two timings can even
     # come out negative): only that every figure is there.
@@ -38,3 +39,27 @@ def test_the_floor_counts_weights_but_the_embedding_and_every_rows_kv() -> None:
     assert gpu_decode.weight_bytes(model) == total - embedding
     per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
     assert gpu_decode.kv_bytes(model, slots=3, context=10) == 3 * 10 * per_token
+
+
+def test_the_targets_take_the_faster_of_eager_and_graphs_that_agree() -> None:
+    def row(slots: int, eager: float, graphs: float, match: bool = True) -> dict[str, object]:
+        return {
+            "precision": "bf16",
+            "context": 512,
+            "slots": slots,
+            "step_ms": eager,
+            "graphs_step_ms": graphs,
+            "graphs_tokens_match": match,
+            "floor_ms": 5.0,
+            "generate_step_ms": 25.0,
+        }
+
+    targets = gpu_decode.targets([row(1, 10.0, 6.25), row(32, 8.0, 1.0, match=False)])
+    assert targets == {
+        "bf16 @ 512": {
+            "single_of_floor": 0.8,  # 5 / 6.25: graphs, whose tokens agree
+            "single_vs_generate": 4.0,
+            "32_slots_vs_generate": 3.12,  # 25 / 8: eager, since the graphs' tokens differ
+            "32_slots_over_one_aggregate": 25.0,
+        }
+    }
