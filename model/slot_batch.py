@@ -179,7 +179,7 @@ class SlotBatch:
                     use_cache=True,
                     logits_to_keep=1,
                 ).logits
-        except RuntimeError as exc:  # out of memory, most likely: the newest gives its room back
+        except (RuntimeError, ValueError) as exc:  # out of memory, or past the context: the newest fails
             log.warning("batched decode of %d sequences failed: %s", len(decoding), exc)
             newest = max(decoding, key=lambda slot: self._seqs[slot].admitted)
             out.failed[newest] = f"decode failed: {exc}"
@@ -221,7 +221,7 @@ class SlotBatch:
                     use_cache=True,
                     logits_to_keep=1,  # none are needed; a 128k vocabulary's for every token are large
                 )
-            except RuntimeError as exc:
+            except (RuntimeError, ValueError) as exc:  # ValueError: past the context (SlotCache.reserve)
                 log.warning("prefill of %d tokens failed: %s", len(chunk), exc)
                 out.failed[slot] = f"prefill failed: {exc}"
                 seq.failed = True
