@@ -100,13 +100,15 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 # Starts its own redis-server, workers, API, a seed-like server and llama.cpp's server on free
 # ports; writes bench/results/ (results.md, results.json, results.png). BENCH_ARGS="--quick" or
 # "--rounds 5". Then scale-out: pinned workers, Redis and API cost per token, 500 streams on one
-# API (bench/scaleout.py); what constrained decoding costs, in-process (bench/structured.py), and
-# llguidance against xgrammar (bench/grammar_libs.py). The llama.cpp server is built first if
+# API (bench/scaleout.py); what constrained decoding costs, in-process (bench/structured.py), the
+# transformers decode step with KV allocated once against the DynamicCache path (bench/kv_cache.py,
+# KV_BENCH_ARGS="--quick"), and llguidance against xgrammar (bench/grammar_libs.py). The llama.cpp server is built first if
 # missing (make llama-server).
 bench: $(VENV)/.installed-bench llama-server
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) -m bench.scaleout
 	$(PY) -m bench.structured
+	$(PY) -m bench.kv_cache $(KV_BENCH_ARGS)
 	$(PY) -m bench.grammar_libs
 
 llama-server: $(VENV)/.installed

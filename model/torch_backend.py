@@ -7,23 +7,24 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
-import numpy.typing as npt
 import torch
 import transformers
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache, DynamicLayer
-from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from model.grammar import FORBIDDEN, Constraint
+from model.grammar import Constraint
 from model.loading import LoadedModel, ModelSource, gguf_conversion, load_tokenizer
 from model.penalties import Penalties, penalties_for
 from model.scheduler import PREFILL_BATCH_TOKENS, PREFILL_CHUNK_TOKENS
-from model.types import SampledLogprobs, SamplingParams, StepOutput
+from model.slot_batch import SlotBatch
+from model.torch_sampling import Sampler, pick
+from model.types import BatchRunner, SamplingParams, StepOutput
 
 log = logging.getLogger(__name__)
+
+KvLayout = Literal["slots", "dynamic"]
 
 
 def pick_device(requested: str) -> torch.device:
@@ -67,8 +68,13 @@ def load(
     slots: int,
     cache_dir: Path,
     quantize_on_cpu: bool = False,
+    kv: KvLayout = "slots",
 ) -> LoadedModel:
     """Load weights once; GGUF files are dequantized once and cached on disk as safetensors.
+
+    `kv` picks the batch runner: "slots" (SlotBatch, KV allocated once and written in place, the
+    default) or "dynamic" (TorchBatch, the earlier DynamicCache path, kept for the benchmark's
+    side-by-side and never set from settings).
 
     `use_4bit` quantizes to bitsandbytes NF4 on CUDA only, where it pays. `quantize_on_cpu` is
     for tests alone (never set from settings): bitsandbytes also runs NF4 on CPU, slowly, which
@@ -102,18 +108,21 @@ def load(
     if quantization is None:
         model.to(target)
     model.eval()
-    context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    context = int(getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length)
     eos = model.generation_config.eos_token_id
+    runner: BatchRunner = (
+        SlotBatch(model, target, slots, context) if kv == "slots" else TorchBatch(model, target, slots)
+    )
     return LoadedModel(
         backend="transformers",
         model=model,
         tokenizer=tokenizer,
-        runner=TorchBatch(model, target, slots),
+        runner=runner,
         eos_token_ids=frozenset([eos] if isinstance(eos, int) else eos or ()),
         device=str(target),
         dtype=str(torch_dtype).removeprefix("torch."),
         quantization=quantization,
-        context_length=int(context),
+        context_length=context,
         threads=torch.get_num_threads(),
         load_seconds=time.perf_counter() - started,
     )
@@ -131,7 +140,7 @@ def _dequantize(source: ModelSource, staging: Path) -> None:
 
 @dataclass
 class _Seq:
-    sampler: _Sampler
+    sampler: Sampler
     constraint: Constraint | None
     prompt: Sequence[int]
     pending: list[int]  # prompt tokens still to prefill (all but the prompt's last)
@@ -145,7 +154,9 @@ class _Seq:
 
 
 class TorchBatch:
-    """Every decoding sequence in one batched forward per step, over one transformers DynamicCache.
+    """Every decoding sequence in one batched forward per step, over one transformers DynamicCache:
+    the path before SlotBatch (model/slot_batch.py), kept for the benchmark's side-by-side
+    (`kv="dynamic"` in load). Each step's concatenation copies every row's whole KV.
 
     The batch cache holds one row per decoding sequence, left-padded to a common length; a 2-D
     attention mask hides each row's padding and explicit position ids give each row its own
@@ -207,7 +218,7 @@ class TorchBatch:
         slot = next(i for i in range(self._capacity) if i not in self._seqs)
         self._clock += 1
         self._seqs[slot] = _Seq(
-            _Sampler(sampling),
+            Sampler(sampling),
             constraint,
             prompt,
             list(prompt[:-1]),
@@ -271,7 +282,7 @@ class TorchBatch:
         self._cache = result.cache
         logits = result.logits[:, -1, :]
         for row, (slot, seq) in enumerate(zip(self._rows, seqs, strict=True)):
-            seq.next_token, logprobs = _pick(seq, logits[row : row + 1])
+            seq.next_token, logprobs = pick(seq, logits[row : row + 1])
             seq.length += 1
             out.tokens[slot] = seq.next_token
             if logprobs is not None:
@@ -469,93 +480,3 @@ def _pad_left(kv: torch.Tensor, columns: int) -> torch.Tensor:
     if columns == 0:
         return kv
     return torch.nn.functional.pad(kv, (0, 0, columns, 0))
-
-
-def _pick(seq: _Seq, logits: torch.Tensor) -> tuple[int, SampledLogprobs | None]:
-    """The sequence's token for its row of logits (1 x vocab), and its logprobs if it asked.
-
-    In vLLM's order: logit_bias and penalties on the raw logits, then the grammar, then the
-    sampler's temperature and truncation (model/penalties.py).
-    """
-    if seq.penalties is not None:
-        logits = logits.float()  # a copy unless already float32; the batch's row is not reused
-        ids = torch.from_numpy(seq.penalties.ids).to(logits.device)
-        touched = logits[0, ids].cpu().numpy()
-        logits[0, ids] = torch.from_numpy(seq.penalties.apply(touched)).to(logits.device)
-    if seq.constraint is not None and seq.top_logprobs is not None:
-        # The logprobs describe the masked distribution, so the mask is needed anyway: applied
-        # first, one draw. (Drawing first and masking only on a refusal samples the same
-        # distribution; it is only cheaper when no mask is needed at all.)
-        logits = logits.float() + _mask(seq.constraint, logits)
-        token = seq.sampler(logits)
-        seq.constraint.commit(token)
-    else:
-        token = seq.sampler(logits)
-        if seq.constraint is not None and not seq.constraint.accept(token):
-            token = _draw_among(seq.sampler, logits, seq.constraint.allowed(logits.shape[-1]))
-            seq.constraint.commit(token)
-    if seq.penalties is not None:
-        seq.penalties.accept(token)
-    if seq.top_logprobs is None:
-        return token, None
-    return token, _logprobs(logits[0], seq.sampler.logprob_temperature, token, seq.top_logprobs)
-
-
-def _draw_among(sampler: _Sampler, logits: torch.Tensor, ids: npt.NDArray[np.int32]) -> int:
-    """The sampler's draw from only the tokens `ids` (what a grammar allows): the same
-    distribution as masking the rest to -inf (they would get probability 0 under every warper),
-    over a few hundred logits instead of the whole vocabulary, and with only the ids, not a
-    vocabulary-wide mask, sent to the device."""
-    if ids.size == 0:  # a grammar with nothing left (it cannot, while it is not complete)
-        raise RuntimeError("the grammar allows no token here")
-    index = torch.from_numpy(ids.astype(np.int64)).to(logits.device)
-    return int(ids[sampler(logits[:, index])])
-
-
-def _mask(constraint: Constraint, logits: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(constraint.bias(logits.shape[-1])).to(logits.device)
-
-
-def _logprobs(logits: torch.Tensor, temperature: float, token: int, top: int) -> SampledLogprobs:
-    """The token's log probability and the `top` best, under softmax(logits / temperature)."""
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    chosen = float(logprobs[token].item())
-    if top == 0:
-        return chosen, ()
-    values, ids = torch.topk(logprobs, top)
-    # A token the grammar forbids could never be drawn: not an alternative worth listing. (Told
-    # by its logit before the temperature, which can bring -1e30 up to any size.)
-    allowed = (logits[ids].float() > float(FORBIDDEN) / 2).tolist()
-    best = zip(ids.tolist(), values.tolist(), allowed, strict=True)
-    return chosen, tuple((i, v) for i, v, ok in best if ok)
-
-
-class _Sampler:
-    """Greedy at temperature 0; otherwise temperature, then top-k, top-p and min-p truncation (the
-    order of transformers' own warpers), and a draw seeded per request."""
-
-    def __init__(self, sampling: SamplingParams) -> None:
-        self._greedy = sampling.greedy
-        self._temperature = sampling.temperature
-        self._top_k = TopKLogitsWarper(sampling.top_k) if sampling.top_k > 0 else None
-        self._top_p = TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1.0 else None
-        self._min_p = MinPLogitsWarper(sampling.min_p) if sampling.min_p > 0.0 else None
-        self._generator: torch.Generator | None = None
-        if sampling.seed is not None and not self._greedy:
-            # CPU generator: MPS has none, and CPU draws make a seed mean the same on every device.
-            self._generator = torch.Generator("cpu").manual_seed(sampling.seed)
-
-    @property
-    def logprob_temperature(self) -> float:
-        """The temperature logprobs are reported at: the request's, or 1 when greedy."""
-        return 1.0 if self._greedy else self._temperature
-
-    def __call__(self, logits: torch.Tensor) -> int:
-        if self._greedy:
-            return int(logits.argmax(dim=-1).item())
-        scores = logits.float() / self._temperature
-        for warper in (self._top_k, self._top_p, self._min_p):
-            if warper is not None:
-                scores = warper(None, scores)  # type: ignore[arg-type]  # input_ids unused
-        probs = torch.softmax(scores, dim=-1).cpu()
-        return int(torch.multinomial(probs, 1, generator=self._generator).item())
