@@ -383,7 +383,8 @@ def test_resume_query(
     [
         ("GET", CHAT, (405, "method_not_allowed", None)),
         ("PUT", RESPONSES, (405, "method_not_allowed", None)),
-        ("DELETE", f"{RESPONSES}/resp_{'0' * 32}", (405, "method_not_allowed", None)),
+        ("DELETE", f"{RESPONSES}/resp_{'0' * 32}/cancel", (405, "method_not_allowed", None)),
+        ("DELETE", f"{RESPONSES}/resp_{'0' * 32}", NOT_FOUND),  # a stored response may be deleted
         ("GET", "/v1/nothing/here", (404, "not_found", None)),
         ("GET", f"{RESPONSES}/resp_{'0' * 32}", NOT_FOUND),
         ("POST", f"{RESPONSES}/resp_{'0' * 32}/cancel", NOT_FOUND),
