@@ -425,6 +425,11 @@ ADMIT = (
     + """
 local job, queued, model_queued, owner_queued, owner_running = unpack(KEYS)
 local owner, max_queued_per_key, max_running_per_key = ARGV[9], tonumber(ARGV[12]), tonumber(ARGV[13])
+-- Ids are new per request, so a record already there is this very admission run again (a retry
+-- after a lost reply, which a failover makes likely): answer as the first run did, change nothing
+-- (running it again would put a job a worker may have claimed meanwhile back to queued).
+local admitted_at = redis.call('HGET', job, 'created_at')
+if admitted_at then return admitted_at end
 local now = clock()
 redis.call('ZREMRANGEBYSCORE', model_queued, '-inf', '(' .. (now - tonumber(ARGV[8])))
 redis.call('ZREMRANGEBYSCORE', owner_queued, '-inf', '(' .. (now - tonumber(ARGV[8])))

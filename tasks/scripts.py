@@ -67,9 +67,12 @@ class Wait:
         return self.replicas > 0 and any(durable(c) for c in calls)
 
     def check(self, acknowledged: Any) -> None:
+        """Logs a WAIT that fell short or failed, and raises nothing: the scripts before it were
+        applied, so their callers must go on as if it succeeded (a raise here made the API answer
+        503 for a job it had admitted, and the worker fail jobs whose events were stored)."""
         if isinstance(acknowledged, Exception):
-            raise acknowledged
-        if int(acknowledged) < self.replicas:  # the write stands; a failover now could lose it
+            log.warning("WAIT failed after a job's write (the write stands): %s", type(acknowledged).__name__)
+        elif int(acknowledged) < self.replicas:  # the write stands; a failover now could lose it
             log.warning("WAIT: %s of %s replica(s) acknowledged a job's write", acknowledged, self.replicas)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -156,6 +157,19 @@ def test_a_batch_line_is_recorded_once(db: redis.Redis, scripts: Scripts) -> Non
     assert scripts.run(jobs.admit_batch_line(line, ttl=TTL)) == 1
     assert scripts.run(jobs.admit_batch_line(line, ttl=TTL)) == 0  # an API restart enqueues it again
     assert db.hget(keys.job(line.spec.id), "batch") == "batch_1"
+
+
+def test_an_admission_run_again_after_a_lost_reply_changes_nothing(db: redis.Redis, scripts: Scripts) -> None:
+    """Under Sentinel a call is retried after a lost reply; a second ADMIT of the same job must
+    answer as the first and not put a job a worker claimed meanwhile back to queued."""
+    job = new_job()
+    first = admit(scripts, job, max_queued=1)
+    assert first is not None
+    assert claim(scripts, job.spec.id) is not None
+    assert admit(scripts, job, max_queued=1) == first  # not refused as over MAX_QUEUED either
+    rec = record(db, job.spec.id)
+    assert (rec.status, rec.worker) == ("in_progress", "w1")
+    assert not db.zscore(keys.QUEUED, job.spec.id)
 
 
 # --- claims -------------------------------------------------------------------------------------
@@ -409,6 +423,26 @@ def test_durable_writes_wait_for_replicas_and_go_on_without_them(server: str, db
     assert durable(claim_call(job.spec.id)) and durable(jobs.append(job.spec.id, FINISHED, ttl=TTL))
     assert not durable(delta)
     client.close()
+
+
+def test_a_failed_wait_is_logged_and_the_write_stands(
+    server: str, db: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """WAIT refused (here by an ACL without it) after the scripts ran: the caller gets the
+    scripts' answer, as the write stands, and the failure is logged."""
+    db.acl_setuser("nowait", enabled=True, passwords=["+pw"], keys=["llmq:*"], commands=["+@all", "-wait"])
+    parts = urlsplit(server)
+    client = redis.Redis.from_url(f"redis://nowait:pw@{parts.hostname}:{parts.port}/0", decode_responses=True)
+    try:
+        job = new_job()
+        call = jobs.admit(job, ttl=TTL, max_queued=100, queue_timeout=QUEUE_TIMEOUT)
+        assert isinstance(jobs.admitted(Scripts(client, Wait(replicas=1, timeout_ms=50)).run(call)), float)
+        assert db.hget(keys.job(job.spec.id), "status") == "queued"
+        assert "WAIT failed" in caplog.text
+    finally:
+        client.close()
+        db.acl_deluser("nowait")
+        db.acl_log_reset()  # the refusal this test made on purpose, not one the service met
 
 
 def test_scripts_are_loaded_again_after_the_cache_is_emptied(scripts: Scripts, db: redis.Redis) -> None:
