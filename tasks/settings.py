@@ -251,6 +251,14 @@ class Settings(BaseSettings):
             raise ValueError("WEBHOOK_URL needs WEBHOOK_SECRET, the secret its events are signed with")
         return self
 
+    @model_validator(mode="after")
+    def _wait_within_a_reply(self) -> Settings:
+        # WAIT shares a round trip with the writes it follows: one longer than the reply timeout
+        # would time that round trip out, and a retry would send the writes again.
+        if self.redis_wait_replicas and self.redis_wait_timeout_ms >= 500 * self.redis_timeout_seconds:
+            raise ValueError("REDIS_WAIT_TIMEOUT_MS must be under half of REDIS_TIMEOUT_SECONDS")
+        return self
+
     @property
     def webhook_endpoint_list(self) -> list[WebhookEndpoint]:
         """Every registered endpoint: WEBHOOK_URL's (every event of every key) first."""

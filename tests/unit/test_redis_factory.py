@@ -363,3 +363,11 @@ def test_the_readmes_acl_is_the_one_the_service_needs() -> None:
     assert block.split() == keys.acl_rules(db=0)
     sentinel_line = readme.split("The service's user on a sentinel\nneeds only `", 1)[1].split("`", 1)[0]
     assert sentinel_line.split() == keys.sentinel_acl_rules()
+
+
+def test_a_wait_longer_than_half_a_reply_is_refused_at_start() -> None:
+    # WAIT shares its round trip with the writes: past the reply timeout a retry would resend them.
+    with pytest.raises(ValueError, match="REDIS_WAIT_TIMEOUT_MS"):
+        configured(redis_wait_replicas=1, redis_wait_timeout_ms=5000, redis_timeout_seconds=10)
+    assert configured(redis_wait_replicas=1, redis_wait_timeout_ms=4000, redis_timeout_seconds=10)
+    assert configured(redis_wait_replicas=0, redis_wait_timeout_ms=60_000)  # off: not checked
