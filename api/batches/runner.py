@@ -201,9 +201,11 @@ class BatchRunner:
             )
             await self._fail(record, [problem])
             return False
+        # Redis reads stay outside the try: an outage or a failover pauses the batch for the
+        # next tick (run_forever), where inside it would fail the batch as an unreadable file.
+        models = await self._models.models(fresh=True)
+        histories = await self._histories(content, spec.endpoint, spec.owner)
         try:
-            models = await self._models.models(fresh=True)
-            histories = await self._histories(content, spec.endpoint, spec.owner)
             parsed = await asyncio.to_thread(
                 batch_lines.parse_input, content, spec.endpoint, self._settings, models, spec.owner, histories
             )
