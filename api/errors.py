@@ -205,7 +205,8 @@ class Timeout(APIError):
     code = "timeout"
 
 
-# Worker failure codes that are the client's fault map back to their request errors.
+# Worker failure codes answered as an HTTP error of their own: the client's fault (4xx), and a job
+# a failover lost (503, submit again); any other code is a failed generation.
 _FAILURE_TYPES: dict[str, type[APIError]] = {
     "context_length_exceeded": ContextLengthExceeded,
     "model_not_found": ModelNotFound,
@@ -220,7 +221,8 @@ _FAILURE_PARAMS = {"invalid_logit_bias": "logit_bias"}
 
 
 def is_request_failure(code: str) -> bool:
-    """Whether a job's failure code is the request's fault (a 4xx), not the service's."""
+    """Whether a job's failure code is answered as its own HTTP error (the request's fault, or a
+    lost job) rather than as a failed generation (a failed Response, or a 500)."""
     return code in _FAILURE_TYPES
 
 
