@@ -155,6 +155,13 @@ class SlotBatch:
     def _decode(self, out: StepOutput) -> bool:
         """One token for every decoding row; False when the forward failed (the newest then fails)."""
         decoding = sorted(slot for slot, seq in self._seqs.items() if seq.decoding)
+        # A row with no column left fails alone (its budget should have stopped it first);
+        # left in, it would fail the step, and with it the newest row, step after step.
+        full = [slot for slot in decoding if self._seqs[slot].length >= self.cache.max_positions]
+        for slot in full:
+            out.failed[slot] = "decode failed: the context is full"
+        if full:
+            return False
         rows = decoding[-1] + 1
         if self._static:
             rows = row_bucket(rows, self._capacity)
@@ -179,7 +186,7 @@ class SlotBatch:
                     use_cache=True,
                     logits_to_keep=1,
                 ).logits
-        except (RuntimeError, ValueError) as exc:  # out of memory, or past the context: the newest fails
+        except (RuntimeError, ValueError) as exc:  # out of memory: the newest fails
             log.warning("batched decode of %d sequences failed: %s", len(decoding), exc)
             newest = max(decoding, key=lambda slot: self._seqs[slot].admitted)
             out.failed[newest] = f"decode failed: {exc}"

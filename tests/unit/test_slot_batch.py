@@ -276,3 +276,20 @@ def test_static_shapes_pad_rows_that_do_not_decode_without_touching_their_kv(
 def test_graphs_are_asked_for_on_cuda_only(engine: Engine) -> None:
     cpu = SlotBatch(engine.loaded.model, torch.device("cpu"), 2, 1024, graphs=True)
     assert cpu.graphs is None
+
+
+def test_a_row_that_fills_the_context_fails_alone(engine: Engine) -> None:
+    """A sequence at the context's end fails by itself; the others (a newer one too) go on."""
+    runner = SlotBatch(engine.loaded.model, torch.device("cpu"), SLOTS, 48)
+    old = runner.add(prompt(40, 1), GREEDY, 48)
+    failed: dict[int, str] = {}
+    new = None
+    for step in range(20):
+        if old in failed:
+            break
+        failed.update(runner.step().failed)
+        if step == 2:  # the old row is past 43 of its 48 columns: a newer row joins
+            new = runner.add(prompt(5, 2), GREEDY, 48)
+    assert new is not None and set(failed) == {old} and "context is full" in failed[old]
+    runner.drop(old)
+    assert new in runner.step().tokens or new in runner.step().tokens  # the newer row decodes on
