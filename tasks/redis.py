@@ -106,8 +106,9 @@ def retry_policy(settings: Settings) -> tuple[AbstractBackoff, int]:
 
     Sentinel: a failover takes seconds (down-after, then the election and promotion), during
     which the old master refuses connections and the sentinels still name it, then the new one
-    answers; a call keeps trying for about REDIS_FAILOVER_SECONDS, so requests and running jobs
-    ride through a failover instead of failing. A plain Redis has nothing to wait for."""
+    answers; a call keeps trying, its waits adding up to at most REDIS_FAILOVER_SECONDS (about
+    half with the jitter) beside each try's own connect or reply time, so requests and running
+    jobs ride through a failover instead of failing. A plain Redis has nothing to wait for."""
     if sentinel_url(settings.redis_url) is None:
         return NoBackoff(), settings.redis_retries
     backoff = ExponentialWithJitterBackoff(cap=FAILOVER_BACKOFF_CAP, base=FAILOVER_BACKOFF_BASE)
