@@ -131,7 +131,10 @@ class Settings(BaseSettings):
         False, description="Sentinels and data nodes on TLS (with REDIS_TLS_*): a sentinel:// URL's rediss"
     )
     redis_failover_seconds: float = Field(
-        15.0, gt=0, le=120, description="Sentinel only: the most a call waits between retries through a failover, in all"
+        15.0,
+        gt=0,
+        le=120,
+        description="Sentinel only: the most a call waits between retries through a failover, in all",
     )
     # WAIT after the writes that must not be lost (tasks/scripts.py): 0 = off.
     redis_wait_replicas: int = Field(
