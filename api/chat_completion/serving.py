@@ -209,6 +209,11 @@ def _choice_key(job_id: str, index: int) -> str:
     return job_id if index == 0 else f"{job_id}:{index}"
 
 
+def _unless_started(event: AnyEvent) -> errors.APIError | None:
+    """A chat completion's first event is its start, or the error it answers with."""
+    return None if isinstance(event, events.Started) else error_for(event)
+
+
 def error_for(event: AnyEvent) -> errors.APIError:
     """The HTTP error a chat completion answers with when its job ended without an answer."""
     if isinstance(event, events.Failed):
@@ -279,15 +284,9 @@ class ChatRun:
         pings, so proxies do not time out; errors then come in-band.
         """
         self.created = int(await self._follow.submit(self.job))
-        try:
-            first = await self._follow.next(self._ping_seconds if self.request.stream else None)
-        except BaseException:
-            await asyncio.shield(self._follow.close())
-            raise
-        if first is None or isinstance(first, events.Started):
-            return first
-        await self._follow.close()
-        raise error_for(first)
+        wait = self._ping_seconds if self.request.stream else None
+        first = await self._follow.first(wait, _unless_started)
+        return first if isinstance(first, events.Started) else None  # any other event was refused
 
     async def complete(self) -> ChatCompletion:
         """Collect the whole answer (blocking mode)."""

@@ -394,15 +394,7 @@ class ResponsesService:
         model's context) is then the HTTP error, as a chat completion's is, not a failed
         Response; a stream still queued after `wait` starts anyway, and such an error then
         ends it as a failed Response."""
-        try:
-            first = await follow.next(wait)
-        except BaseException:
-            await asyncio.shield(follow.close())
-            raise
-        if isinstance(first, events.Failed) and errors.is_request_failure(first.code):
-            await follow.close()
-            raise errors.from_failure(first.code, first.message)
-        return first
+        return await follow.first(wait, _request_failure)
 
     async def retrieve(self, job_id: str) -> Response:
         view = await self._view(job_id)
@@ -508,3 +500,11 @@ class ResponsesService:
         finally:
             # Runs on normal end and when the client disconnects (the generator is cancelled).
             await asyncio.shield(follow.close())
+
+
+def _request_failure(event: events.AnyEvent) -> errors.APIError | None:
+    """The HTTP error a Response's first event means, if any: a job failed for the request's
+    fault (or lost) before it started. Other endings are failed Responses, not HTTP errors."""
+    if isinstance(event, events.Failed) and errors.is_request_failure(event.code):
+        return errors.from_failure(event.code, event.message)
+    return None

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import redis.exceptions
 from starlette.types import Receive
@@ -127,6 +128,24 @@ class Follow:
                 if give_up < self._deadline:
                     return None
                 raise errors.Timeout("The generation did not finish within the request timeout.")
+
+    async def first(
+        self, wait: float | None, refusal: Callable[[events.AnyEvent], errors.APIError | None]
+    ) -> events.AnyEvent | None:
+        """The job's first event, waited for up to `wait` seconds (None: until it comes; None
+        back if it does not come in time). An event for which `refusal` gives an error closes the
+        follow and raises that error: the request is answered with it (a prompt the worker
+        refused before starting is an HTTP error for streams too, as OpenAI's are). Closed on
+        any other way out as well, so the job is not left running for nobody."""
+        try:
+            first = await self.next(wait)
+        except BaseException:
+            await asyncio.shield(self.close())
+            raise
+        if first is not None and (error := refusal(first)) is not None:
+            await self.close()
+            raise error
+        return first
 
     async def close(self) -> None:
         """Release the subscription; a job this follow submitted and that has not ended is
