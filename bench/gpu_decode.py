@@ -43,6 +43,7 @@ from model.types import SamplingParams
 log = logging.getLogger("bench.gpu_decode")
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MIN_TRANSFORMERS = (5, 24)  # pyproject.toml's lower bound
 LLAMA3_8B = {
     "hidden_size": 4096,
     "num_attention_heads": 32,
@@ -302,11 +303,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _older(version: str, minimum: tuple[int, int]) -> bool:
+    major, minor = (int(part) for part in version.split(".")[:2])
+    return (major, minor) < minimum
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --dry-run to check the script on the CPU")
+    if _older(transformers.__version__, MIN_TRANSFORMERS):
+        # Before 5.2x the models took the KV cache as `past_key_values`, not `cache`: SlotBatch's
+        # store would go unused. A lent GPU machine may hold an older one: carry the wheel.
+        raise SystemExit(
+            f"transformers {transformers.__version__} is older than this project's {MIN_TRANSFORMERS}: "
+            "pip install --no-deps the wheel of the version pyproject.toml asks for, then run again"
+        )
     report = measure(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

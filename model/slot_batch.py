@@ -13,6 +13,7 @@ from model.decode_graphs import DecodeGraphs, row_bucket, width_bucket
 from model.grammar import Constraint
 from model.penalties import Penalties, penalties_for
 from model.scheduler import PREFILL_BATCH_TOKENS, PREFILL_CHUNK_TOKENS
+from model.slot_attention import SLOT_SDPA, rows_apart
 from model.slot_cache import SlotCache
 from model.torch_sampling import Sampler, pick
 from model.types import SamplingParams, StepOutput
@@ -99,9 +100,16 @@ class SlotBatch:
             additive_mask=model.dtype if eager else None,
         )
         self.shared_prefill_tokens = 0
+        self._cache_checked = False
         use_graphs = graphs and device.type == "cuda"
         self._static = static_shapes or use_graphs
         self.graphs = DecodeGraphs(model, self.cache) if use_graphs else None
+        # On the CPU, rows of very different lengths attend one by one (model/slot_attention.py);
+        # the registered attention is transformers' SDPA whenever the forward does not ask for that.
+        apart = device.type == "cpu" and not self._static
+        if apart and getattr(config, "_attn_implementation", None) == "sdpa":
+            model.set_attn_implementation(SLOT_SDPA)
+        self._rows_apart = apart and getattr(config, "_attn_implementation", None) == SLOT_SDPA
 
     @property
     def capacity(self) -> int:
@@ -178,6 +186,8 @@ class SlotBatch:
             positions = torch.tensor(writes, device=self._device).unsqueeze(1)
             replayed = self.graphs.forward(inputs, positions, mask) if self.graphs is not None else None
             if replayed is None:
+                widths = [upto + 1 for upto in attends]
+                apart = {"slot_widths": widths} if self._rows_apart and rows_apart(widths) else {}
                 replayed = self._model(
                     input_ids=inputs,
                     attention_mask=mask,
@@ -185,12 +195,14 @@ class SlotBatch:
                     cache=self.cache,
                     use_cache=True,
                     logits_to_keep=1,
+                    **apart,
                 ).logits
         except (RuntimeError, ValueError) as exc:  # out of memory: the newest fails
             log.warning("batched decode of %d sequences failed: %s", len(decoding), exc)
             newest = max(decoding, key=lambda slot: self._seqs[slot].admitted)
             out.failed[newest] = f"decode failed: {exc}"
             return False  # nothing to undo: the columns written lie past every row's length
+        self._check_cache_taken()
         logits = replayed[:, -1, :]
         # Plain greedy rows (no penalties, grammar or logprobs) take one argmax for the whole
         # batch and one transfer, instead of a device round trip per row.
@@ -206,6 +218,15 @@ class SlotBatch:
             if logprobs is not None:
                 out.logprobs[slot] = logprobs
         return True
+
+    def _check_cache_taken(self) -> None:
+        """After the first forward: the model wrote into the store (a transformers that takes the
+        cache under another argument name would build its own and answer from that, silently)."""
+        if self._cache_checked:
+            return
+        if not self.cache.written():
+            raise RuntimeError("the model did not use the slot cache: transformers too old for this runner")
+        self._cache_checked = True
 
     def _prefill(self, out: StepOutput, budget: int) -> None:
         waiting = sorted(

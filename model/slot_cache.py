@@ -123,6 +123,10 @@ class SlotCache(Cache):
     def _slot_layers(self) -> list[SlotLayer]:
         return [layer for layer in self.layers if isinstance(layer, SlotLayer)]
 
+    def written(self) -> bool:
+        """Whether a forward has written keys into the store."""
+        return any(layer.is_initialized for layer in self._slot_layers())
+
     def reserve(self, positions: int) -> None:
         """Make room for `positions` columns in every row (growing the allocation if needed)."""
         capacity = capacity_for(positions, self.capacity, self.max_positions)

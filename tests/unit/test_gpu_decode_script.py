@@ -63,3 +63,13 @@ def test_the_targets_take_the_faster_of_eager_and_graphs_that_agree() -> None:
             "32_slots_over_one_aggregate": 25.0,
         }
     }
+
+
+def test_the_script_refuses_a_transformers_older_than_the_project_takes() -> None:
+    # A lent GPU machine came with transformers 5.17, whose models take the KV cache as
+    # `past_key_values`: SlotBatch's store would go unused.
+    assert gpu_decode._older("5.17.0", gpu_decode.MIN_TRANSFORMERS)
+    assert gpu_decode._older("4.57.1", gpu_decode.MIN_TRANSFORMERS)
+    assert not gpu_decode._older("5.24.0", gpu_decode.MIN_TRANSFORMERS)
+    assert not gpu_decode._older("5.25.0.dev0", gpu_decode.MIN_TRANSFORMERS)
+    assert not gpu_decode._older("6.0.0", gpu_decode.MIN_TRANSFORMERS)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from model import slot_attention
 from model.decode_graphs import row_bucket, width_bucket
 from model.engine import Engine
 from model.scheduler import PREFILL_CHUNK_TOKENS
@@ -52,9 +53,16 @@ def static_runner(engine: Engine) -> SlotBatch:
     return SlotBatch(engine.loaded.model, torch.device("cpu"), SLOTS, 1024, static_shapes=True)
 
 
-@pytest.fixture(params=["eager", "static shapes"])
-def runner(request: pytest.FixtureRequest, engine: Engine, static_runner: SlotBatch) -> SlotBatch:
-    return runner_of(engine) if request.param == "eager" else static_runner
+@pytest.fixture(params=["eager", "rows apart", "static shapes"])
+def runner(
+    request: pytest.FixtureRequest, engine: Engine, static_runner: SlotBatch, monkeypatch: pytest.MonkeyPatch
+) -> SlotBatch:
+    """eager: one masked attention call per layer (these rows' lengths are too close to split);
+    rows apart: every decode step attends one call per row, each over its own columns; static
+    shapes: what a CUDA graph computes."""
+    if request.param == "rows apart":
+        monkeypatch.setattr(slot_attention, "ROWS_APART_PADDING", 0)
+    return static_runner if request.param == "static shapes" else runner_of(engine)
 
 
 def prompt(length: int, seed: int) -> list[int]:
@@ -293,3 +301,44 @@ def test_a_row_that_fills_the_context_fails_alone(engine: Engine) -> None:
     assert new is not None and set(failed) == {old} and "context is full" in failed[old]
     runner.drop(old)
     assert new in runner.step().tokens or new in runner.step().tokens  # the newer row decodes on
+
+
+def test_rows_attend_apart_only_when_the_padding_they_skip_repays_the_calls() -> None:
+    pad = slot_attention.ROWS_APART_PADDING
+    assert not slot_attention.rows_apart([1800])  # one row: nothing to skip
+    assert not slot_attention.rows_apart([1800] * 4)  # equal lengths: one call reads nothing extra
+    assert not slot_attention.rows_apart([50, 50 + pad])  # pad/2 a row on average
+    assert slot_attention.rows_apart([50, 50 + 2 * pad])  # pad a row
+    assert slot_attention.rows_apart([1800, 50, 50, 50])
+
+
+def test_the_cpu_runner_attends_through_the_row_splitting_sdpa(
+    engine: Engine, static_runner: SlotBatch
+) -> None:
+    model = runner_of(engine)._model
+    assert model.config._attn_implementation == slot_attention.SLOT_SDPA
+    assert runner_of(engine)._rows_apart and not static_runner._rows_apart  # graphs need one call
+
+
+def test_a_model_that_ignores_the_slot_cache_is_refused_not_answered_from(
+    reference: tuple[Path, LlamaForCausalLM],
+) -> None:
+    # What an older transformers does with `cache=`: takes it as an unknown keyword and builds
+    # its own cache, so the tokens would come from a one-token context, silently.
+    model = reference[1]
+
+    class Forgetful(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config, self.dtype = model.config, model.dtype
+
+        def set_attn_implementation(self, name: str) -> None:
+            pass  # keeps the shared test model's SDPA
+
+        def forward(self, cache: object = None, **kwargs: object) -> object:
+            return model(**kwargs)
+
+    runner = SlotBatch(Forgetful(), torch.device("cpu"), 2, 1024)
+    runner.add(prompt(1, 9), GREEDY, 20)  # one token: the first forward is a decode step
+    with pytest.raises(RuntimeError, match="did not use the slot cache"):
+        runner.step()
