@@ -1,5 +1,6 @@
 """`python -m bench.kv_cache`: the transformers engine's decode step with KV allocated once
-(SlotBatch, the default) against the earlier DynamicCache path (TorchBatch), in this process.
+(SlotBatch, the default) against the earlier DynamicCache path (TorchBatch, bench/dynamic_batch.py),
+in this process.
 
 For each model (a tiny random Llama of Llama-3's family, the real 128k vocabulary at hidden size 64
 and 2 layers; and the embedded SmolLM2-135M, dequantized as the transformers worker loads it),
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from bench.dynamic_batch import with_dynamic_batch
 from bench.machine import describe, load_average
 from model.loading import EMBEDDED_MODEL_ID, LoadedModel, load_model
 from model.types import BatchRunner, SamplingParams
@@ -81,7 +83,9 @@ def paired_steps(
 
 
 def load(model_id: str, kv: str, slots: int, threads: int) -> LoadedModel:
-    return load_model(
+    """The model loaded as the transformers worker loads it, with its own copy of the weights and
+    the runner of path `kv`: SlotBatch as loaded ("slots") or TorchBatch in its place ("dynamic")."""
+    loaded = load_model(
         model_id,
         engine="transformers",
         device="cpu",
@@ -90,8 +94,8 @@ def load(model_id: str, kv: str, slots: int, threads: int) -> LoadedModel:
         threads=threads,
         slots=slots,
         cache_dir=Path.home() / ".cache" / "llama3-chat" / "models",
-        kv=kv,  # type: ignore[arg-type]  # one of PATHS
     )
+    return with_dynamic_batch(loaded) if kv == "dynamic" else loaded
 
 
 def compare(

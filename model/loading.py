@@ -129,7 +129,6 @@ def load_model(
     cache_dir: Path,
     quantize_on_cpu: bool = False,  # tests only: NF4 on CPU too (see torch_backend.load)
     prefill: PrefillPolicy | None = None,  # llama.cpp's; transformers prefills fixed chunks
-    kv: Literal["slots", "dynamic"] = "slots",  # transformers' batch runner (torch_backend.load); bench only
 ) -> LoadedModel:
     """Load weights and tokenizer once, on the backend `engine` picks (see choose_backend)."""
     source = resolve_source(model_id)
@@ -151,7 +150,6 @@ def load_model(
         slots=slots,
         cache_dir=cache_dir,
         quantize_on_cpu=quantize_on_cpu,
-        kv=kv,
     )
 
 

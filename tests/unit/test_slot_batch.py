@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from bench.dynamic_batch import TorchBatch, with_dynamic_batch
 from model import slot_attention
 from model.decode_graphs import row_bucket, width_bucket
 from model.engine import Engine
@@ -225,33 +226,21 @@ def test_plans_write_each_row_at_its_own_position_and_mask_the_rest() -> None:
     assert mask[0, 0].sum(dim=1).tolist() == [4, 5, 6, 7]  # causal, over the row's earlier columns
 
 
-def test_the_earlier_dynamic_cache_path_stays_selectable_and_agrees(
-    reference: tuple[Path, LlamaForCausalLM], model_cache: Path, engine: Engine
-) -> None:
-    from model.loading import load_model
-    from model.torch_backend import TorchBatch
-
-    dynamic = load_model(
-        str(reference[0]),
-        engine="transformers",
-        device="cpu",
-        dtype="float32",
-        use_4bit=False,
-        slots=2,
-        cache_dir=model_cache,
-        kv="dynamic",
-    )
-    assert isinstance(dynamic.runner, TorchBatch)
+def test_the_default_is_slot_batch_and_the_benchs_dynamic_cache_baseline_agrees(engine: Engine) -> None:
+    """load_model's transformers runner is SlotBatch (runner_of asserts it); the earlier DynamicCache
+    runner that bench/kv_cache.py measures it against, over the same weights, samples the same."""
+    slot_batch = runner_of(engine)
+    runner = with_dynamic_batch(engine.loaded).runner
+    assert isinstance(runner, TorchBatch) and runner is not slot_batch
     ids = prompt(25, 16)
-    runner = dynamic.runner
     slot = runner.add(ids, GREEDY, 64)
-    tokens = []
+    tokens: list[int] = []
     while len(tokens) < GREEDY.max_tokens:
         out = runner.step()
         if slot in out.tokens:
             tokens.append(out.tokens[slot])
     runner.drop(slot)
-    assert tokens == run(runner_of(engine), {"x": Job(ids)})["x"]
+    assert tokens == run(slot_batch, {"x": Job(ids)})["x"]
 
 
 def test_buckets_round_rows_and_columns_up_for_a_few_graphs() -> None:

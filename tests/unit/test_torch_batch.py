@@ -1,5 +1,8 @@
-"""The transformers backend's batched decode (TorchBatch): every sequence in a batch says exactly what
-it says alone, whoever joins or leaves, however long a newcomer's prompt, in float32 and in NF4."""
+"""The transformers engine's batched decode, on the worker's runner (SlotBatch, the default) and on the
+earlier DynamicCache runner that bench/kv_cache.py measures it against (TorchBatch,
+bench/dynamic_batch.py): every sequence in a batch says exactly what it says alone, whoever joins or
+leaves, however long a newcomer's prompt, in float32 and (the default runner) in NF4. The baseline is
+tested because the benchmark's new/old ratios mean something only if the old path is correct."""
 
 from __future__ import annotations
 
@@ -10,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from bench.dynamic_batch import TorchBatch, with_dynamic_batch
 from model.engine import Engine
 from model.generation import Generation
 from model.loading import load_model
 from model.scheduler import PREFILL_CHUNK_TOKENS, Failure
+from model.slot_batch import SlotBatch
 from model.types import ChatMessage, Completion, Prompt, SamplingParams, TextDelta
 from tests import needs
 from tests.tiny_llama import TinyLlamas
@@ -42,9 +47,16 @@ def random_llama3(tiny_llamas: TinyLlamas) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def engine(random_llama3: Path, model_cache: Path) -> Engine:
-    return batch_engine(random_llama3, model_cache, "transformers", SLOTS)
+@pytest.fixture(scope="module", params=["SlotBatch", "TorchBatch"])
+def engine(request: pytest.FixtureRequest, random_llama3: Path, model_cache: Path) -> Engine:
+    """The model as a worker loads it, on its own runner or on the bench's baseline in its place."""
+    engine = batch_engine(random_llama3, model_cache, "transformers", SLOTS)
+    assert isinstance(engine.loaded.runner, SlotBatch), "SlotBatch is the transformers engine's default"
+    if request.param == "SlotBatch":
+        return engine
+    dynamic = Engine(with_dynamic_batch(engine.loaded))
+    assert isinstance(dynamic.loaded.runner, TorchBatch)
+    return dynamic
 
 
 @dataclass
