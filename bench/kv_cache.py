@@ -12,6 +12,11 @@ Then the issue's target, measured in-process (not through the service): 4 stream
 together after ~1,800-token prompts against after ~50-token prompts, per-stream tok/s and the
 ratio, on the embedded model.
 
+Then rows of different lengths decoding together (one 1,800-token conversation beside 50-token
+ones, a spread of eight, and equal lengths as the control), on the embedded model: the CPU's
+decode attention one SDPA call per row over its own columns (model/slot_attention.py, the
+default) against one masked call up to the longest row, two runners over one model taking turns.
+
 Every slot decodes the same prompt (its siblings take its KV, not timed): only decode steps are
 timed, the two paths alternating step by step (so load from elsewhere on a shared machine falls on
 both alike), medians over steps and rounds.
@@ -33,6 +38,7 @@ import torch
 from bench.dynamic_batch import with_dynamic_batch
 from bench.machine import describe, load_average
 from model.loading import EMBEDDED_MODEL_ID, LoadedModel, load_model
+from model.slot_batch import SlotBatch
 from model.types import BatchRunner, SamplingParams
 
 log = logging.getLogger("bench.kv_cache")
@@ -158,6 +164,62 @@ def target(model_id: str, short: int, long: int, steps: int, rounds: int, thread
     }
 
 
+MIXES = {
+    "1 long, 3 short": [1800, 50, 50, 50],
+    "1 long, 7 short": [1800] + [50] * 7,
+    "8 spread": [1000, 400, 200, 50, 1800, 50, 120, 30],
+    "4 short (equal)": [50] * 4,
+    "4 long (equal)": [1800] * 4,
+}
+
+
+def start_mix(runner: BatchRunner, lengths: list[int], steps: int) -> list[int]:
+    """One sequence per length, each its own prompt, prefilled until every one decodes."""
+    added = [runner.add(prompt(n), GREEDY, n + steps) for n in lengths]
+    decoding: set[int] = set()
+    while len(decoding) < len(lengths):
+        decoding |= set(runner.step().tokens)
+    return added
+
+
+def mixed(model_id: str, steps: int, rounds: int, threads: int) -> list[dict[str, Any]]:
+    """Rows of different lengths decoding together: the CPU's decode attention one call per row
+    over its own columns (model/slot_attention.py) against one masked call over the longest
+    row's, the two runners (over one model) taking turns step by step."""
+    loaded = load(model_id, "slots", max(len(m) for m in MIXES.values()), threads)
+    context = loaded.context_length
+    runners = {
+        "apart": SlotBatch(loaded.model, torch.device("cpu"), 8, context),
+        "one_call": SlotBatch(loaded.model, torch.device("cpu"), 8, context, attend_apart=False),
+    }
+    rows = []
+    for name, lengths in MIXES.items():
+        times: dict[str, list[float]] = {key: [] for key in runners}
+        for _ in range(rounds):
+            added = {key: start_mix(r, lengths, steps) for key, r in runners.items()}
+            order = list(runners)
+            for _ in range(steps):
+                for key in order:
+                    started = time.perf_counter()
+                    out = runners[key].step()
+                    times[key].append(time.perf_counter() - started)
+                    assert len(out.tokens) == len(lengths) and not out.failed
+                order.reverse()
+            for key, slots in added.items():
+                for slot in slots:
+                    runners[key].drop(slot)
+        ms = {key: 1000 * statistics.median(t) for key, t in times.items()}
+        row = {
+            "rows": name,
+            "lengths": lengths,
+            **{f"{key}_step_ms": round(v, 2) for key, v in ms.items()},
+            "speedup": round(ms["one_call"] / ms["apart"], 2),
+        }
+        log.info("%s", row)
+        rows.append(row)
+    return rows
+
+
 def tiny_llama3(folder: Path, context: int) -> str:
     from tests.tiny_llama import random_llama3  # torch and the test models' builder: bench only
 
@@ -176,6 +238,21 @@ def table(title: str, rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['context']} | {r['slots']} | {r['slots_step_ms']} | {r['dynamic_step_ms']} | "
             f"{r['slots_tok_s']} | {r['dynamic_tok_s']} | {r['speedup']}x |"
+        )
+    return "\n".join(lines)
+
+
+def mixed_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"### rows of different lengths ({EMBEDDED_MODEL_ID}): decode attention per row vs one masked call",
+        "",
+        "| rows | lengths | per row: step ms | one call: step ms | speed |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lengths = ", ".join(str(n) for n in r["lengths"])
+        lines.append(
+            f"| {r['rows']} | {lengths} | {r['apart_step_ms']} | {r['one_call_step_ms']} | {r['speedup']}x |"
         )
     return "\n".join(lines)
 
@@ -212,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         EMBEDDED_MODEL_ID, slot_counts, contexts, steps, rounds, args.threads, machine
     )
     goal = target(EMBEDDED_MODEL_ID, short, long, steps, rounds, args.threads)
+    apart = mixed(EMBEDDED_MODEL_ID, steps, rounds, args.threads)
     report: dict[str, Any] = {
         "machine": machine["model"],
         "load_average": {"before": load_before, "after": load_average()},
@@ -220,8 +298,10 @@ def main(argv: list[str] | None = None) -> None:
         "rounds": rounds,
         "results": results,
         "target_4_streams": goal,
+        "mixed_lengths": apart,
     }
     text = "\n\n".join(table(title, rows) for title, rows in results.items())
+    text += "\n\n" + mixed_table(apart)
     ratios = goal["long_over_short"]
     text += (
         f"\n\n4 streams, per-stream decode speed after {long}-token prompts over after {short}-token"

@@ -82,9 +82,11 @@ class SlotBatch:
         *,
         static_shapes: bool = False,
         graphs: bool = False,
+        attend_apart: bool = True,
     ) -> None:
         """`static_shapes` rounds each decode forward's rows and columns up to buckets
-        (model/decode_graphs.py); `graphs` (CUDA only, implies it) replays the step as CUDA graphs."""
+        (model/decode_graphs.py); `graphs` (CUDA only, implies it) replays the step as CUDA graphs;
+        `attend_apart` False keeps the CPU's decode attention one masked call (the bench's baseline)."""
         self._model = model
         self._device = device
         self._capacity = slots
@@ -106,7 +108,7 @@ class SlotBatch:
         self.graphs = DecodeGraphs(model, self.cache) if use_graphs else None
         # On the CPU, rows of very different lengths attend one by one (model/slot_attention.py);
         # the registered attention is transformers' SDPA whenever the forward does not ask for that.
-        apart = device.type == "cpu" and not self._static
+        apart = attend_apart and device.type == "cpu" and not self._static
         if apart and getattr(config, "_attn_implementation", None) == "sdpa":
             model.set_attn_implementation(SLOT_SDPA)
         self._rows_apart = apart and getattr(config, "_attn_implementation", None) == SLOT_SDPA
