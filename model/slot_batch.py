@@ -9,13 +9,14 @@ from typing import Any
 
 import torch
 
+from model.batch_sampling import pick_rows
 from model.decode_graphs import DecodeGraphs, row_bucket, width_bucket
 from model.grammar import Constraint
 from model.penalties import Penalties, penalties_for
 from model.scheduler import PREFILL_BATCH_TOKENS, PREFILL_CHUNK_TOKENS
 from model.slot_attention import SLOT_SDPA, rows_apart
 from model.slot_cache import SlotCache
-from model.torch_sampling import Sampler, pick
+from model.torch_sampling import Sampler
 from model.types import SamplingParams, StepOutput
 
 log = logging.getLogger(__name__)
@@ -206,15 +207,12 @@ class SlotBatch:
             return False  # nothing to undo: the columns written lie past every row's length
         self._check_cache_taken()
         logits = replayed[:, -1, :]
-        # Plain greedy rows (no penalties, grammar or logprobs) take one argmax for the whole
-        # batch and one transfer, instead of a device round trip per row.
-        best = logits.argmax(dim=-1).tolist() if any(_plain_greedy(self._seqs[s]) for s in decoding) else []
+        # Every row's choice at once (model/batch_sampling.py): a few device ops and transfers for
+        # the batch, not a device round trip per row.
+        picked = pick_rows({slot: self._seqs[slot] for slot in decoding}, logits)
         for slot in decoding:
             seq = self._seqs[slot]
-            if _plain_greedy(seq):
-                seq.next_token, logprobs = int(best[slot]), None
-            else:
-                seq.next_token, logprobs = pick(seq, logits[slot : slot + 1])
+            seq.next_token, logprobs = picked[slot]
             seq.length += 1
             out.tokens[slot] = seq.next_token
             if logprobs is not None:
@@ -302,8 +300,3 @@ class SlotBatch:
         self.cache.copy_row(source, slot, n)
         seq.length, seq.pending = n, seq.pending[n:]
         self.shared_prefill_tokens += n
-
-
-def _plain_greedy(seq: _Seq) -> bool:
-    plain = seq.penalties is None and seq.constraint is None and seq.top_logprobs is None
-    return plain and seq.sampler.greedy
