@@ -9,8 +9,9 @@ when the padding it avoids outweighs the extra calls (`rows_apart`). On CUDA and
 row would be a kernel launch per row and layer (and no CUDA graph could hold the varying
 widths), so there the step stays one masked call.
 
-Registered with transformers' AttentionInterface under SLOT_SDPA; without `slot_widths` in the
-forward's kwargs (prefill, static shapes, or rows of similar lengths) it is transformers' SDPA.
+Registered with transformers' AttentionInterface (and SDPA's mask function with its
+AttentionMaskInterface) under SLOT_SDPA; without `slot_widths` in the forward's kwargs (prefill,
+static shapes, rows of similar lengths, any other caller of the model) it is transformers' SDPA.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 SLOT_SDPA = "slot_sdpa"
 
@@ -74,3 +76,6 @@ def slot_sdpa(
 
 
 AttentionInterface.register(SLOT_SDPA, slot_sdpa)
+# Any other caller of the model (generate, the bench's DynamicCache runner) passes a 2-D mask,
+# which transformers turns into SDPA's 4-D mask only with SDPA's mask function registered too.
+AttentionMaskInterface.register(SLOT_SDPA, sdpa_mask)
