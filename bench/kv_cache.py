@@ -266,6 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     p.add_argument("--quick", action="store_true", help="8 steps, 1 round")
+    p.add_argument("--mixed-only", action="store_true", help="only the rows of different lengths")
     return p.parse_args(argv)
 
 
@@ -277,6 +278,13 @@ def main(argv: list[str] | None = None) -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     short, long = (int(c) for c in args.target_contexts.split(","))
     load_before = load_average()
+    if args.mixed_only:
+        apart = mixed(EMBEDDED_MODEL_ID, steps, rounds, args.threads)
+        RESULTS.mkdir(exist_ok=True)
+        report = {"load_average": {"before": load_before, "after": load_average()}, "mixed_lengths": apart}
+        (RESULTS / "kv_cache_mixed.json").write_text(json.dumps(report, indent=2))
+        print(mixed_table(apart))
+        return
     machine: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tiny = tiny_llama3(Path(tmp), context=max(contexts) + steps * rounds + 64)
