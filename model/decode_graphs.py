@@ -6,7 +6,8 @@ launch instead of hundreds (eager transformers decoding of an 8B model is launch
 runs are rounded up to a bucket (ROW_BUCKETS, padding rows masked as SlotBatch's other
 non-decoding rows), and the columns attention reads up to a power of two (from CHUNK_POSITIONS),
 so a handful of graphs cover every batch. Graphs are captured on first use of a bucket, share one
-memory pool, and are dropped when the KV store grows (their recorded addresses are the old ones).
+memory pool, and are dropped when the KV store grows, even a grow that ran out of memory after
+some layers (their recorded addresses are the old ones).
 
 The bucket choice runs on every device (`SlotBatch(static_shapes=True)` on a CPU runs the same
 padded shapes eagerly, which is how the tests check them); capture and replay run on CUDA only,
@@ -60,7 +61,7 @@ class DecodeGraphs:
         self._model = model
         self._cache = cache
         self._graphs: dict[tuple[int, int], _Captured] = {}
-        self._capacity = -1
+        self._generation = -1
         self._pool: Any = None
         self.broken = False  # capture failed once: eager from then on
 
@@ -71,9 +72,9 @@ class DecodeGraphs:
         graph to replay (capture failed): the caller runs the step eagerly."""
         if self.broken:
             return None
-        if self._cache.capacity != self._capacity:  # the store was reallocated
+        if self._cache.generation != self._generation:  # the store was reallocated, even in part
             self._graphs.clear()
-            self._capacity = self._cache.capacity
+            self._generation = self._cache.generation
         key = (tokens.shape[0], mask.shape[-1])
         captured = self._graphs.get(key)
         if captured is None:

@@ -114,6 +114,10 @@ class SlotCache(Cache):
         self.slots = slots
         self.max_positions = max_positions
         self.capacity = 0
+        # Counts reallocations, a partial one included: a grow that runs out of memory after some
+        # layers leaves `capacity` as it was but those layers' tensors new, and a CUDA graph
+        # recorded over the old ones must be dropped all the same.
+        self.generation = 0
         self.plan: Plan | None = None
         # SDPA takes a boolean mask (True: attend); eager attention adds a float mask of the
         # activations' dtype to its scores instead (`additive_mask` names that dtype).
@@ -131,6 +135,7 @@ class SlotCache(Cache):
         """Make room for `positions` columns in every row (growing the allocation if needed)."""
         capacity = capacity_for(positions, self.capacity, self.max_positions)
         if capacity != self.capacity:
+            self.generation += 1
             for layer in self._slot_layers():
                 layer.grow(capacity)
             self.capacity = capacity

@@ -331,3 +331,26 @@ def test_a_model_that_ignores_the_slot_cache_is_refused_not_answered_from(
     runner.add(prompt(1, 9), GREEDY, 20)  # one token: the first forward is a decode step
     with pytest.raises(RuntimeError, match="did not use the slot cache"):
         runner.step()
+
+
+def test_a_grow_that_runs_out_of_memory_partway_still_counts_as_a_reallocation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # CUDA graphs recorded over the old tensors are dropped by `generation` (model/decode_graphs.py):
+    # a grow failing after the first layer leaves the capacity as it was but that layer's tensors new.
+    cache = SlotCache(3, 2, 4 * CHUNK_POSITIONS)
+    cache.reserve(1)
+    layers = cache._slot_layers()
+    for layer in layers:
+        layer.lazy_initialization(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
+    before, first = cache.generation, layers[0].keys
+
+    def out_of_memory(capacity: int) -> None:
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(layers[1], "grow", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cache.reserve(CHUNK_POSITIONS + 1)
+    assert cache.capacity == CHUNK_POSITIONS
+    assert layers[0].keys is not first and layers[0].keys.shape[2] == 2 * CHUNK_POSITIONS
+    assert cache.generation != before
