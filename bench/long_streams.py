@@ -78,6 +78,12 @@ def per_stream_speeds(url: str, contents: list[str], n: int) -> list[float]:
     """Each stream's decode tok/s for requests of `contents` sent at once, `n` choices each."""
     speeds = []
     for sample in asyncio.run(_at_once(f"{url}/v1/chat/completions", [body(c, n) for c in contents])):
+        log.debug(
+            "stream: ttft %.2f s, total %.2f s, %d tokens",
+            sample.ttft_s,
+            sample.total_s,
+            sample.completion_tokens,
+        )
         if sample.error or sample.decode_tps is None:
             raise RuntimeError(f"a stream failed: {sample.error}")
         speeds.append(sample.decode_tps / n)  # n choices of one request: its tokens count them all
@@ -99,6 +105,9 @@ def measure(engine: str, rounds: int, notes: int, log_dir: Path) -> dict[str, An
         speeds: dict[str, list[float]] = {
             f"{way}@{length}": [] for way in ("n=4", "4 clients") for length in ("short", "long")
         }
+        # Untimed: the worker's first steps at each length (thread tuning, allocations, caches).
+        per_stream_speeds(stack.url, [SHORT], STREAMS)
+        per_stream_speeds(stack.url, [longs[-1]], STREAMS)
         for _ in range(rounds):
             speeds["n=4@short"] += per_stream_speeds(stack.url, [SHORT], STREAMS)
             speeds["n=4@long"] += per_stream_speeds(stack.url, [longs[0]], STREAMS)
