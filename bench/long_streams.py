@@ -99,19 +99,25 @@ async def _at_once(url: str, bodies: list[dict[str, Any]]) -> list[RequestSample
 def measure(engine: str, rounds: int, notes: int, log_dir: Path) -> dict[str, Any]:
     stack = ServiceStack(1, log_dir, slots=STREAMS, engine=engine)
     try:
-        longs = [long_prompt(v, notes) for v in range(STREAMS)]
-        shorts = [f"{SHORT} ({v})" for v in range(STREAMS)]
-        tokens = {"short": prompt_tokens(stack.url, SHORT), "long": prompt_tokens(stack.url, longs[0])}
+        # Every prompt of the run differs (llama.cpp reuses a slot's prompt prefix), so every
+        # long request prefills all of its prompt.
+        variants = iter(range(10_000))
+        tokens = {
+            "short": prompt_tokens(stack.url, SHORT),
+            "long": prompt_tokens(stack.url, long_prompt(-1, notes)),
+        }
         speeds: dict[str, list[float]] = {
-            f"{way}@{length}": [] for way in ("n=4", "4 clients") for length in ("short", "long")
+            f"{way}@{n}": [] for way in ("n=4", "4 clients") for n in ("short", "long")
         }
         # Untimed: the worker's first steps at each length (thread tuning, allocations, caches).
         per_stream_speeds(stack.url, [SHORT], STREAMS)
-        per_stream_speeds(stack.url, [longs[-1]], STREAMS)
+        per_stream_speeds(stack.url, [long_prompt(next(variants), notes)], STREAMS)
         for _ in range(rounds):
-            speeds["n=4@short"] += per_stream_speeds(stack.url, [SHORT], STREAMS)
-            speeds["n=4@long"] += per_stream_speeds(stack.url, [longs[0]], STREAMS)
+            speeds["n=4@short"] += per_stream_speeds(stack.url, [f"{SHORT} ({next(variants)})"], STREAMS)
+            speeds["n=4@long"] += per_stream_speeds(stack.url, [long_prompt(next(variants), notes)], STREAMS)
+            shorts = [f"{SHORT} ({next(variants)})" for _ in range(STREAMS)]
             speeds["4 clients@short"] += per_stream_speeds(stack.url, shorts, 1)
+            longs = [long_prompt(next(variants), notes) for _ in range(STREAMS)]
             speeds["4 clients@long"] += per_stream_speeds(stack.url, longs, 1)
         medians = {key: statistics.median(v) for key, v in speeds.items()}
         return {
