@@ -67,12 +67,16 @@ def start(runner: BatchRunner, slots: int, context: int, steps: int) -> list[int
 
 
 def paired_steps(
-    runners: dict[str, tuple[BatchRunner, int]], slots: int, steps: int
+    runners: dict[str, tuple[BatchRunner, int]], slots: int, steps: int, lengths: list[int] | None = None
 ) -> dict[str, list[float]]:
-    """Seconds of `steps` decode steps of each runner (at its own context), the runners taking
-    turns step by step (the order reversing every step), so load from elsewhere on the machine
-    falls on all of them alike."""
-    added = {key: start(runner, slots, context, steps) for key, (runner, context) in runners.items()}
+    """Seconds of `steps` decode steps of each runner (at its own context, `slots` rows of it; or,
+    given `lengths`, one row of each length), the runners taking turns step by step (the order
+    reversing every step), so load from elsewhere on the machine falls on all of them alike."""
+    added = {
+        key: start_mix(runner, lengths, steps) if lengths else start(runner, slots, context, steps)
+        for key, (runner, context) in runners.items()
+    }
+    rows = len(lengths) if lengths else slots
     seconds: dict[str, list[float]] = {key: [] for key in runners}
     order = list(runners)
     for _ in range(steps):
@@ -80,7 +84,7 @@ def paired_steps(
             started = time.perf_counter()
             out = runners[key][0].step()
             seconds[key].append(time.perf_counter() - started)
-            assert len(out.tokens) == slots and not out.failed
+            assert len(out.tokens) == rows and not out.failed
         order.reverse()
     for key, (runner, _) in runners.items():
         for slot in added[key]:
@@ -196,18 +200,9 @@ def mixed(model_id: str, steps: int, rounds: int, threads: int) -> list[dict[str
     for name, lengths in MIXES.items():
         times: dict[str, list[float]] = {key: [] for key in runners}
         for _ in range(rounds):
-            added = {key: start_mix(r, lengths, steps) for key, r in runners.items()}
-            order = list(runners)
-            for _ in range(steps):
-                for key in order:
-                    started = time.perf_counter()
-                    out = runners[key].step()
-                    times[key].append(time.perf_counter() - started)
-                    assert len(out.tokens) == len(lengths) and not out.failed
-                order.reverse()
-            for key, slots in added.items():
-                for slot in slots:
-                    runners[key].drop(slot)
+            paired = paired_steps({key: (r, 0) for key, r in runners.items()}, 0, steps, lengths)
+            for key, seconds in paired.items():
+                times[key] += seconds
         ms = {key: 1000 * statistics.median(t) for key, t in times.items()}
         row = {
             "rows": name,

@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from bench import workload
 from bench.clients import REQUEST_TIMEOUT_S, stream_one
 from bench.machine import load_average
 from bench.metrics import RequestSample
@@ -53,13 +54,10 @@ def long_prompt(variant: int, notes: int) -> str:
 
 
 def body(content: str, n: int) -> dict[str, Any]:
-    return {
+    """The bench's streamed greedy request (bench/workload.py, EOS ignored) of `content`, `n` choices."""
+    return workload.request_body() | {
         "messages": [{"role": "user", "content": content}],
         "max_tokens": NEW_TOKENS,
-        "temperature": 0.0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "ignore_eos": True,
         "n": n,
     }
 
