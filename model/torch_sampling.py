@@ -176,6 +176,10 @@ def _draw_rows(logits: torch.Tensor, settings: torch.Tensor, keys: torch.Tensor)
     """`draw` for all rows at once: each among its candidates, and the rows that cannot be drawn so
     as groups, over their whole rows or sorted."""
     scores = logits.float() / settings[:, :1]
+    if logits.device.type == "cpu" and bool(((settings[:, 1] <= 0) & (settings[:, 2] < 0)).all()):
+        # No top-k or top-p: nothing the candidates could save; free to tell on a CPU (a wait on a
+        # GPU, where their topk costs little).
+        return _race_whole_rows(scores, settings, keys, torch.full_like(keys, -torch.inf, dtype=torch.float))
     ids, probs, path, kth = _candidates(scores, settings)
     tokens = _race(probs, ids, keys)
     ways = path.tolist()  # on a GPU the one wait of the draw, for a few bytes
@@ -185,14 +189,18 @@ def _draw_rows(logits: torch.Tensor, settings: torch.Tensor, keys: torch.Tensor)
             continue
         at = torch.tensor(taking, device=logits.device)
         if way == _WHOLE_ROW:
-            probs = _whole_row(scores[at], settings[at], kth[at])
-            drawn = _race(
-                probs, torch.arange(probs.shape[-1], device=logits.device).expand_as(probs), keys[at]
-            )
+            drawn = _race_whole_rows(scores[at], settings[at], keys[at], kth[at])
         else:
             drawn = _race(*truncate(logits[at], settings[at]), keys[at])
         tokens.index_copy_(0, at, drawn)
     return tokens
+
+
+def _race_whole_rows(
+    scores: torch.Tensor, settings: torch.Tensor, keys: torch.Tensor, kth: torch.Tensor
+) -> torch.Tensor:
+    probs = _whole_row(scores, settings, kth)
+    return _race(probs, torch.arange(probs.shape[-1], device=probs.device).expand_as(probs), keys)
 
 
 def _race(probs: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
