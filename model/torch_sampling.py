@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -161,25 +162,17 @@ def draw(logits: torch.Tensor, settings: torch.Tensor, keys: torch.Tensor) -> to
     seed on every device, and nothing that depends on the other rows. So the winner depends only
     on the kept tokens, their probabilities and their ids, not on the order the race visits them
     in, and `truncate`'s full sort of the row is only needed where the kept set cannot be told
-    otherwise: most rows find it among their best CANDIDATES (`_candidates`), a row without top-p
-    by comparisons over the whole row (`_race_whole_row`), and only the rest are sorted.
+    otherwise: most rows find it among their best CANDIDATES (`_candidates`, all rows at once), a
+    row without top-p by comparisons over its whole row (`_whole_row`), and only the rest are sorted,
+    each of the last two ways as a group.
     """
-    if logits.device.type == "cpu" and logits.shape[0] > 1 and logits.shape[-1] > CANDIDATES:
-        # Row by row on a CPU: one row's intermediates (a few MB at 128k) stay in its caches, a
-        # whole batch's do not (32 rows: 20% faster so). The same tokens either way.
-        rows = zip(logits.split(1), settings.split(1), keys.split(1), strict=True)
-        return torch.cat([draw(*row) for row in rows])
-    return _draw_rows(logits, settings, keys)
-
-
-def _draw_rows(logits: torch.Tensor, settings: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """`draw` for all rows at once: each among its candidates, and the rows that cannot be drawn so
-    as groups, over their whole rows or sorted."""
-    scores = logits.float() / settings[:, :1]
     if logits.device.type == "cpu" and bool(((settings[:, 1] <= 0) & (settings[:, 2] < 0)).all()):
-        # No top-k or top-p: nothing the candidates could save; free to tell on a CPU (a wait on a
-        # GPU, where their topk costs little).
-        return _race_whole_rows(scores, settings, keys, torch.full_like(keys, -torch.inf, dtype=torch.float))
+        # No top-k or top-p: nothing the candidates could save. Free to tell on a CPU; on a GPU a
+        # wait, where their topk costs little.
+        return _row_by_row(
+            _race_whole_rows, logits, settings, keys, torch.full_like(settings[:, 0], -torch.inf)
+        )
+    scores = logits.float() / settings[:, :1]
     ids, probs, path, kth = _candidates(scores, settings)
     tokens = _race(probs, ids, keys)
     ways = path.tolist()  # on a GPU the one wait of the draw, for a few bytes
@@ -189,17 +182,34 @@ def _draw_rows(logits: torch.Tensor, settings: torch.Tensor, keys: torch.Tensor)
             continue
         at = torch.tensor(taking, device=logits.device)
         if way == _WHOLE_ROW:
-            drawn = _race_whole_rows(scores[at], settings[at], keys[at], kth[at])
+            drawn = _row_by_row(_race_whole_rows, logits[at], settings[at], keys[at], kth[at])
         else:
-            drawn = _race(*truncate(logits[at], settings[at]), keys[at])
+            drawn = _row_by_row(draw_sorted, logits[at], settings[at], keys[at])
         tokens.index_copy_(0, at, drawn)
     return tokens
 
 
+def _row_by_row(way: Callable[..., torch.Tensor], *rows: torch.Tensor) -> torch.Tensor:
+    """`way` over each row alone on a CPU, where one row's intermediates over the whole vocabulary (a
+    few MB at 128k) stay in its caches and a batch's do not (32 rows: 20% faster for the sort, 2x
+    for the whole-row race; the candidates' topk, 25% slower so, goes all at once). The same tokens
+    either way; elsewhere all rows at once."""
+    if rows[0].device.type != "cpu" or rows[0].shape[0] == 1:
+        return way(*rows)
+    return torch.cat([way(*row) for row in zip(*(t.split(1) for t in rows), strict=True)])
+
+
+def draw_sorted(logits: torch.Tensor, settings: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """`draw` over `truncate`'s full sort of every row: its way for the rows the candidates cannot
+    decide, and what it did for every row before them (bench/sampling.py's baseline)."""
+    return _race(*truncate(logits, settings), keys)
+
+
 def _race_whole_rows(
-    scores: torch.Tensor, settings: torch.Tensor, keys: torch.Tensor, kth: torch.Tensor
+    logits: torch.Tensor, settings: torch.Tensor, keys: torch.Tensor, kth: torch.Tensor
 ) -> torch.Tensor:
-    probs = _whole_row(scores, settings, kth)
+    """The race over every token of rows without top-p, by id."""
+    probs = _whole_row(logits.float() / settings[:, :1], settings, kth)
     return _race(probs, torch.arange(probs.shape[-1], device=probs.device).expand_as(probs), keys)
 
 

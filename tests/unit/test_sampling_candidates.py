@@ -15,10 +15,9 @@ from model.torch_sampling import (
     _WHOLE_ROW,
     CANDIDATES,
     _candidates,
-    _draw_rows,
-    _exponentials,
     _whole_row,
     draw,
+    draw_sorted,
     truncate,
 )
 from model.types import SamplingParams
@@ -41,12 +40,6 @@ def peaked(seed: int) -> torch.Tensor:
 
 def flat(seed: int) -> torch.Tensor:
     return torch.randn(WIDTH, generator=torch.Generator().manual_seed(seed))
-
-
-def full_draw(logits: torch.Tensor, settings: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """The race over `truncate`'s full sort, as `draw` ran before the candidates."""
-    probs, order = truncate(logits, settings)
-    return order.gather(1, (probs / _exponentials(keys, order)).argmax(dim=-1, keepdim=True))[:, 0]
 
 
 def sorted_kept(logits: torch.Tensor, sampling: SamplingParams) -> set[int]:
@@ -80,7 +73,7 @@ def same_draws(logits: torch.Tensor, sampling: SamplingParams) -> list[int]:
     settings, keys = settings_of(SamplingParams(**{**sampling.__dict__, "seed": 7}), KEYS)
     rows = logits.expand(KEYS, -1)
     got = draw(rows, settings, keys)
-    assert got.tolist() == full_draw(rows, settings, keys).tolist()
+    assert got.tolist() == draw_sorted(rows, settings, keys).tolist()
     return got.tolist()
 
 
@@ -176,7 +169,7 @@ def test_top_k_ties_beyond_the_candidates_are_kept() -> None:
 
 
 def test_rows_of_every_way_at_once_draw_what_each_draws_alone() -> None:
-    """The batched draw (as on a GPU): a group per way, each row's token the same as alone."""
+    """The candidates of all rows at once, then a group per way: each row's token the same as alone."""
     cases = [
         (peaked(5), params(temperature=0.7, top_p=0.9)),
         (flat(6), params(temperature=5.0, top_p=0.95)),
@@ -191,6 +184,8 @@ def test_rows_of_every_way_at_once_draw_what_each_draws_alone() -> None:
         keys = torch.cat([key for _, key in lines])
         paths = _candidates(logits / settings[:, :1], settings)[2].tolist()
         assert sorted(set(paths)) == [_INSIDE, _WHOLE_ROW, _SORTED]
-        together = _draw_rows(logits, settings, keys).tolist()
-        assert together == draw(logits, settings, keys).tolist()  # row by row
-        assert together == full_draw(logits, settings, keys).tolist()
+        together = draw(logits, settings, keys).tolist()
+        rows = zip(logits.split(1), settings.split(1), keys.split(1), strict=True)
+        alone = [draw(*row).tolist()[0] for row in rows]
+        assert together == alone
+        assert together == draw_sorted(logits, settings, keys).tolist()
