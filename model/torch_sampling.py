@@ -233,9 +233,9 @@ def _candidates(
     of it scores below), by min-p when the lowest candidate goes (the rest is no more likely), or
     by top-p when the lowest candidate goes with OUTSIDE_MARGIN to spare and none of the rest ties
     with it (the stable sort's order of a tie decides the cumulative sums, and torch.topk does not
-    keep it). The probabilities are
-    those of another softmax normalisation than the full sort's, so a float near-tie (at a cut, or
-    between two racers) can come out the other way: the same rounding any change of batch gives.
+    keep it). The probabilities are those of another softmax normalisation and summation order than
+    the full sort's, so a float near-tie (at a cut, or between two racers) can come out the other
+    way: the same kind of rounding a change of batch gives the logits.
     """
     _, top_k, top_p_tail, min_p = settings.unbind(dim=1)
     width = scores.shape[-1]
