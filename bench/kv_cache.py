@@ -49,8 +49,8 @@ TARGET_STREAMS = 4
 GREEDY = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
 
 
-def prompt(length: int) -> list[int]:
-    generator = torch.Generator().manual_seed(length)
+def prompt(length: int, variant: int = 0) -> list[int]:
+    generator = torch.Generator().manual_seed(length * 1000 + variant)
     return torch.randint(0, 40000, (length,), generator=generator).tolist()  # within both vocabularies
 
 
@@ -60,10 +60,7 @@ def start(runner: BatchRunner, slots: int, context: int, steps: int) -> list[int
     ids = prompt(context)
     first = runner.add(ids, GREEDY, context + steps)
     added = [first] + [runner.add(ids, GREEDY, steps, share_from=first) for _ in range(slots - 1)]
-    decoding: set[int] = set()
-    while len(decoding) < slots:
-        decoding |= set(runner.step().tokens)
-    return added
+    return prefilled(runner, added)
 
 
 def paired_steps(
@@ -179,10 +176,18 @@ MIXES = {
 
 def start_mix(runner: BatchRunner, lengths: list[int], steps: int) -> list[int]:
     """One sequence per length, each its own prompt, prefilled until every one decodes."""
-    added = [runner.add(prompt(n), GREEDY, n + steps) for n in lengths]
+    added = [runner.add(prompt(n, i), GREEDY, n + steps) for i, n in enumerate(lengths)]
+    return prefilled(runner, added)
+
+
+def prefilled(runner: BatchRunner, added: list[int]) -> list[int]:
+    """Step `runner` until every one of `added` decodes (a failed prefill stops the bench)."""
     decoding: set[int] = set()
-    while len(decoding) < len(lengths):
-        decoding |= set(runner.step().tokens)
+    while len(decoding) < len(added):
+        out = runner.step()
+        if out.failed:
+            raise RuntimeError(f"a sequence failed before decoding: {out.failed}")
+        decoding |= set(out.tokens)
     return added
 
 

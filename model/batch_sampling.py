@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -14,10 +15,14 @@ from model.penalties import Penalties
 from model.torch_sampling import SETTINGS, Picking, draw, draw_among
 from model.types import SampledLogprobs
 
+log = logging.getLogger(__name__)
+
 Picked = tuple[int, SampledLogprobs | None]
 
 
-def pick_rows(rows: Mapping[int, Picking], logits: torch.Tensor) -> dict[int, Picked]:
+def pick_rows(
+    rows: Mapping[int, Picking], logits: torch.Tensor, failed: dict[int, str] | None = None
+) -> dict[int, Picked]:
     """Each sequence's token for its row of `logits` (`rows` maps a row to its sequence), and its
     logprobs if it asked: `pick`'s choice (model/torch_sampling.py) for every row, with the
     batch's work done at once on the device.
@@ -27,8 +32,13 @@ def pick_rows(rows: Mapping[int, Picking], logits: torch.Tensor) -> dict[int, Pi
     gather to the host and one write-back for all rows), the grammar masks of rows that report
     logprobs, then the argmax of greedy rows and one `draw` for all sampling rows. One transfer
     brings every token to the host; only then, row by row, the grammar's check-first (a refused
-    token is drawn again among the allowed ones, for that row alone) and the penalties' counts.
+    token is drawn again among the allowed ones, for that row alone; `pick` says how that differs
+    from masking first under truncation) and the penalties' counts.
     The logprobs of the rows that ask come from one log_softmax and one topk.
+
+    Given `failed`, a row whose own part raises (its grammar, its penalties) is left out of the
+    result with the reason in `failed`, and the other rows are picked as if it were not there
+    (one sequence's bad grammar must not end the batch's every job); without it, that raises.
     """
     order = sorted(rows)
     seqs = [rows[r] for r in order]
@@ -37,7 +47,8 @@ def pick_rows(rows: Mapping[int, Picking], logits: torch.Tensor) -> dict[int, Pi
         listed = logits.argmax(dim=-1).tolist()
         return {row: (int(listed[row]), None) for row in order}
     step = _Step.plan(logits, [order[i] for i in worked], [seqs[i] for i in worked])
-    work = step.work()
+    broken: dict[int, str] = {}  # worked index: why
+    work = step.work(broken if failed is not None else None)
     chosen = step.choose(work)
     if len(worked) < len(seqs):
         tokens = logits.argmax(dim=-1)
@@ -49,19 +60,34 @@ def pick_rows(rows: Mapping[int, Picking], logits: torch.Tensor) -> dict[int, Pi
     work_row = {i: j for j, i in enumerate(worked)}
     picked: dict[int, Picked] = {}
     for i, (row, seq) in enumerate(zip(order, seqs, strict=True)):
-        token = int(listed[row])
-        if seq.constraint is not None:
-            if seq.top_logprobs is not None:
-                seq.constraint.commit(token)  # drawn under the mask: allowed by construction
-            elif not seq.constraint.accept(token):
-                j = work_row[i]  # a grammar row is never plain greedy
-                allowed = seq.constraint.allowed(logits.shape[-1])
-                token = draw_among(seq.sampler, work[j : j + 1], allowed)
-                seq.constraint.commit(token)
-        if seq.penalties is not None:
-            seq.penalties.accept(token)
-        picked[row] = (token, found.get(work_row.get(i, -1)))
+        j = work_row.get(i, -1)
+        if j in broken and failed is not None:
+            failed[row] = broken[j]
+            continue
+        try:
+            token = _settle(seq, int(listed[row]), work[j : j + 1] if j >= 0 else logits[row : row + 1])
+        except Exception as exc:
+            if failed is None:
+                raise
+            log.exception("choosing a sequence's token failed")
+            failed[row] = f"token choice failed: {exc}"
+            continue
+        picked[row] = (token, found.get(j))
     return picked
+
+
+def _settle(seq: Picking, token: int, row: torch.Tensor) -> int:
+    """The sequence's drawn `token` checked by its grammar (a refused one drawn again among the
+    allowed ones, from its `row` of logits as the draw saw them), and counted by its penalties."""
+    if seq.constraint is not None:
+        if seq.top_logprobs is not None:
+            seq.constraint.commit(token)  # drawn under the mask: allowed by construction
+        elif not seq.constraint.accept(token):
+            token = draw_among(seq.sampler, row, seq.constraint.allowed(row.shape[-1]))
+            seq.constraint.commit(token)
+    if seq.penalties is not None:
+        seq.penalties.accept(token)
+    return token
 
 
 def _plain_greedy(seq: Picking) -> bool:
@@ -122,9 +148,10 @@ class _Step:
             temperature=temperature,
         )
 
-    def work(self) -> torch.Tensor:
+    def work(self, broken: dict[int, str] | None = None) -> torch.Tensor:
         """The rows as float32 (a copy: the batch's logits stay as they are), with their penalties
-        and logit bias, and the grammar masks of the rows that report logprobs, applied."""
+        and logit bias, and the grammar masks of the rows that report logprobs, applied. Given
+        `broken`, a grammar that raises puts its row there (by index into `seqs`) and no mask."""
         work = self.logits.index_select(0, self.index).float()
         if self.touched[0].numel():
             # One gather to the host and one write-back for every row's touched logits.
@@ -136,10 +163,21 @@ class _Step:
             # The logprobs describe the masked distribution, so the mask is needed anyway: applied
             # first, one draw, as `pick` does.
             width = work.shape[-1]
-            constraints = [self.seqs[j].constraint for j in self.masked]
-            bias = np.stack([c.bias(width) for c in constraints if c is not None])
+            bias = np.stack([self._bias(j, width, broken) for j in self.masked])
             work.index_add_(0, self.masked_at, torch.from_numpy(bias).to(work.device))
         return work
+
+    def _bias(self, j: int, width: int, broken: dict[int, str] | None) -> npt.NDArray[np.float32]:
+        constraint = self.seqs[j].constraint
+        assert constraint is not None  # masked rows are grammar rows
+        try:
+            return constraint.bias(width)
+        except Exception as exc:
+            if broken is None:
+                raise
+            log.exception("a sequence's grammar mask failed")
+            broken[j] = f"token choice failed: {exc}"
+            return np.zeros(width, dtype=np.float32)
 
     def choose(self, work: torch.Tensor) -> torch.Tensor:
         """Each row's token before the grammar's check: its argmax when greedy, else its draw."""

@@ -209,8 +209,11 @@ class SlotBatch:
         logits = replayed[:, -1, :]
         # Every row's choice at once (model/batch_sampling.py): a few device ops and transfers for
         # the batch, not a device round trip per row.
-        picked = pick_rows({slot: self._seqs[slot] for slot in decoding}, logits)
+        # A row whose own grammar or penalties raise fails alone (out.failed), as a forward would.
+        picked = pick_rows({slot: self._seqs[slot] for slot in decoding}, logits, out.failed)
         for slot in decoding:
+            if slot not in picked:
+                continue
             seq = self._seqs[slot]
             seq.next_token, logprobs = picked[slot]
             seq.length += 1

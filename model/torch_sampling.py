@@ -36,8 +36,10 @@ def pick(seq: Picking, logits: torch.Tensor) -> tuple[int, SampledLogprobs | Non
         logits[0, ids] = torch.from_numpy(seq.penalties.apply(touched)).to(logits.device)
     if seq.constraint is not None and seq.top_logprobs is not None:
         # The logprobs describe the masked distribution, so the mask is needed anyway: applied
-        # first, one draw. (Drawing first and masking only on a refusal samples the same
-        # distribution; it is only cheaper when no mask is needed at all.)
+        # first, one draw. (Drawing first and masking only on a refusal, the cheaper way taken
+        # otherwise, samples the same distribution without truncation; with top-k, top-p or
+        # min-p it truncates among all tokens and, on a refusal, again among the allowed ones,
+        # which can weigh the allowed tokens differently than truncating the masked row once.)
         logits = logits.float() + _mask(seq.constraint, logits)
         token = seq.sampler(logits)
         seq.constraint.commit(token)
@@ -166,12 +168,21 @@ def draw(logits: torch.Tensor, settings: torch.Tensor, keys: torch.Tensor) -> to
     row without top-p by comparisons over its whole row (`_whole_row`), and only the rest are sorted,
     each of the last two ways as a group.
     """
-    if logits.device.type == "cpu" and bool(((settings[:, 1] <= 0) & (settings[:, 2] < 0)).all()):
-        # No top-k or top-p: nothing the candidates could save. Free to tell on a CPU; on a GPU a
-        # wait, where their topk costs little.
-        return _row_by_row(
-            _race_whole_rows, logits, settings, keys, torch.full_like(settings[:, 0], -torch.inf)
-        )
+    if logits.device.type == "cpu":
+        # Rows without top-k or top-p: nothing the candidates could save, so they race over their
+        # whole rows, each row's way its own whatever else is in the batch. Free to tell on a CPU;
+        # on a GPU a wait, where the candidates' topk costs little.
+        plain = ((settings[:, 1] <= 0) & (settings[:, 2] < 0)).nonzero()[:, 0]
+        if len(plain) == len(settings):
+            return _row_by_row(
+                _race_whole_rows, logits, settings, keys, torch.full_like(settings[:, 0], -torch.inf)
+            )
+        if len(plain):
+            rest = ((settings[:, 1] > 0) | (settings[:, 2] >= 0)).nonzero()[:, 0]
+            tokens = torch.empty(len(settings), dtype=torch.long)
+            tokens[plain] = draw(logits[plain], settings[plain], keys[plain])
+            tokens[rest] = draw(logits[rest], settings[rest], keys[rest])
+            return tokens
     scores = logits.float() / settings[:, :1]
     ids, probs, path, kth = _candidates(scores, settings)
     tokens = _race(probs, ids, keys)
@@ -231,10 +242,11 @@ def _candidates(
     probabilities and the mass of the rest, which top-p removes before any candidate when it is at
     most 1 - top_p. The rest is surely gone by top-k when none of it ties with the k-th best (all
     of it scores below), by min-p when the lowest candidate goes (the rest is no more likely), or
-    by top-p when the lowest candidate goes with OUTSIDE_MARGIN to spare and none of the rest ties
-    with it (the stable sort's order of a tie decides the cumulative sums, and torch.topk does not
-    keep it). The probabilities are those of another softmax normalisation and summation order than
-    the full sort's, so a float near-tie (at a cut, or between two racers) can come out the other
+    by top-p when the lowest candidate goes with OUTSIDE_MARGIN to spare, and with it the whole
+    run of scores tied with it (the stable sort's order of a tie decides the cumulative sums
+    within the run, and torch.topk does not keep it; a run that goes whole goes in any order).
+    The probabilities are those of another softmax normalisation and summation order than the
+    full sort's, so a float near-tie (at a cut, or between two racers) can come out the other
     way: the same kind of rounding a change of batch gives the logits.
     """
     _, top_k, top_p_tail, min_p = settings.unbind(dim=1)
@@ -268,7 +280,12 @@ def _candidates(
     # MinPLogitsWarper, as `truncate` has it; the ratio to the best decides for the rest.
     probs = probs.masked_fill(probs < min_p[:, None] * probs[:, -1:], 0.0)
     cut_by_min_p = (lowest - values[:, -1]).exp() < min_p
-    cut_by_p = (cumulative[:, 0] <= top_p_tail - OUTSIDE_MARGIN) & ~tied
+    # Ties with the lowest candidate outside the candidates (common in bfloat16, whose 8-bit
+    # mantissa makes 128k logits tie in runs) matter only if top-p could cut through their run:
+    # when the cumulative sum at the run's end, all of the rest included, is under the cut, the
+    # whole run goes whatever order the stable sort gives it.
+    run_end = (values == lowest[:, None]).sum(dim=-1, keepdim=True) - 1
+    cut_by_p = cumulative.gather(1, run_end)[:, 0] <= top_p_tail - OUTSIDE_MARGIN
     inside = fits & ~(top_k_on & tied) & (top_k_on | cut_by_min_p | cut_by_p)
     if count == width:
         inside = torch.ones_like(inside)

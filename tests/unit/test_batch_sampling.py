@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -388,3 +389,37 @@ def test_slot_batch_greedy_rows_beside_sampled_ones_say_what_generate_says(
     out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None)
     assert got == out[0, len(ids) :].tolist()
     assert np.unique(got).size > 1
+
+
+class BrokenGrammar(Constraint):
+    """A real grammar whose checks raise, as an llguidance error would (fault injection)."""
+
+    def accept(self, token: int) -> bool:
+        raise RuntimeError("matcher in an error state")
+
+    def bias(self, vocab_size: int) -> npt.NDArray[np.float32]:
+        raise RuntimeError("matcher in an error state")
+
+
+def test_a_row_whose_grammar_raises_fails_alone(grammars: Grammars) -> None:
+    grammar = structured.grammar_for_schema({"enum": ["Да", "Нет"]}, "response_format")
+    width = 128256
+    real = grammars.constraint(grammar)
+    broken = BrokenGrammar(real._matcher, real._stop_ids, grammars)
+    sampled = SamplingParams(max_tokens=8, temperature=0.9, seed=5)
+    with_logprobs = SamplingParams(max_tokens=8, temperature=0.9, seed=6, logprobs=True, top_logprobs=2)
+    healthy = {2: row(sampled, width), 3: row(with_logprobs, width)}
+    batched = {0: row(sampled, width, broken), 1: row(with_logprobs, width, broken)} | {
+        r: row(s, width) for r, s in ((2, sampled), (3, with_logprobs))
+    }
+    logits = logits_of(torch.Generator().manual_seed(8), 4, width)
+    failed: dict[int, str] = {}
+    got = pick_rows(batched, logits, failed)
+    assert set(failed) == {0, 1} and all("matcher in an error state" in why for why in failed.values())
+    assert set(got) == {2, 3}
+    for r, seq in healthy.items():
+        want = pick(seq, logits[r : r + 1])
+        assert got[r][0] == want[0]
+        assert_same_logprobs(got[r][1], want[1])
+    with pytest.raises(RuntimeError, match="error state"):
+        pick_rows({0: row(sampled, width, broken)}, logits[:1])
