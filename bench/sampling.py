@@ -61,7 +61,9 @@ def sorted_draw(logits: torch.Tensor, settings: torch.Tensor, keys: torch.Tensor
     return torch.cat([draw_sorted(*row) for row in rows])
 
 
-def measure(count: int, top_p: float, steps: int, device: torch.device) -> dict[str, Any]:
+def measure(
+    count: int, top_p: float, steps: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
     """Median ms of one step's choice for `count` rows, per path."""
     generator = torch.Generator().manual_seed(count)
     per_row, batched = rows_of(count, top_p), rows_of(count, top_p)
@@ -86,7 +88,7 @@ def measure(count: int, top_p: float, steps: int, device: torch.device) -> dict[
 
     paths = [("per_row", loop), ("batched", batch), ("sorted", full), ("draw", fast)]
     for step in range(steps + 1):
-        logits = (torch.randn(count, VOCABULARY, generator=generator) * 3).to(device)
+        logits = (torch.randn(count, VOCABULARY, generator=generator) * 3).to(device, dtype)
         keys.copy_(torch.tensor([r.sampler.key() for r in drawing.values()]))
         for key, run in paths if step % 2 else reversed(paths):
             started = time.perf_counter()
@@ -97,6 +99,7 @@ def measure(count: int, top_p: float, steps: int, device: torch.device) -> dict[
     return {
         "rows": count,
         "top_p": top_p,
+        "logits": str(dtype).removeprefix("torch."),
         "per_row_ms": round(ms["per_row"], 2),
         "batched_ms": round(ms["batched"], 2),
         "speedup": round(ms["per_row"] / ms["batched"], 2),
@@ -109,13 +112,14 @@ def measure(count: int, top_p: float, steps: int, device: torch.device) -> dict[
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| rows | top_p | per-row pick ms | batched pick_rows ms | per-row/batched"
+        "| logits | rows | top_p | per-row pick ms | batched pick_rows ms | per-row/batched"
         " | draw, full sort ms | draw ms | full sort/draw | same tokens |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     lines += [
-        f"| {r['rows']} | {r['top_p']} | {r['per_row_ms']} | {r['batched_ms']} | {r['speedup']}x"
-        f" | {r['sorted_draw_ms']} | {r['draw_ms']} | {r['draw_speedup']}x | {r['same_tokens']} |"
+        f"| {r['logits']} | {r['rows']} | {r['top_p']} | {r['per_row_ms']} | {r['batched_ms']}"
+        f" | {r['speedup']}x | {r['sorted_draw_ms']} | {r['draw_ms']} | {r['draw_speedup']}x"
+        f" | {r['same_tokens']} |"
         for r in rows
     ]
     return "\n".join(lines)
@@ -127,6 +131,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-p", default="0.9,1.0", help="top_p values (default 0.9,1.0)")
     p.add_argument("--steps", type=int, default=7, help="timed steps per batch size (default 7)")
     p.add_argument("--device", default="cpu", help="where the logits are (default cpu; e.g. cuda)")
+    p.add_argument(
+        "--dtype",
+        default="float32,bfloat16",
+        help="the logits' dtypes (bfloat16: what a model on CUDA returns)",
+    )
     p.add_argument("--json", action="store_true", help="also write bench/results/sampling.json")
     return p.parse_args(argv)
 
@@ -137,10 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     load_before = load_average()
     results = []
-    for top_p in (float(p) for p in args.top_p.split(",")):
-        for count in (int(r) for r in args.rows.split(",")):
-            results.append(measure(count, top_p, args.steps, torch.device(args.device)))
-            log.info("%s", results[-1])
+    for dtype in (getattr(torch, name) for name in args.dtype.split(",")):
+        for top_p in (float(p) for p in args.top_p.split(",")):
+            for count in (int(r) for r in args.rows.split(",")):
+                results.append(measure(count, top_p, args.steps, torch.device(args.device), dtype))
+                log.info("%s", results[-1])
     text = (
         f"Sampling one decode step, {VOCABULARY:,}-wide vocabulary, temperature 0.7, top_p {args.top_p},"
         f" seeded; medians of {args.steps} steps, 1 thread, {args.device}\n\n{table(results)}\n"
