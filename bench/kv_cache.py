@@ -89,6 +89,21 @@ def paired_steps(
     return seconds
 
 
+def median_step_ms(
+    runners: dict[str, tuple[BatchRunner, int]],
+    slots: int,
+    steps: int,
+    rounds: int,
+    lengths: list[int] | None = None,
+) -> dict[str, float]:
+    """Each runner's median decode step (ms) over `rounds` of `paired_steps`."""
+    times: dict[str, list[float]] = {key: [] for key in runners}
+    for _ in range(rounds):
+        for key, seconds in paired_steps(runners, slots, steps, lengths).items():
+            times[key] += seconds
+    return {key: 1000 * statistics.median(t) for key, t in times.items()}
+
+
 def load(model_id: str, kv: str, slots: int, threads: int) -> LoadedModel:
     """The model loaded as the transformers worker loads it, with its own copy of the weights and
     the runner of path `kv`: SlotBatch as loaded ("slots") or TorchBatch in its place ("dynamic")."""
@@ -122,12 +137,7 @@ def compare(
     rows = []
     for context in contexts:
         for slots in slot_counts:
-            times: dict[str, list[float]] = {kv: [] for kv in PATHS}
-            for _ in range(rounds):
-                paired = paired_steps({kv: (r, context) for kv, r in runners.items()}, slots, steps)
-                for kv, seconds in paired.items():
-                    times[kv] += seconds
-            step_ms = {kv: 1000 * statistics.median(times[kv]) for kv in PATHS}
+            step_ms = median_step_ms({kv: (r, context) for kv, r in runners.items()}, slots, steps, rounds)
             row = {
                 "context": context,
                 "slots": slots,
@@ -150,11 +160,7 @@ def target(model_id: str, short: int, long: int, steps: int, rounds: int, thread
     }
     keyed = {f"{kv}@{context}": (runner, context) for (kv, context), runner in runners.items()}
     paired_steps({k: (r, 16) for k, (r, _) in keyed.items()}, 1, 2)  # first-call costs, untimed
-    times: dict[str, list[float]] = {key: [] for key in keyed}
-    for _ in range(rounds):
-        for key, seconds in paired_steps(keyed, TARGET_STREAMS, steps).items():
-            times[key] += seconds
-    step_ms = {key: 1000 * statistics.median(t) for key, t in times.items()}
+    step_ms = median_step_ms(keyed, TARGET_STREAMS, steps, rounds)
     return {
         "short": short,
         "long": long,
@@ -203,12 +209,7 @@ def mixed(model_id: str, steps: int, rounds: int, threads: int) -> list[dict[str
     }
     rows = []
     for name, lengths in MIXES.items():
-        times: dict[str, list[float]] = {key: [] for key in runners}
-        for _ in range(rounds):
-            paired = paired_steps({key: (r, 0) for key, r in runners.items()}, 0, steps, lengths)
-            for key, seconds in paired.items():
-                times[key] += seconds
-        ms = {key: 1000 * statistics.median(t) for key, t in times.items()}
+        ms = median_step_ms({key: (r, 0) for key, r in runners.items()}, 0, steps, rounds, lengths)
         row = {
             "rows": name,
             "lengths": lengths,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from model.torch_sampling import (
     _INSIDE,
@@ -21,7 +20,7 @@ from model.torch_sampling import (
     truncate,
 )
 from model.types import SamplingParams
-from tests.unit.test_batch_sampling import settings_of
+from tests.unit.test_batch_sampling import settings_of, warped
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,14 +47,8 @@ def sorted_kept(logits: torch.Tensor, sampling: SamplingParams) -> set[int]:
 
 
 def warped_kept(logits: torch.Tensor, sampling: SamplingParams) -> set[int]:
-    scores = logits[None].float() / sampling.temperature
-    if sampling.top_k > 0:
-        scores = TopKLogitsWarper(sampling.top_k)(None, scores)  # type: ignore[arg-type]
-    if sampling.top_p < 1.0:
-        scores = TopPLogitsWarper(sampling.top_p)(None, scores)  # type: ignore[arg-type]
-    if sampling.min_p > 0.0:
-        scores = MinPLogitsWarper(sampling.min_p)(None, scores)  # type: ignore[arg-type]
-    return set(torch.nonzero(scores[0] > -torch.inf)[:, 0].tolist())
+    """What transformers' own warpers keep of the row."""
+    return set(torch.nonzero(warped(logits, sampling) > 0)[:, 0].tolist())
 
 
 def fast_kept(logits: torch.Tensor, sampling: SamplingParams) -> tuple[int, set[int], set[int]]:
