@@ -309,4 +309,4 @@ if __name__ == "__main__":  # python -m tasks.keys --redis-server-args URL: one 
     found = re.search(r"v=(\d+)\.(\d+)", version)
     setinfo = found is None or (int(found[1]), int(found[2])) >= (7, 2)
     for argument in redis_server_args(sys.argv[2], setinfo):  # none: no line at all
-        print(argument)
+        sys.stdout.write(f"{argument}\n")  # the output a shell reads, not a log line
