@@ -1,4 +1,5 @@
-"""The earlier DynamicCache batch runner (TorchBatch), kept as the baseline of bench/kv_cache.py.
+"""The earlier DynamicCache batch runner (TorchBatch), kept as the baseline of bench/kv_cache.py, with
+its per-row token choice (`pick`: bench/sampling.py's baseline and the tests' reference).
 
 bench imports model, never the reverse: what the worker runs is model/slot_batch.py's SlotBatch.
 """
@@ -13,14 +14,66 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from model.grammar import Constraint
+from model.grammar import FORBIDDEN, Constraint
 from model.loading import LoadedModel
 from model.penalties import Penalties, penalties_for
 from model.scheduler import PREFILL_BATCH_TOKENS, PREFILL_CHUNK_TOKENS
-from model.torch_sampling import Sampler, pick
-from model.types import SamplingParams, StepOutput
+from model.torch_sampling import Picking, Sampler, draw_among
+from model.types import SampledLogprobs, SamplingParams, StepOutput
 
 log = logging.getLogger(__name__)
+
+
+def pick(seq: Picking, logits: torch.Tensor) -> tuple[int, SampledLogprobs | None]:
+    """The sequence's token for its row of logits (1 x vocab), and its logprobs if it asked: the
+    earlier runner's choice, one row at a time; the worker's is model/batch_sampling.py's
+    `pick_rows`, which the tests check against this one.
+
+    In vLLM's order: logit_bias and penalties on the raw logits, then the grammar, then the
+    sampler's temperature and truncation (model/penalties.py).
+    """
+    if seq.penalties is not None:
+        logits = logits.float()  # a copy unless already float32; the batch's row is not reused
+        ids = torch.from_numpy(seq.penalties.ids).to(logits.device)
+        touched = logits[0, ids].cpu().numpy()
+        logits[0, ids] = torch.from_numpy(seq.penalties.apply(touched)).to(logits.device)
+    if seq.constraint is not None and seq.top_logprobs is not None:
+        # The logprobs describe the masked distribution, so the mask is needed anyway: applied
+        # first, one draw. (Drawing first and masking only on a refusal, the cheaper way taken
+        # otherwise, samples the same distribution without truncation; with top-k, top-p or
+        # min-p it truncates among all tokens and, on a refusal, again among the allowed ones,
+        # which can weigh the allowed tokens differently than truncating the masked row once.)
+        logits = logits.float() + _grammar_mask(seq.constraint, logits)
+        token = seq.sampler(logits)
+        seq.constraint.commit(token)
+    else:
+        token = seq.sampler(logits)
+        if seq.constraint is not None and not seq.constraint.accept(token):
+            token = draw_among(seq.sampler, logits, seq.constraint.allowed(logits.shape[-1]))
+            seq.constraint.commit(token)
+    if seq.penalties is not None:
+        seq.penalties.accept(token)
+    if seq.top_logprobs is None:
+        return token, None
+    return token, row_logprobs(logits[0], seq.sampler.logprob_temperature, token, seq.top_logprobs)
+
+
+def _grammar_mask(constraint: Constraint, logits: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(constraint.bias(logits.shape[-1])).to(logits.device)
+
+
+def row_logprobs(logits: torch.Tensor, temperature: float, token: int, top: int) -> SampledLogprobs:
+    """The token's log probability and the `top` best, under softmax(logits / temperature)."""
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    chosen = float(logprobs[token].item())
+    if top == 0:
+        return chosen, ()
+    values, ids = torch.topk(logprobs, top)
+    # A token the grammar forbids could never be drawn: not an alternative worth listing. (Told
+    # by its logit before the temperature, which can bring -1e30 up to any size.)
+    allowed = (logits[ids].float() > float(FORBIDDEN) / 2).tolist()
+    best = zip(ids.tolist(), values.tolist(), allowed, strict=True)
+    return chosen, tuple((i, v) for i, v, ok in best if ok)
 
 
 def with_dynamic_batch(loaded: LoadedModel) -> LoadedModel:

@@ -1,7 +1,7 @@
 """`python -m bench.sampling`: one decode step's token choice on the transformers engine, the per-row
-`pick` loop (model/torch_sampling.py) against the batched `pick_rows` (model/batch_sampling.py), and
-the draw inside both, `draw` (candidates, no full sort where it is not needed) against `draw_sorted`
-(the full sort of every row, as `draw` was before).
+`pick` loop (bench/dynamic_batch.py, the earlier runner's) against the batched `pick_rows`
+(model/batch_sampling.py), and the draw inside both, `draw` (candidates, no full sort where it is
+not needed) against `draw_sorted` (the full sort of every row, as `draw` was before).
 
 For 1, 8 and 32 rows over a 128,256-wide vocabulary (Llama-3's), every row at temperature 0.7 and
 top_p 0.9 (and 1.0: no truncation) with its own seed, on random logits (the same for every path):
@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
+from bench.dynamic_batch import pick
 from bench.machine import load_average
 from model.batch_sampling import pick_rows
 from model.grammar import Constraint
 from model.penalties import Penalties
-from model.torch_sampling import Sampler, draw, draw_sorted, pick
+from model.torch_sampling import Sampler, draw, draw_sorted
 from model.types import SamplingParams
 
 log = logging.getLogger("bench.sampling")

@@ -24,16 +24,19 @@ def pick_rows(
     rows: Mapping[int, Picking], logits: torch.Tensor, failed: dict[int, str] | None = None
 ) -> dict[int, Picked]:
     """Each sequence's token for its row of `logits` (`rows` maps a row to its sequence), and its
-    logprobs if it asked: `pick`'s choice (model/torch_sampling.py) for every row, with the
-    batch's work done at once on the device.
+    logprobs if it asked: the per-row choice the earlier runner made (bench/dynamic_batch.py's
+    `pick`, which the tests hold this to) for every row, with the batch's work done at once.
 
     Plain greedy rows (no penalties, grammar or logprobs) take their argmax of the batch's logits.
     Every other row gets a float32 copy and, in `pick`'s order: penalties and logit bias (one
     gather to the host and one write-back for all rows), the grammar masks of rows that report
     logprobs, then the argmax of greedy rows and one `draw` for all sampling rows. One transfer
     brings every token to the host; only then, row by row, the grammar's check-first (a refused
-    token is drawn again among the allowed ones, for that row alone; `pick` says how that differs
-    from masking first under truncation) and the penalties' counts.
+    token is drawn again among the allowed ones, for that row alone) and the penalties' counts.
+    Drawing first and masking only on a refusal samples what masking first samples without
+    truncation; with top-k, top-p or min-p it truncates among all tokens and, on a refusal,
+    again among the allowed ones, which can weigh the allowed tokens differently than truncating
+    the masked row once: the price of not masking the whole vocabulary at every step.
     The logprobs of the rows that ask come from one log_softmax and one topk.
 
     Given `failed`, a row whose own part raises (its grammar, its penalties) is left out of the
@@ -161,7 +164,7 @@ class _Step:
             work[self.touched] = torch.from_numpy(np.concatenate(values)).to(work.device)
         if self.masked:
             # The logprobs describe the masked distribution, so the mask is needed anyway: applied
-            # first, one draw, as `pick` does.
+            # first, one draw.
             width = work.shape[-1]
             bias = np.stack([self._bias(j, width, broken) for j in self.masked])
             work.index_add_(0, self.masked_at, torch.from_numpy(bias).to(work.device))
@@ -192,10 +195,10 @@ class _Step:
         return chosen
 
     def logprobs(self, work: torch.Tensor, chosen: torch.Tensor) -> dict[int, SampledLogprobs]:
-        """`_logprobs` (model/torch_sampling.py) of the rows that ask, at once: the chosen token's
-        log probability and the best `top_logprobs` under softmax(logits / logprob temperature),
-        but a token the grammar forbids (told by its logit before the temperature, which can bring
-        FORBIDDEN up to any size) is not listed. Two transfers: values, then ids."""
+        """The logprobs of the rows that ask, at once: the chosen token's log probability and the
+        best `top_logprobs` under softmax(logits / logprob temperature), but a token the grammar
+        forbids (told by its logit before the temperature, which can bring FORBIDDEN up to any
+        size) is not listed. Two transfers: values, then ids."""
         if not self.asked:
             return {}
         tops = [self.seqs[j].top_logprobs or 0 for j in self.asked]

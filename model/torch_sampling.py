@@ -1,4 +1,5 @@
-"""Per-sequence token choice on the transformers backend: penalties, grammar, sampler, logprobs."""
+"""The transformers backend's sampler: truncation (top-k, top-p, min-p) and the seeded draw, over rows
+of logits; model/batch_sampling.py chooses a step's tokens with it."""
 
 from __future__ import annotations
 
@@ -9,50 +10,18 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from model.grammar import FORBIDDEN, Constraint
+from model.grammar import Constraint
 from model.penalties import Penalties
-from model.types import SampledLogprobs, SamplingParams
+from model.types import SamplingParams
 
 
 class Picking(Protocol):
-    """What a sequence brings to the choice of its next token (both batch runners' sequences)."""
+    """What a sequence brings to the choice of its next token (model/batch_sampling.py)."""
 
     sampler: Sampler
     constraint: Constraint | None
     penalties: Penalties | None
     top_logprobs: int | None
-
-
-def pick(seq: Picking, logits: torch.Tensor) -> tuple[int, SampledLogprobs | None]:
-    """The sequence's token for its row of logits (1 x vocab), and its logprobs if it asked.
-
-    In vLLM's order: logit_bias and penalties on the raw logits, then the grammar, then the
-    sampler's temperature and truncation (model/penalties.py).
-    """
-    if seq.penalties is not None:
-        logits = logits.float()  # a copy unless already float32; the batch's row is not reused
-        ids = torch.from_numpy(seq.penalties.ids).to(logits.device)
-        touched = logits[0, ids].cpu().numpy()
-        logits[0, ids] = torch.from_numpy(seq.penalties.apply(touched)).to(logits.device)
-    if seq.constraint is not None and seq.top_logprobs is not None:
-        # The logprobs describe the masked distribution, so the mask is needed anyway: applied
-        # first, one draw. (Drawing first and masking only on a refusal, the cheaper way taken
-        # otherwise, samples the same distribution without truncation; with top-k, top-p or
-        # min-p it truncates among all tokens and, on a refusal, again among the allowed ones,
-        # which can weigh the allowed tokens differently than truncating the masked row once.)
-        logits = logits.float() + _mask(seq.constraint, logits)
-        token = seq.sampler(logits)
-        seq.constraint.commit(token)
-    else:
-        token = seq.sampler(logits)
-        if seq.constraint is not None and not seq.constraint.accept(token):
-            token = draw_among(seq.sampler, logits, seq.constraint.allowed(logits.shape[-1]))
-            seq.constraint.commit(token)
-    if seq.penalties is not None:
-        seq.penalties.accept(token)
-    if seq.top_logprobs is None:
-        return token, None
-    return token, _logprobs(logits[0], seq.sampler.logprob_temperature, token, seq.top_logprobs)
 
 
 def draw_among(sampler: Sampler, logits: torch.Tensor, ids: npt.NDArray[np.int32]) -> int:
@@ -64,24 +33,6 @@ def draw_among(sampler: Sampler, logits: torch.Tensor, ids: npt.NDArray[np.int32
         raise RuntimeError("the grammar allows no token here")
     index = torch.from_numpy(ids.astype(np.int64)).to(logits.device)
     return int(ids[sampler(logits[:, index])])
-
-
-def _mask(constraint: Constraint, logits: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(constraint.bias(logits.shape[-1])).to(logits.device)
-
-
-def _logprobs(logits: torch.Tensor, temperature: float, token: int, top: int) -> SampledLogprobs:
-    """The token's log probability and the `top` best, under softmax(logits / temperature)."""
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    chosen = float(logprobs[token].item())
-    if top == 0:
-        return chosen, ()
-    values, ids = torch.topk(logprobs, top)
-    # A token the grammar forbids could never be drawn: not an alternative worth listing. (Told
-    # by its logit before the temperature, which can bring -1e30 up to any size.)
-    allowed = (logits[ids].float() > float(FORBIDDEN) / 2).tolist()
-    best = zip(ids.tolist(), values.tolist(), allowed, strict=True)
-    return chosen, tuple((i, v) for i, v, ok in best if ok)
 
 
 # What Sampler.settings gives `draw` for each row, in this order.

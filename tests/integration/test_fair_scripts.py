@@ -195,7 +195,9 @@ def test_interactive_jobs_go_before_batch_lines_whoever_is_served_least(
     assert counter(db, B, "batch") == ESTIMATE and counter(db, B) == 0  # each tier its own counter
 
 
-def test_a_claim_ends_jobs_past_their_deadline_and_takes_none_of_them(db: redis.Redis, scripts: Scripts) -> None:
+def test_a_claim_ends_jobs_past_their_deadline_and_takes_none_of_them(
+    db: redis.Redis, scripts: Scripts
+) -> None:
     late = [admit(scripts, A), admit(scripts, B)]
     assert claim_next(scripts, queue_timeout=PAST) is None
     assert [db.hget(keys.job(j), "error_code") for j in late] == ["queue_timeout"] * 2

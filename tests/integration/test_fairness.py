@@ -155,7 +155,9 @@ def test_running_batch_lines_do_not_use_the_keys_interactive_share(fair: Stack) 
     c = sdk(fair, KEY_C)
     db = rdb(fair)
     uploaded = c.files.create(file=("input.jsonl", _batch_input(SLOTS)), purpose="batch")
-    batch = c.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = c.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     owner = owner_tag(KEY_C)
     # As many of C's lines run as MAX_RUNNING_PER_KEY allows interactive jobs...
     wait_for(lambda: db.scard(keys.BATCH_RUNNING) >= MAX_RUNNING_PER_KEY, 60, "C's batch lines running")

@@ -19,12 +19,13 @@ from transformers import LlamaForCausalLM
 from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from api.serving import structured
+from bench.dynamic_batch import pick, row_logprobs
 from model.batch_sampling import pick_rows
 from model.engine import Engine
 from model.grammar import Constraint, Grammars
 from model.penalties import Penalties, penalties_for
 from model.slot_batch import SlotBatch
-from model.torch_sampling import Sampler, _logprobs, draw, pick, truncate
+from model.torch_sampling import Sampler, draw, truncate
 from model.types import SampledLogprobs, SamplingParams
 from tests.tiny_llama import TinyLlamas
 from tests.unit.conftest import batch_engine
@@ -150,7 +151,7 @@ def test_greedy_rows_take_the_argmax_of_the_penalized_logits(beside: str | None)
 
 
 def test_logprobs_equal_the_per_row_log_softmax() -> None:
-    """`_logprobs` on each row's own (penalized) logits, at its logprob temperature."""
+    """`row_logprobs` (bench/dynamic_batch.py) on each row's own (penalized) logits, at its logprob temperature."""
     specs = [
         SamplingParams(max_tokens=4, temperature=0.0, logprobs=True, top_logprobs=2),
         SamplingParams(max_tokens=4, temperature=0.6, seed=9, logprobs=True, top_logprobs=7),
@@ -166,7 +167,7 @@ def test_logprobs_equal_the_per_row_log_softmax() -> None:
         if sampling.logit_bias:
             adjusted[3] += 9.0
         temperature = sampling.temperature if sampling.temperature > 0 else 1.0
-        assert_same_logprobs(logprobs, _logprobs(adjusted, temperature, token, sampling.top_logprobs))
+        assert_same_logprobs(logprobs, row_logprobs(adjusted, temperature, token, sampling.top_logprobs))
         assert logprobs is not None and len(logprobs[1]) == sampling.top_logprobs
 
 

@@ -15,7 +15,9 @@ def test_weights_parse_to_a_key_map_and_a_key_may_hold_equals_signs() -> None:
     assert Settings().api_key_weight_map == {}
 
 
-@pytest.mark.parametrize("value", ["secret-key", "secret-key=0", "secret-key=-1", "secret-key=x", "=2", "k=inf"])
+@pytest.mark.parametrize(
+    "value", ["secret-key", "secret-key=0", "secret-key=-1", "secret-key=x", "=2", "k=inf"]
+)
 def test_a_malformed_weight_is_refused_without_naming_the_key(value: str) -> None:
     settings = Settings(api_key_weights=value)  # read as text; the API parses it at start-up
     with pytest.raises(ValueError) as refused:
