@@ -123,16 +123,16 @@ def draw(logits: torch.Tensor, settings: torch.Tensor, keys: torch.Tensor) -> to
         # Rows without top-k or top-p: nothing the candidates could save, so they race over their
         # whole rows, each row's way its own whatever else is in the batch. Free to tell on a CPU;
         # on a GPU a wait, where the candidates' topk costs little.
-        plain = ((settings[:, 1] <= 0) & (settings[:, 2] < 0)).nonzero()[:, 0]
-        if len(plain) == len(settings):
+        plain = (settings[:, 1] <= 0) & (settings[:, 2] < 0)
+        if bool(plain.all()):
             return _row_by_row(
                 _race_whole_rows, logits, settings, keys, torch.full_like(settings[:, 0], -torch.inf)
             )
-        if len(plain):
-            rest = ((settings[:, 1] > 0) | (settings[:, 2] >= 0)).nonzero()[:, 0]
+        if bool(plain.any()):
             tokens = torch.empty(len(settings), dtype=torch.long)
-            tokens[plain] = draw(logits[plain], settings[plain], keys[plain])
-            tokens[rest] = draw(logits[rest], settings[rest], keys[rest])
+            for part in (plain, ~plain):
+                at = part.nonzero()[:, 0]
+                tokens[at] = draw(logits[at], settings[at], keys[at])
             return tokens
     scores = logits.float() / settings[:, :1]
     ids, probs, path, kth = _candidates(scores, settings)
